@@ -1,0 +1,1 @@
+"""Launcher for the pixart-tune preview app, as Hugging Face Spaces expect."""

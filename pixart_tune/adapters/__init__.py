@@ -1,0 +1,1 @@
+"""Adapters: the PEFT LoRA path, loading any layout, merging, fusing, exporting."""

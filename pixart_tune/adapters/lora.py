@@ -1,0 +1,249 @@
+"""LoRA for PixArt-Sigma through PEFT: inject, save, load, scale.
+
+diffusers has no LoRA support for ``PixArtTransformer2DModel`` (no ``add_adapter``,
+no ``load_lora_weights`` on the pipeline), so this module owns that path, using
+PEFT's public functional API on the plain diffusers model. The trainer, the
+sampler, the adapter tools and the app all go through here.
+
+The on-disk format is PEFT's: ``adapter_model.safetensors`` (keys such as
+``transformer_blocks.0.attn1.to_q.lora_A.weight``) + ``adapter_config.json``, with
+training metadata as strings in the safetensors header.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from peft.functional import (
+    cast_adapter_dtype,
+    delete_adapter,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_adapter,
+    set_peft_model_state_dict,
+)
+from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pixart_tune.errors import UserError
+from pixart_tune.fsutil import atomic_path
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+
+_BLOCK = r"transformer_blocks\.\d+"
+_ATTENTION = rf"{_BLOCK}\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+_FEED_FORWARD = rf"{_BLOCK}\.ff\.net\.(0\.proj|2)"
+_OUTSIDE_BLOCKS = r"proj_out|adaln_single\.(linear|emb\.timestep_embedder\.linear_[12])|caption_projection\.linear_[12]"
+
+# PEFT matches a string ``target_modules`` as a full-name regex.
+TARGET_PRESETS: dict[str, str] = {
+    "attention": _ATTENTION,
+    "attention_ff": rf"{_ATTENTION}|{_FEED_FORWARD}",
+    "all_linear": rf"{_ATTENTION}|{_FEED_FORWARD}|{_BLOCK}\.attn1\.to_out\.0|{_OUTSIDE_BLOCKS}",
+}
+
+
+@dataclasses.dataclass
+class LoraSettings:
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.0
+    targets: str = "attention"
+    """A preset (attention, attention_ff, all_linear) or a regex over module names."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    dora: bool = False
+    """Weight-decomposed LoRA (DoRA); slower, sometimes better for subjects."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank must be at least 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def target_regex(self) -> str:
+        return TARGET_PRESETS.get(self.targets, self.targets)
+
+    def peft_config(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_regex,
+            use_rslora=self.rslora,
+            use_dora=self.dora,
+            init_lora_weights=True,
+        )
+
+
+def inject_lora(transformer: torch.nn.Module, settings: LoraSettings, adapter_name: str = "default") -> torch.nn.Module:
+    """Adds a trainable LoRA to ``transformer``; the base weights are frozen.
+
+    LoRA weights are kept in fp32 whatever the base dtype: the official PixArt LoRA
+    guidance, and bf16 LoRA updates lose the small steps LoRA learning rates make.
+    """
+    for parameter in transformer.parameters():
+        parameter.requires_grad_(False)
+    inject_adapter_in_model(settings.peft_config(), transformer, adapter_name=adapter_name)
+    if not lora_layers(transformer):
+        raise UserError(f"LoRA targets {settings.targets!r} match no layer of this transformer")
+    cast_adapter_dtype(transformer, adapter_name=adapter_name, autocast_adapter_dtype=True)
+    for name, parameter in transformer.named_parameters():
+        if f".{adapter_name}." in name or name.endswith(f".{adapter_name}"):
+            parameter.data = parameter.data.float()
+            parameter.requires_grad_(True)
+    return transformer
+
+
+def lora_layers(transformer: torch.nn.Module) -> dict[str, LoraLayer]:
+    return {name: m for name, m in transformer.named_modules() if isinstance(m, LoraLayer)}
+
+
+def trainable_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def adapter_state_dict(transformer: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """PEFT-layout LoRA weights (adapter name stripped from the keys)."""
+    return get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+
+
+def save_adapter(
+    transformer: torch.nn.Module,
+    out: str | Path,
+    settings: LoraSettings,
+    metadata: dict[str, Any] | None = None,
+    adapter_name: str = "default",
+) -> Path:
+    """Writes ``out/`` atomically: weights with metadata in the header, and the PEFT config."""
+    state = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in adapter_state_dict(transformer, adapter_name).items()}
+    return write_adapter(out, state, settings, metadata)
+
+
+def write_adapter(
+    out: str | Path, state: dict[str, torch.Tensor], settings: LoraSettings, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Writes a PEFT adapter folder from a state dict (alpha always stored)."""
+    header = {"format": "pt", "lora_rank": str(settings.rank), "lora_alpha": str(settings.alpha)}
+    header["lora_targets"] = settings.targets
+    for key, value in (metadata or {}).items():
+        header[key] = value if isinstance(value, str) else json.dumps(value)
+    config = settings.peft_config().to_dict()
+    config["target_modules"] = settings.target_regex
+    config["peft_type"] = "LORA"
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata=header)
+        (tmp / CONFIG_NAME).write_text(json.dumps(_jsonable(config), indent=2), encoding="utf-8")
+    return out
+
+
+def read_adapter(path: str | Path) -> tuple[LoraSettings, dict[str, torch.Tensor], dict[str, str]]:
+    """(settings, PEFT state dict, header metadata) of an adapter folder."""
+    path = Path(path)
+    weights, config_file = path / WEIGHTS_NAME, path / CONFIG_NAME
+    if not weights.is_file() or not config_file.is_file():
+        raise UserError(f"{path} is not a pixart-tune/PEFT adapter folder (needs {WEIGHTS_NAME} and {CONFIG_NAME})")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    targets = config.get("target_modules") or "attention"
+    if isinstance(targets, list):
+        targets = "|".join(rf"(.*\.)?{t}" for t in targets)
+    settings = LoraSettings(
+        rank=int(config.get("r", 8)),
+        alpha=float(config.get("lora_alpha", config.get("r", 8))),
+        dropout=float(config.get("lora_dropout", 0.0)),
+        targets=targets,
+        rslora=bool(config.get("use_rslora", False)),
+        dora=bool(config.get("use_dora", False)),
+    )
+    with safe_open(str(weights), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
+    return settings, state, metadata
+
+
+def load_adapter(
+    transformer: torch.nn.Module, path: str | Path, adapter_name: str = "default", scale: float = 1.0
+) -> LoraSettings:
+    """Injects the adapter saved at ``path`` into ``transformer`` and loads its weights."""
+    settings, state, _ = read_adapter(path)
+    apply_state_dict(transformer, settings, state, adapter_name)
+    set_scale(transformer, adapter_name, scale)
+    return settings
+
+
+def apply_state_dict(
+    transformer: torch.nn.Module, settings: LoraSettings, state: dict[str, torch.Tensor], adapter_name: str
+) -> None:
+    """Injects ``settings`` as ``adapter_name`` and loads PEFT-layout ``state`` into it, strictly."""
+    inject_adapter_in_model(settings.peft_config(), transformer, adapter_name=adapter_name, state_dict=state)
+    _check_shapes(transformer, state, adapter_name)
+    result = set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+    if unexpected:
+        raise UserError(f"adapter keys match no layer of this model: {', '.join(unexpected[:5])}")
+    missing = [k for k in result.missing_keys if f".{adapter_name}." in k and "lora_" in k]
+    if missing:
+        raise UserError(f"adapter is missing weights for: {', '.join(missing[:5])}")
+    for parameter in transformer.parameters():
+        parameter.requires_grad_(False)
+
+
+def set_scale(transformer: torch.nn.Module, adapter_name: str, scale: float) -> None:
+    """Sets the strength of one adapter (1.0 = as trained)."""
+    for layer in lora_layers(transformer).values():
+        if adapter_name in layer.lora_A:
+            layer.set_scale(adapter_name, scale)
+
+
+def activate(transformer: torch.nn.Module, adapter_names: list[str]) -> None:
+    """Makes exactly these adapters active (an empty list runs the base model)."""
+    layers = lora_layers(transformer)
+    if not adapter_names:
+        for layer in layers.values():
+            layer.enable_adapters(False)
+        return
+    for layer in layers.values():
+        layer.enable_adapters(True)
+    set_adapter(transformer, adapter_names)
+    for parameter in transformer.parameters():
+        parameter.requires_grad_(False)
+
+
+def remove(transformer: torch.nn.Module, adapter_name: str) -> None:
+    if any(adapter_name in layer.lora_A for layer in lora_layers(transformer).values()):
+        delete_adapter(transformer, adapter_name=adapter_name, prefix="lora_")
+
+
+def _check_shapes(transformer: torch.nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> None:
+    params = dict(transformer.named_parameters())
+    for key, tensor in state.items():
+        name = key.replace(".weight", f".{adapter_name}.weight") if "lora_" in key else key
+        if name in params and params[name].shape != tensor.shape:
+            raise UserError(
+                f"adapter weight {key} has shape {tuple(tensor.shape)}, this model needs {tuple(params[name].shape)}: "
+                "the adapter was trained for a different base model"
+            )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

@@ -1,0 +1,62 @@
+"""The ``pixart-tune`` command: a table of verbs, each handled by one module's ``cli``.
+
+Modules are imported only when their verb runs, so ``pixart-tune --help`` answers
+at once and one verb's heavy imports never slow another.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+from pixart_tune import __version__
+from pixart_tune.errors import UserError
+
+# verb -> (module with a ``cli(argv) -> int`` function, one-line description)
+VERBS: dict[str, tuple[str, str]] = {
+    "init-tiny": ("pixart_tune.models", "write a tiny PixArt-Sigma pipeline for offline tests and demos"),
+    "prepare": ("pixart_tune.data.prepare", "scan, caption, bucket and cache a folder of images or a dataset"),
+    "train": ("pixart_tune.training.trainer", "train a LoRA from a YAML recipe"),
+    "plan": ("pixart_tune.training.memory", "predict the peak GPU memory of a recipe, without a GPU"),
+    "sample": ("pixart_tune.sampling", "generate images with any number of adapters, and comparison grids"),
+    "merge": ("pixart_tune.adapters.merge", "merge adapters, resize one by SVD, or fuse into the base model"),
+    "export": ("pixart_tune.adapters.export", "export an adapter to other tools' layouts, or a publish folder"),
+    "app": ("pixart_tune.app", "open the preview and merge app in a browser"),
+}
+
+
+def _usage() -> str:
+    width = max(len(v) for v in VERBS)
+    lines = [f"pixart-tune {__version__}: fine-tuning and LoRA toolkit for PixArt-Sigma", "", "usage: pixart-tune VERB [options]", ""]
+    lines += [f"  {verb:<{width}}  {text}" for verb, (_, text) in VERBS.items()]
+    lines += ["", "Run 'pixart-tune VERB --help' for the options of one verb."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        print(__version__)
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"pixart-tune: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    module = importlib.import_module(VERBS[verb][0])
+    try:
+        return int(module.cli(rest) or 0)
+    except KeyboardInterrupt:
+        print("pixart-tune: interrupted", file=sys.stderr)
+        return 130
+    except UserError as error:
+        print(f"pixart-tune {verb}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

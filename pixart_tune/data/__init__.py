@@ -1,0 +1,1 @@
+"""Dataset preparation: scan and validate, caption, bucket, and cache features."""

@@ -1,0 +1,1 @@
+"""LoRA training: diffusion math, optimizers, the trainer, checkpoints and memory plans."""
