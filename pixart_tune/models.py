@@ -80,13 +80,13 @@ def default_device() -> torch.device:
 def load_transformer(model: str, dtype: torch.dtype = torch.float32, **kwargs: Any):
     from diffusers import PixArtTransformer2DModel
 
-    return PixArtTransformer2DModel.from_pretrained(model, subfolder="transformer", torch_dtype=dtype, **kwargs)
+    return PixArtTransformer2DModel.from_pretrained(model, subfolder="transformer", dtype=dtype, **kwargs)
 
 
 def load_vae(model: str, dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype)
+    return AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=dtype)
 
 
 def load_tokenizer(model: str):
@@ -99,7 +99,7 @@ def load_text_encoder(model: str, dtype: torch.dtype = torch.float32, load_in_8b
     """T5 encoder; ``load_in_8bit`` (CUDA + bitsandbytes) roughly halves T5-XXL's 9.5 GB in bf16."""
     from transformers import T5EncoderModel
 
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if load_in_8bit:
         if not torch.cuda.is_available():
             logger.warning("8-bit T5 needs a CUDA GPU; loading the text encoder in %s instead", dtype)
@@ -122,7 +122,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, transformer=No
     """The full ``PixArtSigmaPipeline``; pass ``transformer`` to reuse one already loaded."""
     from diffusers import PixArtSigmaPipeline
 
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if transformer is not None:
         kwargs["transformer"] = transformer
     return PixArtSigmaPipeline.from_pretrained(model, **kwargs)
