@@ -1,6 +1,8 @@
 """One generation path, used by trainer validation, the ``sample`` verb and the app.
 
-``generate`` runs a loaded ``PixArtSigmaPipeline`` one seed at a time with its own
+``Sampler`` keeps one pipeline loaded and applies any number of adapters (any
+layout the loader reads, each at its own scale) between generations; ``generate``
+runs a loaded ``PixArtSigmaPipeline`` one seed at a time with its own
 generator, so image k of a call depends only on (prompt, seed k) and not on the
 batch it came in: the base and the adapted model compared with the same seeds
 start from the same noise.
@@ -8,12 +10,25 @@ start from the same noise.
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import threading
+import warnings
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
 
-from pixart_tune.models import MAX_TOKENS
+from pixart_tune.adapters.loader import AdapterSpec, apply_lora, parse_spec, read_lora
+from pixart_tune.errors import UserError
+from pixart_tune.models import MAX_TOKENS, default_device, load_pipeline, resolve_dtype
+
+__all__ = ["AdapterSpec", "Sampler", "generate", "image_grid", "save_png", "cli"]
+
+logger = logging.getLogger(__name__)
 
 
 def generate(
@@ -98,3 +113,262 @@ def image_grid(
     for r, label in enumerate(row_labels or []):
         draw.text((4, top + r * h + h // 2), label, fill="black")
     return grid
+
+
+# --- the adapter-aware sampler ----------------------------------------------------------
+
+# Transformer sample_size (latent side) -> the resolution of its aspect-ratio table.
+_TABLE_FOR_SAMPLE_SIZE = {32: 256, 64: 512, 128: 1024, 256: 2048}
+
+
+class Sampler:
+    """One loaded ``PixArtSigmaPipeline`` and the adapters applied to it.
+
+    Each adapter file is read and injected once (keyed by path, modification time
+    and size, so an adapter rewritten by a running training is picked up again);
+    ``generate`` then only switches which adapters are active and at what scale.
+    Calls are serialised by a lock, since adapters live inside the one model.
+    """
+
+    def __init__(self, model: str, device: str | None = None, dtype: str = "auto", allow_pickle: bool = False):
+        self.model = str(model)
+        self.device = torch.device(device) if device else default_device()
+        if dtype == "auto":
+            # bf16 halves memory on GPUs; CPUs run bf16 matmuls slowly, so fp32 there.
+            dtype = "bf16" if self.device.type == "cuda" else "fp32"
+        self.dtype = resolve_dtype(dtype)
+        self.allow_pickle = allow_pickle
+        try:
+            self.pipe = load_pipeline(self.model, self.dtype).to(self.device)
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot load a PixArt-Sigma pipeline from {self.model!r}: {error}") from error
+        self._loaded: dict[str, tuple[tuple[int, int], str]] = {}
+        self._counter = 0
+        self.lock = threading.RLock()
+
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    def buckets(self) -> list[tuple[int, int]]:
+        """(height, width) of every aspect-ratio bucket of this model's resolution, by aspect."""
+        from pixart_tune.data.buckets import bucket_table
+
+        table = bucket_table(self.resolution)
+        return [(int(h), int(w)) for _, (h, w) in sorted(table.items(), key=lambda item: float(item[0]))]
+
+    @property
+    def resolution(self) -> int:
+        sample_size = int(self.transformer.config.sample_size)
+        return _TABLE_FOR_SAMPLE_SIZE.get(sample_size, sample_size * 8)
+
+    def default_size(self) -> tuple[int, int]:
+        return self.resolution, self.resolution
+
+    def adapter_name(self, spec: AdapterSpec) -> str:
+        """Injects the adapter at ``spec.path`` once; returns its adapter name in the model."""
+        path = str(Path(spec.path).resolve())
+        if not Path(path).exists():
+            raise UserError(f"adapter {spec.path} does not exist; pass an adapter folder or a .safetensors file")
+        stat = _stat(Path(path))
+        cached = self._loaded.get(path)
+        if cached and cached[0] == stat:
+            return cached[1]
+        from pixart_tune.adapters import lora
+
+        if cached:
+            with warnings.catch_warnings():
+                # PEFT warns when the removed adapter was active; activate() sets them right after.
+                warnings.filterwarnings("ignore", message=".*was active which is now deleted")
+                lora.remove(self.transformer, cached[1])
+        self._counter += 1
+        name = f"adapter_{self._counter}"
+        apply_lora(self.transformer, read_lora(path, self.allow_pickle), name, spec.scale, source=spec.path)
+        self._loaded[path] = (stat, name)
+        return name
+
+    def activate(self, adapters: Sequence[AdapterSpec]) -> None:
+        """Makes exactly ``adapters`` active at their scales (none: the base model)."""
+        from pixart_tune.adapters import lora
+
+        scales: dict[str, float] = {}
+        for spec in adapters:
+            name = self.adapter_name(spec)
+            # The same file twice adds up, as two copies of it would.
+            scales[name] = scales.get(name, 0.0) + spec.scale
+        lora.activate(self.transformer, list(scales))
+        for name, scale in scales.items():
+            lora.set_scale(self.transformer, name, scale)
+
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        adapters: Sequence[AdapterSpec] = (),
+        *,
+        negative_prompt: str = "",
+        steps: int = 20,
+        guidance: float = 4.5,
+        height: int | None = None,
+        width: int | None = None,
+        show_progress: bool = False,
+    ) -> list[Image.Image]:
+        """Images for ``prompts[i]`` with ``seeds[i]`` under exactly ``adapters``."""
+        if len(prompts) != len(seeds):
+            raise UserError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
+        if steps < 1:
+            raise UserError(f"steps must be at least 1, got {steps}")
+        default_h, default_w = self.default_size()
+        height, width = int(height or default_h), int(width or default_w)
+        multiple = 8 * int(self.transformer.config.patch_size)
+        if height % multiple or width % multiple:
+            raise UserError(f"size {height}x{width} must be a multiple of {multiple}; pick one of the buckets")
+        with self.lock:
+            self.activate(adapters)
+            return generate(
+                self.pipe, list(prompts), list(seeds), height=height, width=width, steps=steps,
+                guidance=guidance, negative_prompt=negative_prompt, show_progress=show_progress,
+            )
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.is_file()]
+        return max((p.stat().st_mtime_ns for p in files), default=0), sum(p.stat().st_size for p in files)
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+# --- PNGs with their parameters ---------------------------------------------------------
+
+
+def save_png(image: Image.Image, path: str | Path, parameters: dict) -> Path:
+    """Writes ``image`` with ``parameters`` in the PNG text chunk.
+
+    Two entries: ``parameters``, one human-readable line as other image tools show
+    it, and ``pixart-tune``, the same as JSON for programs.
+    """
+    info = PngInfo()
+    readable = ", ".join(f"{k}: {v}" for k, v in parameters.items() if k not in ("prompt", "negative_prompt"))
+    info.add_text("parameters", f"{parameters.get('prompt', '')}\nNegative prompt: {parameters.get('negative_prompt', '')}\n{readable}")
+    info.add_text("pixart-tune", json.dumps(parameters))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, pnginfo=info)
+    return path
+
+
+# --- the ``sample`` verb ------------------------------------------------------------------
+
+
+def _variants(specs: list[AdapterSpec], sweep: list[float] | None, base: bool, separately: bool) -> list[tuple[str, list[AdapterSpec]]]:
+    """(row label, adapters) of each row of the comparison."""
+    rows: list[tuple[str, list[AdapterSpec]]] = []
+    if base:
+        rows.append(("base", []))
+    if sweep is not None:
+        if not specs:
+            raise UserError("--sweep needs an --adapter: it varies the first adapter's scale")
+        swept, rest = specs[0], specs[1:]
+        for scale in sweep:
+            rows.append((f"{Path(swept.path).stem} x{scale:g}", [AdapterSpec(swept.path, scale), *rest]))
+        return rows
+    if separately and len(specs) > 1:
+        rows += [(f"{Path(s.path).stem} x{s.scale:g}", [s]) for s in specs]
+    if specs:
+        rows.append((" + ".join(f"{Path(s.path).stem} x{s.scale:g}" for s in specs), list(specs)))
+    return rows
+
+
+def _size(sampler: Sampler, aspect: float | None, size: str | None) -> tuple[int, int]:
+    if size:
+        try:
+            height, width = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            raise UserError(f"--size {size!r}: write HEIGHTxWIDTH, e.g. 256x384") from None
+        return height, width
+    buckets = sampler.buckets()
+    ratio = 1.0 if aspect is None else aspect
+    return min(buckets, key=lambda hw: abs(hw[0] / hw[1] - ratio))
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise UserError(f"prompts file {path} does not exist")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise UserError("give at least one --prompt or a --prompts-file with one prompt per line")
+    return prompts
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pixart-tune sample",
+        description="Generate images with any number of adapters, save them as PNGs with their parameters, "
+        "and write a comparison grid (base vs adapters with the same seeds, or a sweep of one adapter's scale).",
+    )
+    parser.add_argument("model", help="base model: a diffusers PixArt-Sigma folder or hub id")
+    parser.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    parser.add_argument("--prompts-file", help="a text file with one prompt per line")
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; every prompt is drawn with every seed")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=4.5)
+    parser.add_argument("--aspect", type=float, help="height / width; the nearest aspect bucket of the model is used (default 1.0)")
+    parser.add_argument("--size", help="HEIGHTxWIDTH used as given instead of a bucket")
+    parser.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE]",
+                        help="an adapter folder or .safetensors file in any supported layout, with an optional scale (repeat for several)")
+    parser.add_argument("--sweep", help="comma-separated scales of the first adapter, one grid row each, e.g. 0,0.5,1")
+    parser.add_argument("--no-base", action="store_true", help="leave out the base model row")
+    parser.add_argument("--separately", action="store_true", help="also a row for each adapter alone")
+    parser.add_argument("--out", default="samples", help="output folder (default: samples)")
+    parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--allow-pickle-runs-code", action="store_true",
+                        help="also read .bin/.pt/.ckpt adapters; unpickling can run any code in the file")
+    args = parser.parse_args(argv)
+
+    prompts = _read_prompts(args)
+    specs = [parse_spec(text) for text in args.adapter]
+    sweep = None
+    if args.sweep:
+        try:
+            sweep = [float(v) for v in args.sweep.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--sweep {args.sweep!r}: write comma-separated numbers, e.g. 0,0.5,1") from None
+    rows = _variants(specs, sweep, base=not args.no_base, separately=args.separately)
+    if not rows:
+        raise UserError("nothing to draw: --no-base needs at least one --adapter")
+    for spec in specs:
+        read_lora(spec.path, args.allow_pickle_runs_code)  # refuse a bad adapter before loading the model
+
+    from tqdm.auto import tqdm
+
+    sampler = Sampler(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle_runs_code)
+    height, width = _size(sampler, args.aspect, args.size)
+    columns = [(p, s) for p in prompts for s in args.seeds]
+    out = Path(args.out)
+    images: list[Image.Image] = []
+    with tqdm(total=len(rows) * len(columns), desc="sampling", unit="image") as bar:
+        for row, (label, adapters) in enumerate(rows):
+            for col, (prompt, seed) in enumerate(columns):
+                image = sampler.generate(
+                    [prompt], [seed], adapters, negative_prompt=args.negative_prompt,
+                    steps=args.steps, guidance=args.guidance, height=height, width=width,
+                )[0]
+                parameters = {
+                    "prompt": prompt, "negative_prompt": args.negative_prompt, "seed": seed, "steps": args.steps,
+                    "guidance": args.guidance, "height": height, "width": width, "model": args.model,
+                    "adapters": [{"path": s.path, "scale": s.scale} for s in adapters],
+                }
+                save_png(image, out / f"{row:02d}_{col:03d}_seed{seed}.png", parameters)
+                images.append(image)
+                bar.update()
+    labels = [f"{p[:24]} #{s}" for p, s in columns]
+    grid = image_grid(images, cols=len(columns), row_labels=[label for label, _ in rows], col_labels=labels)
+    grid_path = save_png(grid, out / "grid.png", {"rows": [label for label, _ in rows], "columns": labels, "model": args.model})
+    print(f"wrote {len(images)} images and the comparison grid {grid_path}")
+    return 0

@@ -1,0 +1,256 @@
+"""Export an adapter to the layouts other tools load, or as a publish folder.
+
+One file per target, because no single file serves every loader (see
+``docs/adapters.md``): ComfyUI's core loader reads the original fused-qkv names or
+``transformer.``-prefixed diffusers names; city96's ComfyUI_ExtraModels reads the
+original names without prefix and ignores ``.alpha`` in PEFT-looking files. Every
+file stores alpha as a one-element ``<module>.alpha`` tensor, which all of them read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+from safetensors.torch import save_file
+
+from pixart_tune.adapters import card as cards
+from pixart_tune.adapters import lora
+from pixart_tune.adapters.layouts import LoraWeights, to_state_dict
+from pixart_tune.adapters.loader import read_lora
+from pixart_tune.errors import UserError
+from pixart_tune.fsutil import atomic_path
+from pixart_tune.models import REAL_MODEL_ID
+
+# Export format -> (layout, which loader the file is for).
+FORMATS: dict[str, tuple[str, str]] = {
+    "diffusers": ("diffusers", "diffusers-style keys (`transformer.` prefix, lora_A/lora_B + alpha): ComfyUI core 'Load LoRA', diffusers-style scripts, pixart-tune"),
+    "comfyui": ("comfyui", "ComfyUI core 'Load LoRA' in the original checkpoint names (`diffusion_model.blocks.N.attn.qkv`, fused q/k/v)"),
+    "pixart": ("pixart", "city96's ComfyUI_ExtraModels PixArt LoRA loader and the original PixArt code (`blocks.N.attn.qkv`, fused q/k/v)"),
+    "onetrainer": ("onetrainer", "OneTrainer and kohya-style tools (`lora_transformer_*`, lora_down/lora_up + alpha)"),
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def export_file(weights: LoraWeights, fmt: str, out: str | Path) -> Path:
+    """Writes ``weights`` in format ``fmt`` to the .safetensors file ``out``, atomically."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    layout, _ = FORMATS[fmt]
+    state = to_state_dict(weights, layout)
+    header = dict(weights.metadata)
+    header.update(format="pt", pixart_tune_layout=layout)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        save_file(state, str(tmp), metadata=header)
+    return out
+
+
+def export_adapter(path: str | Path, formats: Sequence[str], out: str | Path, allow_pickle: bool = False) -> list[Path]:
+    """Exports the adapter at ``path`` in each format.
+
+    ``out`` is the file when one format is asked for and ``out`` ends in
+    ``.safetensors``; otherwise a folder receiving ``<name>_<format>.safetensors``.
+    """
+    weights = read_lora(path, allow_pickle)
+    out = Path(out)
+    stem = _stem(Path(path))
+    if len(formats) == 1 and out.suffix == ".safetensors":
+        return [export_file(weights, formats[0], out)]
+    return [export_file(weights, fmt, out / f"{stem}_{fmt}.safetensors") for fmt in formats]
+
+
+def _stem(path: Path) -> str:
+    return path.stem if path.is_file() else path.resolve().name
+
+
+# --- the publish folder ------------------------------------------------------------------
+
+
+def find_samples(adapter: Path) -> list[Path]:
+    """Validation images next to a trained adapter: the newest grid of ``<run>/samples``."""
+    run = adapter if adapter.is_dir() else adapter.parent
+    for folder in (run / "samples", run.parent / "samples"):
+        if folder.is_dir():
+            images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if images:
+                return images[-1:]
+    return []
+
+
+def _expand(paths: Sequence[str | Path]) -> list[Path]:
+    images: list[Path] = []
+    for item in map(Path, paths):
+        if item.is_dir():
+            images += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file() and item.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(item)
+        else:
+            raise UserError(f"sample {item} is not an image file or a folder of images")
+    return images
+
+
+def sample_prompt(image: Path, metadata: dict[str, str]) -> str:
+    """The prompt of a sample: from its PNG text chunk, else the validation prompts, else the trigger words."""
+    with Image.open(image) as handle:
+        text = getattr(handle, "text", {}) or {}
+    if "pixart-tune" in text:
+        try:
+            prompt = json.loads(text["pixart-tune"]).get("prompt")
+            if prompt:
+                return str(prompt)
+        except json.JSONDecodeError:
+            pass
+    if text.get("parameters"):
+        return text["parameters"].split("\n", 1)[0]
+    values = cards.decoded(metadata)
+    config = values.get("training_config")
+    prompts = config.get("validation", {}).get("prompts") if isinstance(config, dict) else None
+    if prompts:
+        return "; ".join(map(str, prompts))
+    words = values.get("trigger_words")
+    if words:
+        return ", ".join(words) if isinstance(words, list) else str(words)
+    return image.stem.replace("_", " ")
+
+
+def publish(
+    path: str | Path,
+    out: str | Path,
+    *,
+    name: str | None = None,
+    base_model: str | None = None,
+    trigger_words: Sequence[str] = (),
+    license: str = "openrail++",
+    tags: Sequence[str] = (),
+    samples: Sequence[str | Path] | None = None,
+    repo_id: str | None = None,
+    allow_pickle: bool = False,
+) -> Path:
+    """Writes a folder ready for the Hub: PEFT adapter, one file per ComfyUI loader, images, README.md."""
+    path = Path(path)
+    weights = read_lora(path, allow_pickle)
+    values = cards.decoded(weights.metadata)
+    name = name or _stem(path)
+    recorded = values.get("base_model")
+    if base_model is None:
+        # A local folder (such as a test model) means nothing on the Hub.
+        base_model = recorded if isinstance(recorded, str) and recorded and not Path(recorded).exists() else REAL_MODEL_ID
+    words = list(trigger_words) or [str(w) for w in (values.get("trigger_words") or []) if str(w)]
+    images = _expand(samples) if samples is not None else find_samples(path)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        from pixart_tune.adapters.merge import write_weights
+
+        write_weights(weights, tmp / "peft")
+        for item in (tmp / "peft").iterdir():
+            item.rename(tmp / item.name)
+        (tmp / "peft").rmdir()
+        files = {lora.WEIGHTS_NAME: "PEFT / pixart-tune (with `adapter_config.json`)"}
+        for fmt in ("comfyui", "pixart"):
+            file = export_file(weights, fmt, tmp / f"{name}_{fmt}.safetensors")
+            files[file.name] = FORMATS[fmt][1]
+        shown = []
+        if images:
+            (tmp / "images").mkdir()
+        for index, image in enumerate(images):
+            target = tmp / "images" / f"sample_{index}{image.suffix.lower()}"
+            shutil.copy2(image, target)
+            shown.append(cards.Sample(f"images/{target.name}", sample_prompt(image, weights.metadata)))
+        info = cards.CardInfo(
+            name=name, base_model=base_model, license=license, trigger_words=words, tags=list(tags),
+            samples=shown, metadata=weights.metadata, files=files, repo_id=repo_id,
+        )
+        cards.write_card(info, tmp)
+    return out
+
+
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
+    """Uploads a publish folder to a Hub model repository (created when missing)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.whoami()
+    except Exception as error:  # no token, expired token, or no network
+        raise UserError(
+            f"cannot reach the Hugging Face Hub as a logged-in user ({type(error).__name__}); run 'hf auth login' "
+            "(or set HF_TOKEN) and try again; the publish folder is ready to upload by hand"
+        ) from error
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message="Upload PixArt-Sigma LoRA (pixart-tune)")
+    return f"https://huggingface.co/{repo_id}"
+
+
+# --- the ``export`` verb ------------------------------------------------------------------
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pixart-tune export",
+        description="Export an adapter to the layouts other tools load (one file per loader), or write a publish "
+        "folder with a model card and samples, optionally uploading it to the Hugging Face Hub.",
+        epilog="formats:\n" + "\n".join(f"  {k:<11} {v[1]}" for k, v in FORMATS.items()) + "\n\nexamples:\n"
+        "  pixart-tune export runs/lora/adapter --format comfyui --out my_lora_comfyui.safetensors\n"
+        "  pixart-tune export runs/lora/adapter --format all --out exported/\n"
+        "  pixart-tune export runs/lora/adapter --publish publish/ --trigger sks --push-to-hub me/my-lora",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("adapter", help="adapter folder or .safetensors file, any supported layout")
+    parser.add_argument("--format", choices=[*FORMATS, "all"], help="export format (all: one file per format)")
+    parser.add_argument("--out", help="output .safetensors file, or a folder for --format all")
+    parser.add_argument("--publish", metavar="FOLDER", help="write a publish folder: adapter, ComfyUI files, images, README.md")
+    parser.add_argument("--name", help="name of the adapter in file names and the card")
+    parser.add_argument("--base-model", help=f"Hub id of the base model for the card (default: recorded in the adapter, else {REAL_MODEL_ID})")
+    parser.add_argument("--trigger", action="append", default=[], help="trigger word (repeat; default: recorded in the adapter)")
+    parser.add_argument("--license", default="openrail++")
+    parser.add_argument("--tag", action="append", default=[], help="extra card tag (repeat)")
+    parser.add_argument("--samples", nargs="+", help="images or folders for the card (default: the newest validation grid of the run)")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the publish folder to this Hub repository (needs 'hf auth login')")
+    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
+    parser.add_argument("--allow-pickle-runs-code", action="store_true", help="also read .bin/.pt/.ckpt files; unpickling can run any code in them")
+    args = parser.parse_args(argv)
+
+    if not args.publish and not args.format:
+        raise UserError("choose --format FORMAT --out PATH, or --publish FOLDER")
+    if args.push_to_hub and not args.publish:
+        raise UserError("--push-to-hub uploads a publish folder: add --publish FOLDER")
+    if args.format:
+        if not args.out:
+            raise UserError("--format needs --out (a .safetensors file, or a folder for --format all)")
+        formats = list(FORMATS) if args.format == "all" else [args.format]
+        out = Path(args.out)
+        if len(formats) == 1 and out.suffix and out.suffix != ".safetensors":
+            raise UserError(f"--out {out}: exports are .safetensors files; name it {out.with_suffix('.safetensors').name}")
+        targets = [out] if len(formats) == 1 and out.suffix == ".safetensors" else [out / f"{args.name or _stem(Path(args.adapter))}_{f}.safetensors" for f in formats]
+        _refuse_existing(targets, args.overwrite, Path(args.adapter))
+        weights = read_lora(args.adapter, args.allow_pickle_runs_code)
+        for fmt, target in zip(formats, targets):
+            export_file(weights, fmt, target)
+            print(f"wrote {target}  ({FORMATS[fmt][1]})")
+    if args.publish:
+        folder = Path(args.publish)
+        _refuse_existing([folder], args.overwrite, Path(args.adapter))
+        publish(
+            args.adapter, folder, name=args.name, base_model=args.base_model, trigger_words=args.trigger,
+            license=args.license, tags=args.tag, samples=args.samples, repo_id=args.push_to_hub,
+            allow_pickle=args.allow_pickle_runs_code,
+        )
+        print(f"wrote the publish folder {folder} (README.md, adapter, ComfyUI files, images)")
+        if args.push_to_hub:
+            print(f"uploaded to {push_to_hub(folder, args.push_to_hub, args.private)}")
+    return 0
+
+
+def _refuse_existing(targets: Sequence[Path], overwrite: bool, adapter: Path) -> None:
+    for target in targets:
+        if target.resolve() == adapter.resolve():
+            raise UserError(f"the output {target} is the input adapter; choose another path")
+        if target.exists() and not overwrite:
+            raise UserError(f"{target} exists; choose another --out / --publish or pass --overwrite")

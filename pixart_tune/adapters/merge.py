@@ -1,0 +1,331 @@
+"""Merge adapters, resize one by SVD, or fuse them into the base transformer.
+
+The math is pure functions on canonical :class:`LoraModule` values:
+
+* ``linear``: PEFT's ``add_weighted_adapter(combination_type="linear")``: A and B
+  are weighted sums (sqrt of |weight x scale| on each side). Same rank out; exact
+  for a single adapter or adapters on disjoint layers, otherwise an approximation
+  (it adds cross terms B_i A_j), as in PEFT.
+* ``cat``: A stacked, B side by side with weight x scale folded in: rank is the sum
+  of ranks and the update is exactly sum_i w_i dW_i.
+* ``svd``: the exact weighted sum sum_i w_i dW_i truncated to ``rank`` by SVD (the
+  best rank-k approximation); exact when ``rank`` reaches the sum's rank.
+
+The SVD never forms the out x in update: with up = Q_B R_B and down^T = Q_A R_A,
+``up @ down = Q_B (R_B R_A^T) Q_A^T``, so only an r x r matrix is decomposed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from peft.utils.merge_utils import task_arithmetic
+
+from pixart_tune.adapters import lora
+from pixart_tune.adapters.layouts import LoraModule, LoraWeights, uniform
+from pixart_tune.adapters.loader import AdapterSpec, apply_lora, parse_spec, read_lora
+from pixart_tune.errors import UserError
+from pixart_tune.fsutil import atomic_path
+
+METHODS = ("linear", "cat", "svd")
+
+
+# --- pure math -----------------------------------------------------------------------
+
+
+def merge_linear(modules: Sequence[LoraModule], weights: Sequence[float]) -> LoraModule:
+    """PEFT's linear combination: A = sum sign*sqrt|c_i| A_i, B = sum sqrt|c_i| B_i, c_i = w_i * scale_i."""
+    if len({m.rank for m in modules}) != 1:
+        raise UserError(
+            f"linear merging needs adapters of the same rank (got ranks {sorted({m.rank for m in modules})}); "
+            "use --method cat or --method svd"
+        )
+    factors = [w * m.scale for m, w in zip(modules, weights)]
+    weights_a = torch.tensor([math.copysign(math.sqrt(abs(c)), c) for c in factors], dtype=torch.float64)
+    weights_b = torch.tensor([math.sqrt(abs(c)) for c in factors], dtype=torch.float64)
+    down = task_arithmetic([m.down.double() for m in modules], weights_a)
+    up = task_arithmetic([m.up.double() for m in modules], weights_b)
+    return LoraModule(down.float(), up.float(), float(down.shape[0]))
+
+
+def merge_cat(modules: Sequence[LoraModule], weights: Sequence[float]) -> LoraModule:
+    """Exact merge: stacked A, and B side by side scaled by weight x scale; alpha = rank."""
+    down = torch.cat([m.down.float() for m in modules], dim=0)
+    up = torch.cat([m.up.float() * (w * m.scale) for m, w in zip(modules, weights)], dim=1)
+    return LoraModule(down, up, float(down.shape[0]))
+
+
+def truncated_svd(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[LoraModule, float, float]:
+    """Best rank-``rank`` LoRA of ``up @ down``; returns (module, energy kept, total energy).
+
+    Energy is the squared Frobenius norm, i.e. the sum of squared singular values;
+    the kept fraction is what a rank-k truncation preserves of it.
+    """
+    up64, down64 = up.double(), down.double()
+    q_up, r_up = torch.linalg.qr(up64)
+    q_down, r_down = torch.linalg.qr(down64.T)
+    u, s, vh = torch.linalg.svd(r_up @ r_down.T)
+    k = max(1, min(rank, s.numel()))
+    total = float((s**2).sum())
+    kept = float((s[:k] ** 2).sum())
+    # B = U_k S_k, A = V_k^T: the convention of PEFT's and kohya's SVD merges.
+    new_up = (q_up @ u[:, :k]) * s[:k]
+    new_down = vh[:k] @ q_down.T
+    return LoraModule(new_down.float().contiguous(), new_up.float().contiguous(), float(k)), kept, total
+
+
+def merge_svd(modules: Sequence[LoraModule], weights: Sequence[float], rank: int) -> tuple[LoraModule, float, float]:
+    """sum_i w_i dW_i truncated to ``rank``; (module, energy kept, total energy)."""
+    stacked = merge_cat(modules, weights)
+    return truncated_svd(stacked.up * stacked.scale, stacked.down, rank)
+
+
+@dataclasses.dataclass
+class MergeResult:
+    weights: LoraWeights
+    energy_kept: float
+    """Fraction of the update's squared Frobenius norm kept (1.0 for exact methods)."""
+
+
+def merge_weights(adapters: Sequence[LoraWeights], weights: Sequence[float], method: str = "linear", rank: int | None = None) -> MergeResult:
+    """Merges canonical adapters module by module (a module absent from one adapter is skipped there)."""
+    if method not in METHODS:
+        raise UserError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+    if len(adapters) != len(weights):
+        raise ValueError("one weight per adapter")
+    for adapter in adapters:
+        adapter.check_plain("merging")
+    if method == "svd" and rank is not None and rank < 1:
+        raise UserError(f"--rank must be at least 1, got {rank}")
+    names = sorted({name for adapter in adapters for name in adapter.modules})
+    merged: dict[str, LoraModule] = {}
+    kept_total, energy_total = 0.0, 0.0
+    for name in names:
+        present = [(a.modules[name], w) for a, w in zip(adapters, weights) if name in a.modules]
+        shapes = {(m.up.shape[0], m.down.shape[1]) for m, _ in present}
+        if len(shapes) > 1:
+            raise UserError(f"the adapters disagree on the shape of {name} ({sorted(shapes)}): they were made for different base models")
+        modules, ws = [m for m, _ in present], [w for _, w in present]
+        if method == "linear":
+            merged[name] = merge_linear(modules, ws)
+        elif method == "cat":
+            merged[name] = merge_cat(modules, ws)
+        else:
+            target = rank or max(m.rank for a in adapters for m in a.modules.values())
+            merged[name], kept, total = merge_svd(modules, ws, target)
+            kept_total += kept
+            energy_total += total
+    energy = kept_total / energy_total if method == "svd" and energy_total > 0 else 1.0
+    return MergeResult(LoraWeights(merged, {}, "peft"), energy)
+
+
+def resize_weights(adapter: LoraWeights, rank: int) -> MergeResult:
+    """Every module truncated to at most ``rank`` by SVD."""
+    adapter.check_plain("resizing")
+    if rank < 1:
+        raise UserError(f"rank must be at least 1, got {rank}")
+    out, kept_total, energy_total = {}, 0.0, 0.0
+    for name, module in adapter.modules.items():
+        out[name], kept, total = truncated_svd(module.up * module.scale, module.down, rank)
+        kept_total += kept
+        energy_total += total
+    return MergeResult(LoraWeights(out, dict(adapter.metadata), adapter.layout), kept_total / energy_total if energy_total else 1.0)
+
+
+# --- files ---------------------------------------------------------------------------
+
+
+def write_weights(weights: LoraWeights, out: str | Path, metadata: dict | None = None) -> Path:
+    """Writes canonical weights as a PEFT adapter folder (one rank and alpha, alpha stored)."""
+    rank, alpha, state = uniform(weights)
+    targets = "|".join(re.escape(name) for name in sorted(weights.modules))
+    settings = lora.LoraSettings(rank=rank, alpha=alpha, targets=targets)
+    header = {k: v for k, v in weights.metadata.items() if k not in ("format", "lora_rank", "lora_alpha", "lora_targets")}
+    header.update(metadata or {})
+    return lora.write_adapter(out, state, settings, header)
+
+
+def merge_adapters(specs: list[AdapterSpec], out: str | Path, method: str = "linear", rank: int | None = None, allow_pickle: bool = False) -> Path:
+    """Merges adapters (``spec.scale`` is each one's weight) into a PEFT adapter folder at ``out``."""
+    if not specs:
+        raise UserError("give at least one adapter to merge")
+    _refuse_overwriting_inputs(specs, out)
+    adapters = [read_lora(spec.path, allow_pickle) for spec in specs]
+    result = merge_weights(adapters, [spec.scale for spec in specs], method, rank)
+    metadata = {
+        "merged_from": [{"path": s.path, "weight": s.scale} for s in specs],
+        "merge_method": method,
+        "energy_kept": round(result.energy_kept, 6),
+    }
+    trigger_words = sorted({w for a in adapters for w in _trigger_words(a.metadata)})
+    if trigger_words:
+        metadata["trigger_words"] = trigger_words
+    return write_weights(result.weights, out, metadata)
+
+
+def resize_adapter(path: str | Path, out: str | Path, rank: int, allow_pickle: bool = False) -> tuple[Path, float]:
+    """Writes ``path``'s adapter truncated to ``rank`` at ``out``; returns (folder, fraction of energy kept)."""
+    _refuse_overwriting_inputs([AdapterSpec(str(path))], out)
+    result = resize_weights(read_lora(path, allow_pickle), rank)
+    folder = write_weights(result.weights, out, {"resized_from": str(path), "energy_kept": round(result.energy_kept, 6)})
+    return folder, result.energy_kept
+
+
+def fuse_adapters(model: str, specs: list[AdapterSpec], out: str | Path, dtype: str = "fp32", allow_pickle: bool = False) -> Path:
+    """Fuses adapters (each at ``spec.scale``) into the base transformer; writes a full pipeline folder.
+
+    The result loads with plain ``PixArtSigmaPipeline.from_pretrained(out)``. The
+    text encoder, VAE, tokenizer and scheduler are linked (or copied) from the base
+    model's folder unchanged; only ``transformer/`` is new.
+    """
+    from pixart_tune.models import load_transformer, resolve_dtype
+
+    if not specs:
+        raise UserError("give at least one adapter to fuse")
+    out = Path(out)
+    source = _model_folder(model)
+    if out.resolve() == source.resolve():
+        raise UserError(f"the output {out} is the base model's own folder; choose a new folder")
+    adapters = [read_lora(spec.path, allow_pickle) for spec in specs]
+    transformer = load_transformer(str(source), dtype=torch.float32)
+    fuse_into(transformer, adapters, [spec.scale for spec in specs], [spec.path for spec in specs])
+    if resolve_dtype(dtype) != torch.float32:
+        transformer.to(resolve_dtype(dtype))
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for item in source.iterdir():
+            if item.name in ("transformer",) or item.name.startswith("."):
+                continue
+            _link_or_copy(item, tmp / item.name)
+        transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+        (tmp / "fused_adapters.json").write_text(
+            json.dumps({"base_model": model, "adapters": [{"path": s.path, "scale": s.scale} for s in specs]}, indent=2),
+            encoding="utf-8",
+        )
+    return out
+
+
+def fuse_into(transformer: torch.nn.Module, adapters: Sequence[LoraWeights], scales: Sequence[float], sources: Sequence[str] | None = None) -> None:
+    """Adds each adapter's update (times its scale) into the transformer's weights, in place.
+
+    Goes through PEFT's own ``LoraLayer.merge`` (which also handles DoRA) and then
+    puts the plain base layers back, so the model is a pristine diffusers model.
+    """
+    sources = sources or [f"adapter {i}" for i in range(len(adapters))]
+    names = []
+    for index, (adapter, scale, source) in enumerate(zip(adapters, scales, sources)):
+        name = f"fuse_{index}"
+        apply_lora(transformer, adapter, name, scale, source=source)
+        names.append(name)
+    for module_name, layer in list(lora.lora_layers(transformer).items()):
+        active = [n for n in names if n in layer.lora_A]
+        if active:
+            layer.merge(safe_merge=True, adapter_names=active)
+        parent_name, _, child = module_name.rpartition(".")
+        parent = transformer.get_submodule(parent_name) if parent_name else transformer
+        setattr(parent, child, layer.get_base_layer())
+    for parameter in transformer.parameters():
+        parameter.requires_grad_(False)
+
+
+def _model_folder(model: str) -> Path:
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file() or not (path / "transformer").is_dir():
+            raise UserError(f"{path} is not a diffusers PixArt-Sigma pipeline folder (needs model_index.json and transformer/)")
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model))
+    except Exception as error:  # offline, unknown id, no access
+        raise UserError(f"cannot find the base model {model!r} as a folder or in the Hugging Face cache: {error}") from error
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard links keep a fused copy of a 20 GB pipeline from doubling the disk use."""
+    if source.is_dir():
+        target.mkdir()
+        for child in source.iterdir():
+            _link_or_copy(child, target / child.name)
+        return
+    real = source.resolve()
+    try:
+        os.link(real, target)
+    except OSError:
+        shutil.copy2(real, target)
+
+
+def _refuse_overwriting_inputs(specs: Sequence[AdapterSpec], out: str | Path) -> None:
+    target = Path(out).resolve()
+    for spec in specs:
+        if Path(spec.path).resolve() == target:
+            raise UserError(f"the output {out} is one of the input adapters; choose a new folder")
+
+
+def _trigger_words(metadata: dict[str, str]) -> list[str]:
+    raw = metadata.get("trigger_words") or metadata.get("trigger_word") or ""
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, TypeError):
+        value = raw
+    if isinstance(value, str):
+        return [w.strip() for w in value.split(",") if w.strip()]
+    return [str(w) for w in value]
+
+
+# --- the ``merge`` verb -------------------------------------------------------------------
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pixart-tune merge",
+        description="Merge adapters into one, resize one to a lower rank by SVD, or fuse adapters into the base model.",
+        epilog="examples:\n"
+        "  pixart-tune merge a/ b:0.5 --method svd --rank 16 --out merged/\n"
+        "  pixart-tune merge a/ --resize 8 --out a-r8/\n"
+        "  pixart-tune merge a/:0.8 --fuse PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --out fused-model/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help="adapter folders or .safetensors files, any supported layout")
+    parser.add_argument("--out", required=True, help="output folder (an adapter folder, or a pipeline folder with --fuse)")
+    parser.add_argument("--method", choices=METHODS, default="linear", help="how to merge several adapters (default: linear)")
+    parser.add_argument("--rank", type=int, help="rank of an svd merge (default: the largest input rank)")
+    parser.add_argument("--resize", type=int, metavar="RANK", help="resize the one adapter given to this rank by SVD")
+    parser.add_argument("--fuse", metavar="MODEL", help="fuse the adapters into this base model and write a full pipeline folder")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype of a fused transformer")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--allow-pickle-runs-code", action="store_true", help="also read .bin/.pt/.ckpt files; unpickling can run any code in them")
+    args = parser.parse_args(argv)
+
+    specs = [parse_spec(text) for text in args.adapters]
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out} exists; choose a new --out or pass --overwrite to replace it")
+    if args.resize is not None and args.fuse:
+        raise UserError("--resize and --fuse are separate operations; run them one after the other")
+    if args.resize is not None:
+        if len(specs) != 1:
+            raise UserError("--resize takes exactly one adapter")
+        folder, energy = resize_adapter(specs[0].path, out, args.resize, args.allow_pickle_runs_code)
+        print(f"wrote {folder} at rank {args.resize}: {energy:.2%} of the update's energy kept")
+    elif args.fuse:
+        folder = fuse_adapters(args.fuse, specs, out, args.dtype, args.allow_pickle_runs_code)
+        print(f"wrote the fused pipeline {folder}; load it with PixArtSigmaPipeline.from_pretrained({str(folder)!r})")
+    else:
+        if len(specs) < 2 and args.method != "svd":
+            print("note: one adapter given; the result is that adapter scaled by its weight")
+        folder = merge_adapters(specs, out, args.method, args.rank, args.allow_pickle_runs_code)
+        settings, _, metadata = lora.read_adapter(folder)
+        energy = float(metadata.get("energy_kept", 1.0))
+        print(f"wrote {folder} ({args.method}, rank {settings.rank}, {energy:.2%} of the update's energy kept)")
+    return 0

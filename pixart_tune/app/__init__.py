@@ -1,0 +1,95 @@
+"""The preview and merge app (``pixart-tune app``): a Gradio UI over sampling and adapters.
+
+People who trained adapters use it to compare them with the base model (same
+seed, side by side), sweep an adapter's scale, merge adapters or fuse them into
+the base model, and preview the result at once. It never trains.
+
+Safe by default: it binds to 127.0.0.1 without a share link, and it reads and
+writes files only under the folders it was started with (the runs folder, the
+outputs folder, local model folders and ``--allow`` folders); merges and fused
+models are written into the outputs folder only.
+
+- :mod:`pixart_tune.app.files`: the path guard and adapter discovery;
+- :mod:`pixart_tune.app.service`: settings, the loaded model, compare / sweep / merge;
+- :mod:`pixart_tune.app.ui`: the Gradio page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from pixart_tune.app.files import PathGuard, discover_adapters, discover_models, output_path
+from pixart_tune.app.service import DEFAULT_HOST, DEFAULT_PORT, AppSettings, PreviewApp
+from pixart_tune.app.ui import build_app, launch_kwargs
+
+__all__ = ["AppSettings", "PathGuard", "PreviewApp", "build_app", "cli", "discover_adapters", "discover_models",
+           "launch", "launch_kwargs", "output_path", "settings_from_env"]
+
+log = logging.getLogger(__name__)
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def launch(settings: AppSettings) -> None:
+    """Builds the page (loading the first model) and serves it until interrupted."""
+    if settings.host not in _LOOPBACK:
+        log.warning("binding to %s: other computers on the network can use this app and read its folders' adapters", settings.host)
+    if settings.share:
+        log.warning("a public share link was asked for: anyone with the link can use this app")
+    print(f"loading {settings.models[0]} ...", flush=True)
+    build_app(settings).launch(**launch_kwargs(settings))
+
+
+def settings_from_env(environ: dict[str, str] | None = None) -> AppSettings:
+    """Settings for the root ``app.py`` launcher (the Hugging Face Spaces entry point).
+
+    ``PIXART_TUNE_MODEL`` (comma-separated folders or hub ids), ``PIXART_TUNE_RUNS``
+    (default ``runs``, created if missing), ``PIXART_TUNE_OUTPUTS``,
+    ``PIXART_TUNE_ALLOW`` (``os.pathsep``-separated), ``PIXART_TUNE_DEVICE``,
+    ``PIXART_TUNE_DTYPE``; the host and port come from Gradio's own
+    ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``, which Spaces set.
+    """
+    from pixart_tune.models import REAL_MODEL_ID
+
+    env = os.environ if environ is None else environ
+    runs = Path(env.get("PIXART_TUNE_RUNS", "runs"))
+    runs.mkdir(parents=True, exist_ok=True)
+    return AppSettings(
+        models=env.get("PIXART_TUNE_MODEL", REAL_MODEL_ID).split(","),
+        runs=runs,
+        outputs=env.get("PIXART_TUNE_OUTPUTS") or None,
+        allow=[p for p in env.get("PIXART_TUNE_ALLOW", "").split(os.pathsep) if p],
+        host=env.get("GRADIO_SERVER_NAME", DEFAULT_HOST),
+        port=int(env.get("GRADIO_SERVER_PORT", DEFAULT_PORT)),
+        device=env.get("PIXART_TUNE_DEVICE") or None,
+        dtype=env.get("PIXART_TUNE_DTYPE", "auto"),
+    )
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pixart-tune app",
+        description="Open the preview and merge app in a browser: compare adapters with the base model, sweep scales, "
+        "merge and fuse. It binds to 127.0.0.1 and reads and writes files only under the folders given here.",
+    )
+    parser.add_argument("--model", action="append", required=True,
+                        help="base model folder or hub id (repeat to offer several; the first loads at start)")
+    parser.add_argument("--runs", default="runs", help="folder searched for adapters (default: runs)")
+    parser.add_argument("--outputs", default=None, help="folder for merged adapters and fused models (default: RUNS/merged)")
+    parser.add_argument("--allow", action="append", default=[], help="another folder adapters and models may be read from (repeatable)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="interface to bind (default 127.0.0.1: this computer only)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--share", action="store_true", help="create a public Gradio share link (anyone with the link can use the app)")
+    parser.add_argument("--allow-hub", action="store_true", help="accept hub ids typed into the base model menu")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    args = parser.parse_args(argv)
+    launch(
+        AppSettings(
+            models=args.model, runs=Path(args.runs), outputs=args.outputs, allow=args.allow, host=args.host, port=args.port,
+            share=args.share, allow_hub=args.allow_hub, device=args.device, dtype=args.dtype,
+        )
+    )
+    return 0

@@ -1,0 +1,142 @@
+"""Which files the app may touch: the path guard, output names and adapter discovery.
+
+The app reads and writes only under the folders it was started with. Every path
+a user types goes through :class:`PathGuard`, which resolves it (``..`` removed,
+symlinks followed) and refuses it when the real location is outside those
+folders, so a link inside the runs folder cannot lead the app elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from pixart_tune.errors import UserError
+
+# Names of outputs the app writes: one plain folder name, never a path.
+_OUTPUT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+
+
+class PathGuard:
+    """Resolves paths and refuses any that land outside the allowed folders."""
+
+    def __init__(self, roots: Iterable[str | Path]):
+        self.roots = unique(Path(r).expanduser().resolve() for r in roots)
+
+    def allows(self, path: str | Path) -> bool:
+        resolved = Path(path).expanduser().resolve()
+        return any(resolved.is_relative_to(root) for root in self.roots)
+
+    def check(self, path: str | Path, what: str = "path") -> Path:
+        """The resolved ``path`` if it exists under an allowed folder; a UserError otherwise.
+
+        A relative path is looked up under each allowed folder in turn, then under
+        the working folder.
+        """
+        text = str(path).strip()
+        if not text:
+            raise UserError(f"no {what} given")
+        raw = Path(text).expanduser()
+        candidates = [raw] if raw.is_absolute() else [root / raw for root in self.roots] + [raw]
+        existing = next((c for c in candidates if c.exists() or c.is_symlink()), None)
+        if existing is None:
+            raise UserError(f"{what} {text!r} not found under the allowed folders: {self.describe()}")
+        resolved = existing.resolve()
+        if not self.allows(resolved):
+            raise UserError(
+                f"{what} {text!r} resolves to {resolved}, outside the folders this app may read "
+                f"({self.describe()}); copy it into the runs folder or restart the app with --allow FOLDER"
+            )
+        if not resolved.exists():
+            raise UserError(f"{what} {text!r} is a broken link")
+        return resolved
+
+    def describe(self) -> str:
+        return ", ".join(str(r) for r in self.roots)
+
+
+def output_path(outputs: str | Path, name: str) -> Path:
+    """``outputs/name`` for a new output; refuses path-like names and existing outputs."""
+    name = str(name or "").strip()
+    if not _OUTPUT_NAME.fullmatch(name):
+        raise UserError(
+            f"output name {name!r} must be a plain folder name (letters, digits, '.', '_', '-'; no slashes), e.g. style-mix"
+        )
+    target = Path(outputs).resolve() / name
+    if target.exists() or target.is_symlink():
+        raise UserError(f"{target} already exists; choose another output name (nothing was overwritten)")
+    return target
+
+
+def discover_adapters(roots: Sequence[Path], guard: PathGuard, limit: int = 2000) -> list[Path]:
+    """Adapters under ``roots``: PEFT folders and ``.safetensors`` files holding LoRA keys.
+
+    Skips hidden entries (half-written outputs start with a dot), diffusers model
+    folders and prepared datasets (their many ``.safetensors`` are not adapters),
+    and anything whose real location is outside the allowed folders.
+    """
+    from pixart_tune.adapters.lora import CONFIG_NAME, WEIGHTS_NAME
+
+    found: list[Path] = []
+    for root in roots:
+        if not Path(root).is_dir():
+            continue
+        # followlinks=False: a linked folder is never walked into, wherever it points.
+        for folder, dirs, files in os.walk(root, followlinks=False):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            here = Path(folder)
+            if "model_index.json" in files or "dataset.json" in files:
+                dirs[:] = []
+                continue
+            if WEIGHTS_NAME in files and CONFIG_NAME in files:
+                if guard.allows(here / WEIGHTS_NAME) and guard.allows(here / CONFIG_NAME):
+                    found.append(here.resolve())
+                dirs[:] = []  # a PEFT folder's subfolders are not separate adapters
+                continue
+            for name in sorted(files):
+                path = here / name
+                if name.endswith(".safetensors") and not name.startswith(".") and guard.allows(path) and _has_lora_keys(path):
+                    found.append(path.resolve())
+            if len(found) >= limit:
+                break
+    return unique(found)
+
+
+def discover_models(outputs: Path, guard: PathGuard) -> list[Path]:
+    """Fused model folders (with ``model_index.json``) directly under ``outputs``."""
+    if not Path(outputs).is_dir():
+        return []
+    return [
+        p.resolve()
+        for p in sorted(Path(outputs).iterdir())
+        if not p.name.startswith(".") and (p / "model_index.json").is_file() and guard.allows(p)
+    ]
+
+
+def _has_lora_keys(path: Path) -> bool:
+    """Reads only the safetensors header: cheap even for large files."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return any("lora_" in key for key in handle.keys())
+    except Exception:  # not a readable safetensors file: not an adapter
+        return False
+
+
+def label_for(path: str | Path, roots: Sequence[Path]) -> str:
+    """A short name for a path: relative to the innermost allowed folder holding it."""
+    path = Path(path)
+    for root in sorted(roots, key=lambda r: len(r.parts), reverse=True):
+        if path == root:
+            return root.name
+        if path.is_relative_to(root):
+            return f"{root.name}/{path.relative_to(root).as_posix()}"
+    return str(path)
+
+
+def unique(paths: Iterable[Path]) -> list[Path]:
+    """Paths in first-seen order without repeats."""
+    return list(dict.fromkeys(paths))

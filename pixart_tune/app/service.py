@@ -1,0 +1,291 @@
+"""What the app does, apart from its widgets: settings, the loaded model, compare, sweep, merge.
+
+Every action checks its inputs again here (model, adapter paths, output names),
+whatever the page sent: the page's menus are a convenience, not a boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import re
+import threading
+from pathlib import Path
+from typing import Callable, Sequence
+
+from pixart_tune.app.files import PathGuard, discover_adapters, discover_models, label_for, output_path, unique
+from pixart_tune.errors import UserError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+MERGE_METHODS = {
+    "linear": "linear: weighted sum of A and B (same rank)",
+    "cat": "cat: concatenate (ranks add up, exact)",
+    "svd": "svd: exact sum cut to a rank by SVD",
+    "fuse": "fuse: bake into the base model (full model folder)",
+}
+MAX_SWEEP = 8
+# owner/name on the Hugging Face hub.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+Progress = Callable[..., object]
+
+
+@dataclasses.dataclass
+class AppSettings:
+    models: list[str]
+    """Base models offered in the model menu: local pipeline folders or hub ids. The first one loads at start."""
+    runs: Path
+    """Folder searched (recursively) for adapters: PEFT folders and LoRA ``.safetensors`` files."""
+    outputs: Path | None = None
+    """Where merged adapters and fused models are written; ``<runs>/merged`` when not given."""
+    allow: list[Path] = dataclasses.field(default_factory=list)
+    """More folders the app may read adapters and models from."""
+    host: str = DEFAULT_HOST
+    """Interface to bind; the default serves this computer only."""
+    port: int = DEFAULT_PORT
+    share: bool = False
+    """Ask Gradio for a public share link (off unless asked)."""
+    allow_hub: bool = False
+    """Accept hub ids typed into the model menu (they download into the hub cache)."""
+    device: str | None = None
+    """Torch device for generation; the sampler picks one when not given."""
+    dtype: str = "auto"
+    """Weights dtype for generation (auto, fp32, bf16, fp16)."""
+
+    def __post_init__(self) -> None:
+        self.models = [str(m).strip() for m in self.models if str(m).strip()]
+        if not self.models:
+            raise UserError("give at least one base model (--model FOLDER_OR_HUB_ID)")
+        self.runs = Path(self.runs).expanduser().resolve()
+        self.outputs = Path(self.outputs).expanduser().resolve() if self.outputs else self.runs / "merged"
+        self.allow = [Path(p).expanduser().resolve() for p in self.allow]
+        if not self.runs.is_dir():
+            raise UserError(f"runs folder {self.runs} does not exist; pass --runs with the folder your training runs write to")
+        for folder in self.allow:
+            if not folder.is_dir():
+                raise UserError(f"--allow {folder}: no such folder")
+        if not 0 < self.port < 65536:
+            raise UserError(f"port must be between 1 and 65535, got {self.port}")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise UserError(f"dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
+
+    @property
+    def local_models(self) -> list[Path]:
+        """The startup models that are local folders, resolved."""
+        return [Path(m).expanduser().resolve() for m in self.models if Path(m).expanduser().is_dir()]
+
+    @property
+    def roots(self) -> list[Path]:
+        """Every folder the app may read from; it writes only into ``outputs``."""
+        return unique([self.runs, self.outputs, *self.allow, *self.local_models])
+
+
+def parse_bucket(value: str) -> tuple[int, int]:
+    """``"HxW"`` -> (height, width)."""
+    try:
+        height, width = (int(v) for v in str(value).lower().split("x"))
+    except ValueError:
+        raise UserError(f"size {value!r} is not HEIGHTxWIDTH; pick a size from the list") from None
+    return height, width
+
+
+def parse_scales(text: str) -> list[float]:
+    """``"0, 0.5, 1"`` -> [0.0, 0.5, 1.0]; between 2 and MAX_SWEEP values."""
+    parts = [p for p in re.split(r"[\s,;]+", str(text).strip()) if p]
+    try:
+        scales = [float(p) for p in parts]
+    except ValueError:
+        raise UserError(f"scales {text!r}: write numbers separated by commas, e.g. 0, 0.5, 1, 1.5") from None
+    if not 2 <= len(scales) <= MAX_SWEEP:
+        raise UserError(f"give between 2 and {MAX_SWEEP} scales for a sweep, got {len(scales)}")
+    return scales
+
+
+def bucket_choices(buckets: Sequence[tuple[int, int]]) -> list[tuple[str, str]]:
+    """Menu entries (``"W × H (aspect)"``, ``"HxW"``) for (height, width) buckets."""
+    return [(f"{w} × {h}  ({w / h:.2f})", f"{h}x{w}") for h, w in buckets]
+
+
+def square_bucket(buckets: Sequence[tuple[int, int]]) -> str:
+    h, w = min(buckets, key=lambda hw: abs(hw[1] / hw[0] - 1.0))
+    return f"{h}x{w}"
+
+
+class ModelHolder:
+    """Keeps one loaded ``Sampler`` (the current base model) between generations.
+
+    Only one: a real PixArt-Sigma pipeline with its T5 encoder takes many
+    gigabytes, so switching models releases the previous one first. The lock
+    serialises everything that touches the loaded model (adapters live inside it).
+    """
+
+    def __init__(self, device: str | None, dtype: str):
+        self.device, self.dtype = device, dtype
+        self.lock = threading.RLock()
+        self._model: str | None = None
+        self._sampler = None
+
+    def get(self, model: str):
+        from pixart_tune.sampling import Sampler
+
+        with self.lock:
+            if self._model != model:
+                self._model, self._sampler = None, None
+                _release_memory()
+                self._sampler = Sampler(model, device=self.device, dtype=self.dtype)
+                self._model = model
+            return self._sampler
+
+    @property
+    def loaded(self) -> str | None:
+        return self._model
+
+
+def _release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _silent(*args, **kwargs) -> None:
+    return None
+
+
+class PreviewApp:
+    """The app's state and actions, independent of the widgets that call them."""
+
+    def __init__(self, settings: AppSettings):
+        self.settings = settings
+        self.guard = PathGuard(settings.roots)
+        self.holder = ModelHolder(settings.device, settings.dtype)
+
+    def label(self, path: str | Path) -> str:
+        return label_for(path, self.guard.roots)
+
+    # ---- menus
+
+    def adapter_choices(self, extra: Sequence[str] = ()) -> list[tuple[str, str]]:
+        """(label, path) of the adapters in the runs and outputs folders, plus ``extra`` ones."""
+        s = self.settings
+        paths = discover_adapters([s.runs, s.outputs], self.guard)
+        paths += [Path(p) for p in extra if self.guard.allows(p) and Path(p).exists()]
+        return [(self.label(p), str(p)) for p in unique(paths)]
+
+    def model_choices(self) -> list[tuple[str, str]]:
+        """The startup models, then the fused models found in the outputs folder."""
+        fused = [(self.label(p), str(p)) for p in discover_models(self.settings.outputs, self.guard)]
+        return [(m, m) for m in self.settings.models] + [c for c in fused if c[1] not in self.settings.models]
+
+    # ---- checks
+
+    def check_model(self, model: str) -> str:
+        """A base model the app may load: a startup model, or a pipeline folder under the allowed folders."""
+        model = str(model or "").strip()
+        if model in self.settings.models:
+            return model
+        if not model:
+            raise UserError("choose a base model")
+        local = Path(model).expanduser()
+        if local.is_absolute() or local.exists() or not _HUB_ID.fullmatch(model):
+            folder = self.guard.check(model, "model folder")
+            if not (folder / "model_index.json").is_file():
+                raise UserError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+            return str(folder)
+        if not self.settings.allow_hub:
+            raise UserError(
+                f"hub id {model!r} was not given at start; restart the app with --model {model} (or --allow-hub to accept typed hub ids)"
+            )
+        return model
+
+    def check_adapter(self, path: str | Path) -> Path:
+        from pixart_tune.adapters.lora import CONFIG_NAME, WEIGHTS_NAME
+
+        resolved = self.guard.check(path, "adapter")
+        if resolved.is_dir():
+            if not (resolved / WEIGHTS_NAME).is_file() or not (resolved / CONFIG_NAME).is_file():
+                raise UserError(f"{resolved} is not an adapter folder (needs {WEIGHTS_NAME} and {CONFIG_NAME})")
+        elif resolved.suffix != ".safetensors":
+            raise UserError(f"{resolved.name}: the app reads only .safetensors adapters (pickle files can run code)")
+        return resolved
+
+    def specs(self, paths: Sequence[str], scales: Sequence[float]):
+        from pixart_tune.sampling import AdapterSpec
+
+        if len(paths) != len(scales):
+            raise UserError(f"{len(paths)} adapters but {len(scales)} scales; reselect the adapters")
+        return [AdapterSpec(str(self.check_adapter(p)), float(s)) for p, s in zip(paths, scales)]
+
+    # ---- actions
+
+    def compare(self, model, prompt, negative, seed, steps, guidance, bucket, paths, scales, progress: Progress = _silent):
+        """(base image, adapted image, or None without adapters) for one prompt and seed."""
+        if not str(prompt or "").strip():
+            raise UserError("write a prompt first")
+        height, width = parse_bucket(bucket)
+        specs = self.specs(paths, scales)
+        kwargs = dict(negative_prompt=negative or "", steps=int(steps), guidance=float(guidance), height=height, width=width, show_progress=True)
+        with self.holder.lock:
+            progress(0.0, desc="loading the base model")
+            sampler = self.holder.get(self.check_model(model))
+            progress(0.1, desc="base model")
+            base = sampler.generate([prompt], [int(seed)], [], **kwargs)[0]
+            if not specs:
+                return base, None
+            progress(0.55, desc="with adapters")
+            adapted = sampler.generate([prompt], [int(seed)], specs, **kwargs)[0]
+        return base, adapted
+
+    def sweep(self, model, prompt, negative, seed, steps, guidance, bucket, paths, scales, swept, values, progress: Progress = _silent):
+        """A one-row grid: the swept adapter at each scale, the other adapters at their own scale."""
+        from pixart_tune.sampling import image_grid
+
+        if not paths:
+            raise UserError("select at least one adapter, then choose which one to sweep")
+        if swept not in paths:
+            raise UserError("choose which of the selected adapters to sweep")
+        if not str(prompt or "").strip():
+            raise UserError("write a prompt first")
+        values = parse_scales(values)
+        height, width = parse_bucket(bucket)
+        index = list(paths).index(swept)
+        kwargs = dict(negative_prompt=negative or "", steps=int(steps), guidance=float(guidance), height=height, width=width, show_progress=True)
+        images = []
+        with self.holder.lock:
+            progress(0.0, desc="loading the base model")
+            sampler = self.holder.get(self.check_model(model))
+            for i, value in enumerate(values):
+                progress(i / len(values), desc=f"scale {value:g}")
+                current = list(scales)
+                current[index] = value
+                images += sampler.generate([prompt], [int(seed)], self.specs(paths, current), **kwargs)
+        # Column labels must fit a 256 px image: drop the root folder's name, keep the end.
+        name = self.label(swept).split("/", 1)[-1][-24:]
+        return image_grid(images, cols=len(images), col_labels=[f"{name} x{v:g}" for v in values])
+
+    def merge(self, model, paths, weights, method, rank, name, progress: Progress = _silent) -> Path:
+        """Writes a merged adapter (or, for ``fuse``, a full model folder) into the outputs folder."""
+        from pixart_tune.adapters.merge import fuse_adapters, merge_adapters
+
+        if method not in MERGE_METHODS:
+            raise UserError(f"unknown method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
+        if not paths:
+            raise UserError("choose the adapters to merge")
+        if method != "fuse" and len(paths) < 2:
+            raise UserError("choose at least two adapters to merge (or the method 'fuse' to bake one into the base model)")
+        if method == "svd" and (rank is None or int(rank) < 1):
+            raise UserError("svd needs a rank of at least 1 for the merged adapter")
+        specs = self.specs(paths, weights)
+        out = output_path(self.settings.outputs, name)
+        if method == "fuse":
+            progress(0.1, desc="fusing into the base model")
+            # Fusing loads a second copy of the transformer: keep it from running beside a generation.
+            with self.holder.lock:
+                written = fuse_adapters(self.check_model(model), specs, out)
+        else:
+            progress(0.1, desc=f"merging ({method})")
+            written = merge_adapters(specs, out, method=method, rank=int(rank) if method == "svd" else None)
+        progress(1.0, desc="done")
+        return Path(written)

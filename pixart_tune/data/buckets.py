@@ -1,0 +1,85 @@
+"""Aspect-ratio buckets exactly as PixArt-Sigma generates, and the resize-and-crop into one.
+
+The tables are diffusers' own (``ASPECT_RATIO_*_BIN`` beside the PixArt pipelines),
+imported, never copied, so training sees the very sizes the pipeline's resolution
+binning produces at inference. The bucket of an image is the table entry whose
+aspect-ratio key (height / width) is nearest to the image's, which is also the rule
+``PixArtImageProcessor.classify_height_width_bin`` applies when generating.
+"""
+
+from __future__ import annotations
+
+import math
+
+from diffusers.image_processor import PixArtImageProcessor
+from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
+    ASPECT_RATIO_256_BIN,
+    ASPECT_RATIO_512_BIN,
+    ASPECT_RATIO_1024_BIN,
+)
+from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
+from PIL import Image
+
+BUCKET_TABLES: dict[int, dict[str, list[float]]] = {
+    256: ASPECT_RATIO_256_BIN,
+    512: ASPECT_RATIO_512_BIN,
+    1024: ASPECT_RATIO_1024_BIN,
+    2048: ASPECT_RATIO_2048_BIN,
+}
+
+CROPS = ("center", "top", "random")
+
+
+def bucket_table(resolution: int) -> dict[str, list[float]]:
+    try:
+        return BUCKET_TABLES[resolution]
+    except KeyError:
+        raise ValueError(f"resolution must be one of {sorted(BUCKET_TABLES)}, got {resolution}") from None
+
+
+def bucket_sizes(resolution: int) -> set[tuple[int, int]]:
+    """Every (height, width) of the table for ``resolution``."""
+    return {(int(h), int(w)) for h, w in bucket_table(resolution).values()}
+
+
+def nearest_bucket(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """(height, width) of the bin whose aspect ratio is nearest to ``height / width``."""
+    return PixArtImageProcessor.classify_height_width_bin(height, width, bucket_table(resolution))
+
+
+def cover_scale(size: tuple[int, int], bucket: tuple[int, int]) -> float:
+    """The factor that makes an image of ``size`` (height, width) cover ``bucket``."""
+    return max(bucket[0] / size[0], bucket[1] / size[1])
+
+
+def crop_box(resized: tuple[int, int], bucket: tuple[int, int], crop: str, seed: int = 0) -> tuple[int, int, int, int]:
+    """PIL box (left, top, right, bottom) of ``bucket`` inside an image of ``resized`` (height, width).
+
+    ``random`` is seeded by the caller (from the image's content), so that the same
+    image always gets the same crop and the cache stays valid across runs.
+    """
+    spare_y, spare_x = resized[0] - bucket[0], resized[1] - bucket[1]
+    if crop == "center":
+        top, left = spare_y // 2, spare_x // 2
+    elif crop == "top":
+        # Portraits lose their feet rather than their heads.
+        top, left = 0, spare_x // 2
+    elif crop == "random":
+        import random
+
+        rng = random.Random(seed)
+        top, left = rng.randint(0, spare_y), rng.randint(0, spare_x)
+    else:
+        raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
+    return left, top, left + bucket[1], top + bucket[0]
+
+
+def resize_to_bucket(image: Image.Image, bucket: tuple[int, int], crop: str = "center", seed: int = 0) -> Image.Image:
+    """Resizes ``image`` to cover ``bucket`` (keeping its aspect ratio), then crops to it exactly."""
+    scale = cover_scale((image.height, image.width), bucket)
+    # ceil, so rounding never leaves the resized image a pixel short of the bucket
+    resized = (max(bucket[0], math.ceil(image.height * scale - 1e-6)), max(bucket[1], math.ceil(image.width * scale - 1e-6)))
+    if (image.height, image.width) != resized:
+        # Lanczos with reducing_gap: sharp downscales at a fraction of the cost on big photos.
+        image = image.resize((resized[1], resized[0]), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return image.crop(crop_box(resized, bucket, crop, seed))

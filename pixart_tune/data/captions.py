@@ -1,0 +1,92 @@
+"""Where a caption comes from, how it is read, and what is added to it.
+
+Order (the first that gives a non-empty caption wins; ``caption_order`` changes it):
+
+1. ``sidecar``: ``photo.txt`` or ``photo.caption`` beside ``photo.jpg``.
+2. ``metadata``: a column of ``metadata.jsonl`` / ``metadata.csv`` (Hugging Face
+   imagefolder), or of the dataset's rows.
+3. ``filename``: the file name made readable (``red_fox-2.jpg`` -> "red fox"); names
+   with no words in them (``IMG_0042``, ``DSC01234``, hashes) give nothing.
+4. ``captioner``: a vision-language model, when one is named.
+
+Then a trigger word is put first (unless the caption already has it), and a
+prefix and a suffix are added verbatim, as kohya-ss does with its caption_prefix /
+caption_suffix: include your own spaces or commas.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+CAPTION_SOURCES = ("sidecar", "metadata", "filename", "captioner")
+SIDECAR_SUFFIXES = (".txt", ".caption")
+
+# Camera and phone names carry no meaning: IMG_1234, DSC01234, PXL_2023..., Screenshot...
+_CAMERA_WORDS = {"img", "image", "dsc", "dscn", "dscf", "dcim", "pxl", "mvimg", "photo", "pic", "screenshot", "scan", "frame", "copy", "edited", "final"}
+
+
+def decode_text(data: bytes) -> str:
+    """Text of a caption file: UTF-8 (with or without BOM), UTF-16 with BOM, else the best guess.
+
+    Windows tools still write cp1252 or UTF-16; a caption file is never rejected for
+    its encoding, the last resort is latin-1, which maps every byte.
+    """
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    from charset_normalizer import from_bytes
+
+    best = from_bytes(data).best()
+    return str(best) if best is not None else data.decode("latin-1")
+
+
+def clean(text: str) -> str:
+    """Whitespace trimmed, and inner runs (newlines, tabs) made one space."""
+    return " ".join(text.split())
+
+
+def read_sidecar(image_path: Path, root: Path | None = None) -> str | None:
+    """The caption in a ``.txt`` or ``.caption`` file beside ``image_path``, if any.
+
+    With ``root``, a sidecar that is a symlink leading outside ``root`` is ignored, as
+    images are: prepare reads nothing outside the source folder.
+    """
+    real_root = root.resolve() if root is not None else None
+    for suffix in SIDECAR_SUFFIXES:
+        sidecar = image_path.with_suffix(suffix)
+        if real_root is not None and sidecar.is_symlink():
+            target = sidecar.resolve()
+            if target != real_root and real_root not in target.parents:
+                continue
+        if sidecar.is_file():
+            caption = clean(decode_text(sidecar.read_bytes()))
+            if caption:
+                return caption
+    return None
+
+
+def filename_caption(name: str) -> str | None:
+    """Words of a file name, or None when it has none (camera numbers, hashes)."""
+    stem = Path(name).stem
+    words = [w for w in re.split(r"[\s_\-.,+()\[\]]+", stem) if w]
+    kept = []
+    for word in words:
+        letters = re.sub(r"[^A-Za-z\u00C0-\uFFFF]", "", word)
+        if len(letters) < 2 or letters.lower() in _CAMERA_WORDS:
+            continue
+        if re.fullmatch(r"[0-9a-fA-F]{8,}", word):  # hashes and uuids
+            continue
+        kept.append(word if letters == word else letters)
+    return " ".join(kept) if kept else None
+
+
+def compose(caption: str, trigger: str = "", prefix: str = "", suffix: str = "") -> str:
+    """The caption as trained: trigger word first (once), then prefix + caption + suffix."""
+    text = f"{prefix}{caption}{suffix}"
+    if trigger and not re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", text):
+        text = f"{trigger}, {text}" if text else trigger
+    return clean(text)

@@ -1,0 +1,162 @@
+"""The two encoders of the cache: VAE latents and T5 prompt embeddings.
+
+Both load lazily, on the first entry that is not cached yet, so a re-run over a
+finished dataset loads neither; both are freed by ``close()``. Text goes through
+``PixArtSigmaPipeline.encode_prompt`` itself (with no transformer and no VAE), so
+training sees exactly the embeddings and masks that inference computes.
+
+Cache keys need to know *which* weights made a feature without loading them:
+``component_fingerprint`` hashes each component's configs in full and each weight
+file's name, size, first and last MiB. Fine-tuned weights change those bytes; a
+different model in the same folder gets a different key.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from pixart_tune import models
+from pixart_tune.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+_FINGERPRINT_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".pt")
+_EDGE = 1 << 20
+
+
+def resolve_component(model: str, subfolder: str) -> Path:
+    """The local folder of ``subfolder`` of a model folder or hub id (downloading when online)."""
+    local = Path(model) / subfolder
+    if local.is_dir():
+        return local
+    if Path(model).is_dir():
+        raise UserError(f"{model} has no {subfolder}/ folder; point --model at a PixArt-Sigma pipeline folder in the diffusers layout")
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        raise UserError(f"model folder {model} does not exist; give a pipeline folder (pixart-tune init-tiny makes a tiny one) or a hub id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        root = snapshot_download(model, allow_patterns=[f"{subfolder}/*"])
+    except Exception as error:  # hub errors come in many classes; the message is what matters
+        raise UserError(f"cannot find model {model!r} ({type(error).__name__}: {error}); give a local folder, or check the hub id and your connection") from None
+    return Path(root) / subfolder
+
+
+def component_fingerprint(model: str, subfolder: str) -> str:
+    folder = resolve_component(model, subfolder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in _FINGERPRINT_SUFFIXES):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        size = path.stat().st_size
+        digest.update(size.to_bytes(8, "little"))
+        with path.open("rb") as file:
+            if size <= 2 * _EDGE:
+                digest.update(file.read())
+            else:
+                digest.update(file.read(_EDGE))
+                file.seek(size - _EDGE)
+                digest.update(file.read(_EDGE))
+    return digest.hexdigest()[:32]
+
+
+def images_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
+    """[N, 3, H, W] in [-1, 1], the VAE's input convention (same as the pipelines')."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor.normalize(VaeImageProcessor.numpy_to_pt(VaeImageProcessor.pil_to_numpy(list(images))))
+
+
+class LatentEncoder:
+    """VAE latents of bucketed images: the posterior mean, times the scaling factor.
+
+    The mean (not a sample) is stored: it is deterministic, so a cache entry depends
+    on its key alone; the VAE's posterior std on real photos is tiny next to the
+    noise the trainer adds.
+    """
+
+    def __init__(self, model: str, device: torch.device, dtype: torch.dtype = torch.float32):
+        self.model, self.device, self.dtype = model, device, dtype
+        self._vae = None
+
+    @property
+    def vae(self):
+        if self._vae is None:
+            logger.info("loading the VAE of %s", self.model)
+            self._vae = models.load_vae(self.model, self.dtype).to(self.device).eval().requires_grad_(False)
+        return self._vae
+
+    @torch.inference_mode()
+    def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """[N, C, h, w] float32 latents for images of one size."""
+        pixels = images_to_tensor(images).to(self.device, self.dtype)
+        latents = self.vae.encode(pixels).latent_dist.mode()
+        config = self.vae.config
+        if getattr(config, "shift_factor", None) is not None:
+            latents = latents - config.shift_factor
+        return (latents * config.scaling_factor).float().cpu()
+
+    def close(self) -> None:
+        self._vae = None
+        _free()
+
+
+class TextEncoder:
+    """T5 embeddings and masks of prompts, through the pipeline's own ``encode_prompt``."""
+
+    def __init__(self, model: str, device: torch.device, dtype: torch.dtype, load_in_8bit: bool = False, max_tokens: int = models.MAX_TOKENS):
+        self.model, self.device, self.dtype = model, device, dtype
+        self.load_in_8bit, self.max_tokens = load_in_8bit, max_tokens
+        self._tokenizer = None
+        self._pipe = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = models.load_tokenizer(self.model)
+        return self._tokenizer
+
+    def count_tokens(self, captions: Sequence[str]) -> list[int]:
+        """Tokens per caption with the model's tokenizer, end-of-sequence token included."""
+        return [len(ids) for ids in self.tokenizer(list(captions), add_special_tokens=True)["input_ids"]]
+
+    @property
+    def pipe(self):
+        if self._pipe is None:
+            from diffusers import PixArtSigmaPipeline
+
+            logger.info("loading the text encoder of %s", self.model)
+            encoder = models.load_text_encoder(self.model, self.dtype, load_in_8bit=self.load_in_8bit)
+            if not self.load_in_8bit or self.device.type != "cuda":
+                encoder = encoder.to(self.device)
+            encoder.eval().requires_grad_(False)
+            self._pipe = PixArtSigmaPipeline(tokenizer=self.tokenizer, text_encoder=encoder, vae=None, transformer=None, scheduler=None)
+        return self._pipe
+
+    @torch.inference_mode()
+    def encode(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeds [N, max_tokens, D], mask [N, max_tokens]) exactly as inference computes them."""
+        embeds, mask, _, _ = self.pipe.encode_prompt(
+            list(captions),
+            do_classifier_free_guidance=False,
+            device=self.device,
+            clean_caption=False,
+            max_sequence_length=self.max_tokens,
+        )
+        return embeds.cpu(), mask.cpu()
+
+    def close(self) -> None:
+        self._pipe = None
+        _free()
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

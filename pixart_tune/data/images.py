@@ -1,0 +1,113 @@
+"""Decoding one image file into clean RGB pixels, or a plain reason why it cannot be used.
+
+Every image is fully decoded (a header alone says nothing about a truncated
+body), turned upright by its EXIF orientation, and converted to 8-bit RGB with
+care for the modes a plain ``convert("RGB")`` gets wrong: 16-bit and float
+greyscale (clipped to white), transparency (whatever colour hides under
+alpha 0, often black), CMYK with an ICC profile. Nothing here raises for a bad
+file: ``load_image`` returns an ``ImageSkip`` with a sentence a person understands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+# PIL's own threshold (about 89 megapixels, e.g. 9459 x 9459); beyond it decoding
+# one file can take gigabytes, which is how decompression bombs work.
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+
+_SRGB = ImageCms.createProfile("sRGB")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSkip:
+    reason: str
+
+
+@dataclasses.dataclass
+class LoadedImage:
+    image: Image.Image
+    """Upright, 8-bit RGB."""
+    pixel_hash: str
+    """sha256 of the RGB pixels and size: equal for exact duplicates whatever their files."""
+    original_mode: str
+
+
+def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, background: tuple[int, int, int] = (255, 255, 255)) -> LoadedImage | ImageSkip:
+    """Decodes ``data`` (a whole file) into a ``LoadedImage``, or says why it cannot."""
+    if not data:
+        return ImageSkip("empty file (0 bytes)")
+    try:
+        # PIL warns past MAX_IMAGE_PIXELS and raises past twice that; make both an error
+        # here, locally, rather than changing PIL's global limit for the whole process.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            pixels = image.width * image.height
+            if pixels > max_pixels:
+                return ImageSkip(f"decompression bomb: claims {image.width}x{image.height} = {pixels:,} pixels, over the limit of {max_pixels:,}")
+            image.load()
+            original_mode = image.mode
+            image = ImageOps.exif_transpose(image)
+            rgb = to_rgb(image, background)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        return ImageSkip(f"decompression bomb: {error}")
+    except UnidentifiedImageError:
+        return ImageSkip("not an image: the file's content is not in any image format Pillow reads")
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        # Pillow reports truncated and corrupt data as OSError (and, for a few
+        # formats, SyntaxError or ValueError).
+        text = str(error) or type(error).__name__
+        if "truncated" in text.lower():
+            return ImageSkip(f"truncated: the file ends before the image data does ({text})")
+        return ImageSkip(f"corrupt image data: {text}")
+    if rgb.width < 1 or rgb.height < 1:
+        return ImageSkip("image has no pixels")
+    digest = hashlib.sha256(f"{rgb.width}x{rgb.height}".encode())
+    digest.update(rgb.tobytes())
+    return LoadedImage(rgb, digest.hexdigest(), original_mode)
+
+
+def has_transparency(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """8-bit RGB from any Pillow mode, compositing transparency onto ``background``."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        image = _high_depth_to_l(image)
+    if has_transparency(image):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, background + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if image.mode == "CMYK" and image.info.get("icc_profile"):
+        try:
+            profile = ImageCms.ImageCmsProfile(io.BytesIO(image.info["icc_profile"]))
+            return ImageCms.profileToProfile(image, profile, _SRGB, outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError):
+            pass  # a broken profile: fall back to Pillow's plain conversion
+    return image.convert("RGB")
+
+
+def _high_depth_to_l(image: Image.Image) -> Image.Image:
+    """16/32-bit integer or float greyscale to 8-bit, scaled rather than clipped.
+
+    Pillow keeps 16-bit PNG/TIFF greyscale as 0..65535 in modes ``I;16*`` or ``I``;
+    ``convert("L")`` would clip everything above 255 to white.
+    """
+    array = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
+        top = 1.0 if array.size and float(np.nanmax(array)) <= 1.0 else 255.0
+    elif image.mode.startswith("I;16"):
+        top = 65535.0
+    else:
+        # 32-bit "I": Pillow's mode for 16-bit PNGs; 8-bit data stored this way also occurs
+        top = 65535.0 if array.size and float(array.max()) > 255 else 255.0
+    scaled = np.clip(np.nan_to_num(array) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")

@@ -1,0 +1,489 @@
+"""``pixart-tune prepare``: a folder or dataset of images in, a cached training set out.
+
+One streaming pass reads each image, validates it, finds exact duplicates,
+chooses its bucket and caption, and encodes its latent in per-bucket batches;
+a second pass encodes the captions with T5. Only small records (paths, hashes,
+captions) stay in memory, never pixels. Every cache entry is written atomically
+under a content key, so an interrupted run resumes and a re-run encodes only
+what changed. The source is only read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import ImageColor
+from tqdm.auto import tqdm
+
+from pixart_tune import models
+from pixart_tune.data.buckets import BUCKET_TABLES, CROPS, cover_scale, nearest_bucket, resize_to_bucket
+from pixart_tune.data.cache import REPORT, CacheItem, FeatureCache, Manifest, content_key
+from pixart_tune.data.captions import CAPTION_SOURCES, compose, filename_caption, read_sidecar
+from pixart_tune.data.encode import LatentEncoder, TextEncoder, component_fingerprint, resolve_component
+from pixart_tune.data.images import DEFAULT_MAX_PIXELS, ImageSkip, load_image
+from pixart_tune.data.sources import SOURCE_KINDS, Entry, open_source
+from pixart_tune.errors import UserError
+from pixart_tune.fsutil import atomic_path
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PrepareConfig:
+    source: str
+    """A folder of images (nested folders too), a ``save_to_disk`` folder, or a Hugging Face dataset name."""
+    out: str
+    """Folder for the prepared dataset (created; must not be inside ``source``)."""
+    model: str = models.REAL_MODEL_ID
+    """PixArt-Sigma pipeline folder or hub id whose VAE and T5 encode the features."""
+    resolution: int = 1024
+    """Bucket table: 256, 512, 1024 or 2048 (diffusers' ASPECT_RATIO_*_BIN)."""
+    source_kind: str = "auto"
+    """auto, folder, saved (save_to_disk) or hub."""
+    split: str = "train"
+    """Split of a Hugging Face dataset."""
+    image_column: str | None = None
+    """Dataset column holding images; default: the first Image column."""
+    caption_column: str | None = None
+    """Metadata/dataset column holding captions; default: the first of text, caption, prompt, description."""
+    caption_order: tuple[str, ...] = ("sidecar", "metadata", "filename", "captioner")
+    """Where captions come from, first hit wins (see docs/prepare.md)."""
+    captioner: str | None = None
+    """Vision-language model (hub id or folder) that captions images with no other caption."""
+    captioner_prompt: str | None = None
+    """Task prompt for the captioner; default: <MORE_DETAILED_CAPTION> for Florence-2, none for BLIP."""
+    captioner_batch_size: int = 8
+    caption_max_new_tokens: int = 120
+    trigger: str = ""
+    """Trigger word put first in every caption (unless already there)."""
+    prefix: str = ""
+    """Added verbatim before every caption (include your own space or comma)."""
+    suffix: str = ""
+    """Added verbatim after every caption."""
+    crop: str = "center"
+    """center, top, or random (seeded by the image content, so stable across runs)."""
+    max_upscale: float = 2.0
+    """Images needing more than this upscaling to cover their bucket are skipped as too small."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Images claiming more pixels than this are skipped as decompression bombs."""
+    background: str = "white"
+    """Colour that transparent pixels are composited onto (a name or #rrggbb)."""
+    keep_duplicates: bool = False
+    """Train on every copy of an exact duplicate (default: the first copy only)."""
+    batch_size: int = 8
+    """Images per VAE batch."""
+    text_batch_size: int = 32
+    """Captions per T5 batch."""
+    device: str = "auto"
+    """cuda, cpu, or auto (cuda when available)."""
+    vae_dtype: str = "fp32"
+    """fp32 or bf16 (the SDXL VAE overflows in fp16)."""
+    text_dtype: str = "auto"
+    """fp32, bf16, or auto: bf16 on CUDA, fp32 on CPU."""
+    text_8bit: bool = False
+    """Load T5 in 8-bit with bitsandbytes (CUDA only): T5-XXL fits in about 6 GB."""
+    max_tokens: int = models.MAX_TOKENS
+    """T5 sequence length; PixArt-Sigma reads 300 tokens."""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.caption_order = tuple(self.caption_order)
+        if self.resolution not in BUCKET_TABLES:
+            raise ValueError(f"resolution must be one of {sorted(BUCKET_TABLES)}, got {self.resolution}")
+        if self.source_kind not in SOURCE_KINDS:
+            raise ValueError(f"source_kind must be one of {', '.join(SOURCE_KINDS)}, got {self.source_kind!r}")
+        unknown = [s for s in self.caption_order if s not in CAPTION_SOURCES]
+        if unknown or len(set(self.caption_order)) != len(self.caption_order):
+            raise ValueError(f"caption_order must list distinct entries of {', '.join(CAPTION_SOURCES)}, got {','.join(self.caption_order)}")
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
+        if self.max_upscale < 1.0:
+            raise ValueError(f"max_upscale must be >= 1.0 (1.0 means never upscale), got {self.max_upscale}")
+        for name in ("max_pixels", "batch_size", "text_batch_size", "captioner_batch_size", "caption_max_new_tokens", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.vae_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"vae_dtype must be fp32 or bf16, got {self.vae_dtype!r}")
+        if self.text_dtype not in ("auto", *models.DTYPES):
+            raise ValueError(f"text_dtype must be auto or one of {', '.join(models.DTYPES)}, got {self.text_dtype!r}")
+        try:
+            ImageColor.getrgb(self.background)
+        except ValueError:
+            raise ValueError(f"background {self.background!r} is not a colour; use a name like white or #rrggbb") from None
+
+    def torch_device(self) -> torch.device:
+        return models.default_device() if self.device == "auto" else torch.device(self.device)
+
+    def text_torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.text_dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return models.resolve_dtype(self.text_dtype)
+
+
+@dataclasses.dataclass
+class _Accepted:
+    index: int
+    source: str
+    size: tuple[int, int]
+    bucket: tuple[int, int]
+    caption: str | None
+    caption_source: str
+    latent_key: str
+    caption_key: str = ""
+    """Key of the captioner's output for these pixels (captioned images only)."""
+
+
+class _Run:
+    """State of one prepare run: the record lists and the two lazily loaded encoders."""
+
+    def __init__(self, config: PrepareConfig):
+        self.config = config
+        self.cache = FeatureCache(config.out)
+        self.device = config.torch_device()
+        self.background = ImageColor.getrgb(config.background)[:3]
+        self.accepted: list[_Accepted] = []
+        self.skipped: list[dict[str, str]] = []
+        self.duplicates: list[list[str]] = []
+        self.first_by_pixels: dict[str, str] = {}
+        self.counts = Counter()
+        self.vae_dtype = models.resolve_dtype(self.config.vae_dtype)
+        self.latents = LatentEncoder(config.model, self.device, self.vae_dtype)
+        # image batches waiting for the VAE, by bucket; and waiting for the captioner
+        self.pending: dict[tuple[int, int], list[tuple[str, Any]]] = defaultdict(list)
+        self.to_caption: list[tuple[_Accepted, Any]] = []
+        self.captioner = None
+        self.latent_fingerprint = content_key(component_fingerprint(config.model, "vae"), config.vae_dtype)
+        self.captioner_fingerprint = ""
+        if self.captioner_enabled:
+            # A local captioner is known by its files, a hub one by its name.
+            weights = component_fingerprint(config.captioner, "") if Path(config.captioner).is_dir() else config.captioner
+            self.captioner_fingerprint = content_key(weights, config.captioner_prompt or "", str(config.caption_max_new_tokens))
+
+    # pass 1: images ----------------------------------------------------------------
+    def add(self, entry: Entry) -> None:
+        config = self.config
+        if entry.skip:
+            return self.skip(entry.source, entry.skip)
+        try:
+            data = entry.read()
+        except OSError as error:
+            return self.skip(entry.source, f"cannot read the file: {error.strerror or error}")
+        loaded = load_image(data, config.max_pixels, self.background)
+        del data
+        if isinstance(loaded, ImageSkip):
+            return self.skip(entry.source, loaded.reason)
+        image = loaded.image
+        size = (image.height, image.width)
+        bucket = nearest_bucket(*size, config.resolution)
+        scale = cover_scale(size, bucket)
+        if scale > config.max_upscale:
+            return self.skip(
+                entry.source,
+                f"too small: {size[1]}x{size[0]} px would need {scale:.1f}x upscaling to cover its "
+                f"{bucket[1]}x{bucket[0]} bucket at resolution {config.resolution} (limit --max-upscale {config.max_upscale:g})",
+            )
+        first = self.first_by_pixels.setdefault(loaded.pixel_hash, entry.source)
+        if first != entry.source:
+            self.duplicates.append([first, entry.source])
+            if not config.keep_duplicates:
+                return
+        caption, caption_source = self.find_caption(entry)
+        transform = f"{bucket[0]}x{bucket[1]}|{config.crop}|lanczos"
+        item = _Accepted(len(self.accepted), entry.source, size, bucket, caption, caption_source, content_key("latent", loaded.pixel_hash, transform, self.latent_fingerprint))
+        self.accepted.append(item)
+        need_latent = not self.cache.has_latent(item.latent_key) and item.latent_key not in {k for k, _ in self.pending[bucket]}
+        need_caption = False
+        if caption is None:  # the captioner's turn: reuse what it wrote for these pixels before
+            item.caption_key = content_key("caption", loaded.pixel_hash, transform, self.captioner_fingerprint)
+            item.caption = self.read_caption(item.caption_key)
+            need_caption = item.caption is None
+            self.counts["captions_reused" if not need_caption else "captions_generated"] += 1
+        if not (need_latent or need_caption):
+            self.counts["latents_reused"] += 1
+            return
+        pixels = resize_to_bucket(image, bucket, config.crop, seed=int(loaded.pixel_hash[:8], 16))
+        if need_latent:
+            self.pending[bucket].append((item.latent_key, pixels))
+            if len(self.pending[bucket]) >= config.batch_size:
+                self.flush_bucket(bucket)
+            elif sum(len(v) for v in self.pending.values()) >= 4 * config.batch_size:
+                # many buckets each short of a batch: bound memory, encode them as they are
+                for key in list(self.pending):
+                    self.flush_bucket(key)
+        else:
+            self.counts["latents_reused"] += 1
+        if need_caption:
+            self.to_caption.append((item, pixels))
+            if len(self.to_caption) >= config.captioner_batch_size:
+                self.flush_captions()
+
+    def skip(self, source: str, reason: str) -> None:
+        self.skipped.append({"source": source, "reason": reason})
+
+    def caption_path(self, key: str) -> Path:
+        return Path(self.config.out) / "captions" / f"{key}.txt"
+
+    def read_caption(self, key: str) -> str | None:
+        path = self.caption_path(key)
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+
+    @property
+    def captioner_enabled(self) -> bool:
+        return self.config.captioner is not None and "captioner" in self.config.caption_order
+
+    def find_caption(self, entry: Entry) -> tuple[str | None, str]:
+        for where in self.config.caption_order:
+            if where == "sidecar" and entry.path is not None:
+                caption = read_sidecar(entry.path, Path(self.config.source))
+            elif where == "metadata":
+                caption = " ".join(entry.metadata_caption.split()) if entry.metadata_caption else None
+            elif where == "filename" and entry.name:
+                caption = filename_caption(entry.name)
+            elif where == "captioner" and self.captioner_enabled:
+                return None, "captioner"  # filled in by flush_captions
+            else:
+                caption = None
+            if caption:
+                return caption, where
+        return "", "none"
+
+    def flush_bucket(self, bucket: tuple[int, int]) -> None:
+        batch = self.pending.pop(bucket, [])
+        if not batch:
+            return
+        latents = self.latents.encode([pixels for _, pixels in batch])
+        for (key, _), latent in zip(batch, latents):
+            self.cache.write_latent(key, latent.clone())
+        self.counts["latents_encoded"] += len(batch)
+
+    def flush_captions(self) -> None:
+        if not self.to_caption:
+            return
+        if self.captioner is None:
+            from pixart_tune.data.captioner import Captioner
+
+            config = self.config
+            self.captioner = Captioner(config.captioner, self.device, prompt=config.captioner_prompt, max_new_tokens=config.caption_max_new_tokens)
+        captions = self.captioner.caption([pixels for _, pixels in self.to_caption])
+        for (item, _), caption in zip(self.to_caption, captions):
+            item.caption = " ".join(caption.split())
+            with atomic_path(self.caption_path(item.caption_key)) as tmp:
+                tmp.write_text(item.caption, encoding="utf-8")
+        self.to_caption = []
+
+    def finish_images(self) -> None:
+        for bucket in list(self.pending):
+            self.flush_bucket(bucket)
+        self.flush_captions()
+        self.latents.close()
+        if self.captioner is not None:
+            self.captioner.close()
+            self.captioner = None
+
+    # pass 2: text ------------------------------------------------------------------
+    def encode_texts(self) -> tuple[dict[str, str], str, list[dict[str, Any]]]:
+        """(text key by final caption, key of the empty prompt, overlong captions); sets each item's final caption."""
+        config = self.config
+        dtype = self.config.text_torch_dtype(self.device)
+        text = TextEncoder(config.model, self.device, dtype, config.text_8bit, config.max_tokens)
+        fingerprint = content_key(component_fingerprint(config.model, "text_encoder"), component_fingerprint(config.model, "tokenizer"), str(dtype), f"8bit={config.text_8bit and self.device.type == 'cuda'}", str(config.max_tokens))
+        finals = {item.index: compose(item.caption or "", config.trigger, config.prefix, config.suffix) for item in self.accepted}
+        unique = sorted(set(finals.values()) | {""})
+        keys = {caption: content_key("text", caption, fingerprint) for caption in unique}
+        overlong = []
+        lengths: dict[str, int] = {}
+        for start in range(0, len(unique), 256):
+            chunk = unique[start : start + 256]
+            lengths.update(zip(chunk, text.count_tokens(chunk)))
+        for item in self.accepted:
+            tokens = lengths[finals[item.index]]
+            if tokens > config.max_tokens:
+                overlong.append({"source": item.source, "tokens": tokens, "limit": config.max_tokens})
+        todo = [c for c in unique if not self.cache.has_text(keys[c])]
+        self.counts["texts_reused"] = len(unique) - len(todo)
+        bar = tqdm(total=len(todo), desc="encode captions (T5)", unit="caption", disable=not config.progress or not todo)
+        for start in range(0, len(todo), config.text_batch_size):
+            chunk = todo[start : start + config.text_batch_size]
+            embeds, masks = text.encode(chunk)
+            for caption, embed, mask in zip(chunk, embeds, masks):
+                self.cache.write_text(keys[caption], embed.clone(), mask)
+            self.counts["texts_encoded"] += len(chunk)
+            bar.update(len(chunk))
+        bar.close()
+        text.close()
+        for item in self.accepted:
+            item.caption = finals[item.index]
+        return keys, keys[""], overlong
+
+
+def prepare_dataset(config: PrepareConfig) -> dict[str, Any]:
+    """Prepares ``config.source`` into ``config.out``; returns the report also written as report.json."""
+    source, out = config.source, Path(config.out)
+    if Path(source).exists():
+        real_source, real_out = Path(source).resolve(), out.resolve()
+        if real_out == real_source or real_source in real_out.parents:
+            raise UserError(f"--out {out} is inside the source {source}; prepare never writes into the source, choose a folder outside it")
+    start = time.perf_counter()
+    run = _Run(config)
+    entries, total = open_source(source, config.source_kind, config.split, config.image_column, config.caption_column)
+    for entry in tqdm(entries, total=total, desc="read, check and encode images (VAE)", unit="image", disable=not config.progress):
+        run.add(entry)
+    run.finish_images()
+    text_keys, empty_key, overlong = run.encode_texts()
+
+    items = [CacheItem(a.source, a.caption or "", a.bucket, a.latent_key, text_keys[a.caption or ""]) for a in run.accepted]
+    latent_channels = int(run.cache.read_latent(items[0].latent_key).shape[0]) if items else 4
+    run.cache.write_manifest(
+        Manifest(
+            model=config.model,
+            resolution=config.resolution,
+            latent_channels=latent_channels,
+            caption_channels=int(run.cache.read_text(empty_key, config.max_tokens)[0].shape[-1]),
+            max_tokens=config.max_tokens,
+            vae_scaling_factor=_vae_scaling_factor(config.model),
+            empty_text_key=empty_key,
+            items=items,
+        )
+    )
+    seconds = time.perf_counter() - start
+    seen = len(run.accepted) + len(run.skipped) + (0 if config.keep_duplicates else len(run.duplicates))
+    report = {
+        "source": str(source),
+        "model": config.model,
+        "resolution": config.resolution,
+        "accepted": [
+            {"source": a.source, "caption": a.caption, "caption_from": a.caption_source, "bucket": list(a.bucket), "size": list(a.size)}
+            for a in run.accepted
+        ],
+        "skipped": run.skipped,
+        "duplicates": run.duplicates,
+        "overlong_captions": overlong,
+        "buckets": {f"{h}x{w}": n for (h, w), n in sorted(Counter(a.bucket for a in run.accepted).items())},
+        "caption_sources": dict(Counter(a.caption_source for a in run.accepted)),
+        "counts": {
+            "seen": seen,
+            "accepted": len(run.accepted),
+            "skipped": len(run.skipped),
+            "duplicates": len(run.duplicates),
+            "latents_encoded": run.counts["latents_encoded"],
+            "latents_reused": run.counts["latents_reused"],
+            "texts_encoded": run.counts["texts_encoded"],
+            "texts_reused": run.counts["texts_reused"],
+            "captions_generated": run.counts["captions_generated"],
+            "captions_reused": run.counts["captions_reused"],
+        },
+        "seconds": round(seconds, 3),
+        "images_per_second": round(seen / seconds, 2) if seconds > 0 else None,
+        "config": dataclasses.asdict(config),
+    }
+    with atomic_path(out / REPORT) as tmp:
+        tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+    return report
+
+
+def _vae_scaling_factor(model: str) -> float:
+    """The VAE's scaling factor from its config.json, without loading its weights."""
+    config = json.loads((resolve_component(model, "vae") / "config.json").read_text(encoding="utf-8"))
+    return float(config.get("scaling_factor", 0.18215))
+
+
+def summary(report: dict[str, Any], out: str, limit: int = 20) -> str:
+    """The few lines a person reads at the end of a run."""
+    counts = report["counts"]
+    rate = f", {report['images_per_second']:g} images/s" if report.get("images_per_second") else ""
+    lines = [f"prepared {counts['accepted']} of {counts['seen']} images into {out} (resolution {report['resolution']}) in {report['seconds']:g} s{rate}"]
+    if report["skipped"]:
+        lines.append(f"skipped {len(report['skipped'])}:")
+        lines += [f"  {s['source']}: {s['reason']}" for s in report["skipped"][:limit]]
+        if len(report["skipped"]) > limit:
+            lines.append(f"  ... and {len(report['skipped']) - limit} more (see report.json)")
+    if report["duplicates"]:
+        kept = "all copies kept" if report["config"]["keep_duplicates"] else "first copy kept"
+        lines.append(f"exact duplicates {len(report['duplicates'])} ({kept}):")
+        lines += [f"  {b} = {a}" for a, b in report["duplicates"][:limit]]
+    if report["overlong_captions"]:
+        lines.append(f"captions over {report['overlong_captions'][0]['limit']} T5 tokens (truncated when encoded; shorten them): {len(report['overlong_captions'])}")
+        lines += [f"  {o['source']}: {o['tokens']} tokens" for o in report["overlong_captions"][:limit]]
+    if report["buckets"]:
+        lines.append("images per bucket (height x width): " + ", ".join(f"{b}: {n}" for b, n in report["buckets"].items()))
+    lines.append("captions from: " + (", ".join(f"{k} {v}" for k, v in report["caption_sources"].items()) or "-"))
+    if report["caption_sources"].get("none"):
+        lines.append(f"  {report['caption_sources']['none']} images have no caption (only trigger/prefix/suffix); add .txt files or --captioner")
+    lines.append(
+        f"cache: {counts['latents_encoded']} latents encoded, {counts['latents_reused']} reused; "
+        f"{counts['texts_encoded']} captions encoded, {counts['texts_reused']} reused"
+    )
+    lines.append(f"report: {Path(out) / REPORT}")
+    return "\n".join(lines)
+
+
+# command line ------------------------------------------------------------------------
+
+_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--model", "model", {"help": f"pipeline folder or hub id (default {models.REAL_MODEL_ID})"}),
+    ("--resolution", "resolution", {"type": int, "choices": sorted(BUCKET_TABLES), "help": "bucket table (default 1024)"}),
+    ("--source-kind", "source_kind", {"choices": SOURCE_KINDS, "help": "how to read SRC (default auto)"}),
+    ("--split", "split", {"help": "split of a Hugging Face dataset (default train)"}),
+    ("--image-column", "image_column", {"help": "dataset column with the images"}),
+    ("--caption-column", "caption_column", {"help": "metadata/dataset column with the captions"}),
+    ("--caption-order", "caption_order", {"type": lambda s: tuple(p.strip() for p in s.split(",") if p.strip()), "help": "comma list of sidecar,metadata,filename,captioner (default in that order)"}),
+    ("--captioner", "captioner", {"help": "vision-language model (hub id or folder) for images without captions, e.g. microsoft/Florence-2-large or Salesforce/blip-image-captioning-large"}),
+    ("--captioner-prompt", "captioner_prompt", {"help": "task prompt for the captioner"}),
+    ("--captioner-batch-size", "captioner_batch_size", {"type": int}),
+    ("--trigger", "trigger", {"help": "trigger word put first in every caption"}),
+    ("--prefix", "prefix", {"help": "text added verbatim before every caption"}),
+    ("--suffix", "suffix", {"help": "text added verbatim after every caption"}),
+    ("--crop", "crop", {"choices": CROPS, "help": "where to crop to the bucket (default center)"}),
+    ("--max-upscale", "max_upscale", {"type": float, "help": "skip images needing more upscaling than this (default 2)"}),
+    ("--max-pixels", "max_pixels", {"type": int, "help": "skip images claiming more pixels (decompression bombs)"}),
+    ("--background", "background", {"help": "colour under transparent pixels (default white)"}),
+    ("--batch-size", "batch_size", {"type": int, "help": "images per VAE batch (default 8)"}),
+    ("--text-batch-size", "text_batch_size", {"type": int, "help": "captions per T5 batch (default 32)"}),
+    ("--device", "device", {"help": "auto, cpu or cuda[:N]"}),
+    ("--vae-dtype", "vae_dtype", {"choices": ("fp32", "bf16")}),
+    ("--text-dtype", "text_dtype", {"choices": ("auto", *models.DTYPES)}),
+]
+
+
+def cli(argv: list[str]) -> int:
+    import argparse
+
+    from pixart_tune.config import apply_overrides, from_dict, load_yaml
+
+    parser = argparse.ArgumentParser(
+        prog="pixart-tune prepare",
+        description="Scan, validate, caption, bucket and cache a folder of images (or a Hugging Face dataset) for training. "
+        "SRC is only read. See docs/prepare.md.",
+    )
+    parser.add_argument("source", metavar="SRC", help="folder of images, save_to_disk folder, or Hugging Face dataset name")
+    parser.add_argument("--out", required=True, help="folder for the prepared dataset")
+    parser.add_argument("--config", help="YAML file with PrepareConfig keys (flags override it)")
+    for flag, _, options in _FLAGS:
+        parser.add_argument(flag, default=None, **options)
+    parser.add_argument("--keep-duplicates", action="store_true", default=None, help="train on every copy of an exact duplicate")
+    parser.add_argument("--text-8bit", action="store_true", default=None, help="load T5 in 8-bit (CUDA + bitsandbytes)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set any PrepareConfig key, e.g. --set max_upscale=3")
+    args = parser.parse_args(argv)
+
+    data = load_yaml(args.config) if args.config else {}
+    data.update(source=args.source, out=args.out)
+    for name in [dest for _, dest, _ in _FLAGS] + ["keep_duplicates", "text_8bit", "progress"]:
+        value = getattr(args, name)
+        if value is not None:
+            data[name] = list(value) if isinstance(value, tuple) else value
+    config = from_dict(PrepareConfig, apply_overrides(data, args.set))
+    report = prepare_dataset(config)
+    print(summary(report, config.out))
+    if not report["accepted"]:
+        raise UserError(f"no usable image in {config.source}: see the reasons above (also in {Path(config.out) / REPORT})")
+    return 0

@@ -1,0 +1,157 @@
+"""Where images come from: a folder (with optional imagefolder metadata) or a Hugging Face dataset.
+
+Every source yields ``Entry`` objects one at a time, so nothing holds the whole
+set. A folder is read file by file with ``scan_folder``; Hugging Face datasets
+(a ``save_to_disk`` folder, or a hub name, streamed) have their image column
+cast to undecoded bytes, so that each image goes through the same validation as
+a file and a corrupt row is skipped with a reason instead of crashing the loader.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+from pixart_tune.data.scan import scan_folder
+from pixart_tune.errors import UserError
+
+SOURCE_KINDS = ("auto", "folder", "saved", "hub")
+CAPTION_COLUMNS = ("text", "caption", "prompt", "description", "captions", "sentence")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+
+@dataclasses.dataclass
+class Entry:
+    source: str
+    """How the report names this image: path relative to the source folder, or a dataset row."""
+    name: str
+    """File name, for captions made from it."""
+    read: Callable[[], bytes] | None
+    path: Path | None = None
+    """The file on disk, for sidecar captions (folders only)."""
+    metadata_caption: str | None = None
+    skip: str | None = None
+
+
+def detect_kind(source: str) -> str:
+    path = Path(source)
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return "saved"
+        return "folder"
+    if path.exists():
+        raise UserError(f"{source} is a file; give a folder of images, a save_to_disk folder or a Hugging Face dataset name")
+    if source.count("/") <= 1 and not source.startswith((".", "/", "~")):
+        return "hub"
+    raise UserError(f"source {source} does not exist; give a folder of images, a save_to_disk folder or a Hugging Face dataset name")
+
+
+def open_source(source: str, kind: str = "auto", split: str = "train", image_column: str | None = None, caption_column: str | None = None) -> tuple[Iterator[Entry], int | None]:
+    """(entries, their number when known) for ``source``."""
+    kind = detect_kind(source) if kind == "auto" else kind
+    if kind == "folder":
+        # Walking twice is cheap next to decoding, and gives the progress bar its total.
+        return folder_entries(source, caption_column), sum(1 for _ in scan_folder(source))
+    if kind == "saved":
+        import datasets
+
+        data = datasets.load_from_disk(source)
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise UserError(f"{source} has splits {', '.join(data)}; choose one with --split")
+            data = data[split]
+    elif kind == "hub":
+        import datasets
+
+        try:
+            data = datasets.load_dataset(source, split=split, streaming=True)
+        except Exception as error:  # datasets raises many types for a missing or unreachable dataset
+            raise UserError(
+                f"{source} is not a folder here, and loading it as a Hugging Face dataset (split {split!r}) failed "
+                f"({type(error).__name__}: {error}); check the path, the dataset name, --split and your connection"
+            ) from None
+    else:
+        raise UserError(f"unknown source kind {kind!r}; use one of {', '.join(SOURCE_KINDS)}")
+    return dataset_entries(data, split, image_column, caption_column), getattr(data, "num_rows", None)
+
+
+def folder_entries(root: str | Path, caption_column: str | None = None) -> Iterator[Entry]:
+    root = Path(root)
+    metadata = read_metadata(root)
+    for found in scan_folder(root):
+        row = metadata.get(found.source, {})
+        yield Entry(
+            source=found.source,
+            name=found.path.name,
+            read=None if found.skip else found.path.read_bytes,
+            path=found.path,
+            metadata_caption=pick_caption(row, caption_column),
+            skip=found.skip,
+        )
+
+
+def read_metadata(root: Path) -> dict[str, dict]:
+    """Rows of every ``metadata.jsonl`` / ``metadata.csv`` under ``root``, by image path relative to root.
+
+    This is the Hugging Face imagefolder convention: a ``file_name`` column holds the
+    image's path relative to the metadata file's folder.
+    """
+    rows: dict[str, dict] = {}
+    real_root = root.resolve()
+    for name in METADATA_FILES:
+        for meta in sorted(root.rglob(name)):
+            if real_root not in meta.resolve().parents:
+                continue  # reached through a symlink leading outside the source: not read
+            base = meta.parent.relative_to(root)
+            text = meta.read_text(encoding="utf-8-sig")
+            if name.endswith(".jsonl"):
+                try:
+                    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+                except json.JSONDecodeError as error:
+                    raise UserError(f"{meta}: line {error.lineno} is not valid JSON; fix or remove that line") from None
+            else:
+                records = list(csv.DictReader(text.splitlines()))
+            for record in records:
+                file_name = record.get("file_name")
+                if not isinstance(file_name, str):
+                    raise UserError(f"{meta}: every row needs a 'file_name' column naming its image (Hugging Face imagefolder format)")
+                rows[(base / file_name).as_posix().removeprefix("./")] = record
+    return rows
+
+
+def pick_caption(row: dict, column: str | None) -> str | None:
+    if column is not None:
+        value = row.get(column)
+    else:
+        value = next((row[c] for c in CAPTION_COLUMNS if isinstance(row.get(c), str)), None)
+    if isinstance(value, list):  # some datasets keep several captions per image: use the first
+        value = next((v for v in value if isinstance(v, str)), None)
+    return value if isinstance(value, str) else None
+
+
+def dataset_entries(data, split: str, image_column: str | None, caption_column: str | None) -> Iterator[Entry]:
+    import datasets
+
+    features = data.features or {}
+    if image_column is None:
+        image_column = next((name for name, feature in features.items() if isinstance(feature, datasets.Image)), None)
+    if image_column is None or image_column not in features:
+        raise UserError(f"no image column found (columns: {', '.join(features)}); name it with --image-column")
+    if isinstance(features[image_column], datasets.Image):
+        data = data.cast_column(image_column, datasets.Image(decode=False))
+    for index, row in enumerate(data):
+        value = row[image_column]
+        data_bytes, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+        source = f"{split}/{index}" + (f":{Path(path).name}" if path else "")
+        name = Path(path).name if path else ""
+        if data_bytes is None and path and Path(path).is_file():
+            read = Path(path).read_bytes
+        elif isinstance(data_bytes, (bytes, bytearray)):
+            read = (lambda b=bytes(data_bytes): b)
+        else:
+            yield Entry(source, name, None, skip="row has no image bytes")
+            continue
+        yield Entry(source, name, read, metadata_caption=pick_caption(row, caption_column))

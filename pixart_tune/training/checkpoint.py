@@ -1,0 +1,186 @@
+"""Resumable training checkpoints, written so that no crash can leave a broken one.
+
+A checkpoint is the folder ``OUTPUT_DIR/checkpoints/step-NNNNNN/``::
+
+    adapter/            the LoRA so far (PEFT layout; loads like any adapter)
+    optimizer.pt        optimizer state
+    lr_scheduler.pt     LR schedule state
+    rng.pt              torch / CUDA / numpy / python RNG states of every rank
+    state.json          step, epoch and batch position in the epoch (data order)
+    config.yaml         the resolved recipe
+
+The folder is written under a temporary name and renamed into place once complete
+(``fsutil.atomic_path``), so a kill -9 or a full disk leaves either a complete
+checkpoint or none. Old checkpoints are removed only after a newer one is complete,
+and by renaming them out of the ``step-*`` namespace first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pixart_tune.adapters.lora import LoraSettings, save_adapter
+from pixart_tune.config import save_yaml
+from pixart_tune.errors import UserError
+from pixart_tune.fsutil import atomic_path
+
+CHECKPOINTS = "checkpoints"
+_NAME = re.compile(r"^step-(\d+)$")
+_FILES = ("optimizer.pt", "lr_scheduler.pt", "rng.pt", "state.json", "adapter/adapter_model.safetensors")
+
+
+@dataclasses.dataclass
+class TrainState:
+    step: int = 0
+    """Optimizer steps done."""
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    """Batches of ``epoch`` this rank has trained on (the data order position)."""
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    path: Path
+    state: TrainState
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    lr_scheduler: dict[str, Any]
+    rng: list[dict[str, Any]]
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the training process draws from (LoRA dropout uses torch's global one)."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy": [np_kind, int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "python": json.dumps(random.getstate()),
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if is_complete(p)]
+
+
+def is_complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in _FILES)
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    *,
+    transformer: torch.nn.Module,
+    lora: LoraSettings,
+    metadata: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    state: TrainState,
+    rng: list[dict[str, Any]],
+    config: Any,
+    keep_last: int,
+) -> Path:
+    """Writes ``step-NNNNNN`` atomically, then prunes to the newest ``keep_last``."""
+    target = checkpoint_root(output_dir) / f"step-{state.step:06d}"
+    try:
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            save_adapter(transformer, tmp / "adapter", lora, metadata)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+            torch.save(rng, tmp / "rng.pt")
+            save_yaml(config, tmp / "config.yaml")
+            (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=1), encoding="utf-8")
+    except Exception as error:
+        if _is_disk_full(error):
+            kept = list_checkpoints(output_dir)
+            last = f"the last complete checkpoint, {kept[-1]}, is intact" if kept else "no earlier checkpoint exists"
+            raise UserError(
+                f"the disk is full: could not write checkpoint {target.name} ({error}); {last}. "
+                "Free some space (or lower checkpoint.keep_last) and run again with --resume"
+            ) from None
+        raise
+    prune(output_dir, keep_last)
+    return target
+
+
+def prune(output_dir: str | Path, keep_last: int) -> None:
+    """Removes all but the newest ``keep_last`` checkpoints."""
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        # Renamed first: a kill during rmtree then leaves a hidden leftover, never a
+        # half-deleted folder that looks like a checkpoint.
+        doomed = old.with_name(f".{old.name}.deleting")
+        old.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> Path:
+    """The checkpoint folder ``--resume`` names: ``latest`` or a path."""
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise UserError(
+                f"--resume latest: no checkpoint under {checkpoint_root(output_dir)}; "
+                "check output_dir, or start without --resume"
+            )
+        return found[-1]
+    path = Path(resume)
+    if not path.is_dir():
+        raise UserError(f"--resume {resume}: no such checkpoint folder; pass a step-NNNNNN folder or 'latest'")
+    if not is_complete(path):
+        raise UserError(f"--resume {resume}: not a complete checkpoint (needs {', '.join(_FILES)})")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    from pixart_tune.adapters.lora import read_adapter
+
+    path = Path(path)
+    _, adapter, _ = read_adapter(path / "adapter")
+    state = TrainState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
+    return Checkpoint(
+        path=path,
+        state=state,
+        adapter=adapter,
+        optimizer=torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+        lr_scheduler=torch.load(path / "lr_scheduler.pt", map_location="cpu", weights_only=True),
+        rng=torch.load(path / "rng.pt", map_location="cpu", weights_only=True),
+    )
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # torch.save and safetensors report the OS error inside their own exception text.
+    text = str(error)
+    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text

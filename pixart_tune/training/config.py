@@ -1,0 +1,209 @@
+"""The training recipe as typed, checked dataclasses (what ``recipes/*.yaml`` holds).
+
+A recipe is YAML that loads into :class:`TrainConfig` through
+:func:`pixart_tune.config.load_config`; ``key.sub=value`` overrides from the command
+line merge in before the checks, and a misspelt key fails instead of training with
+a default. The resolved config is written next to every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+from pixart_tune.adapters.lora import LoraSettings
+from pixart_tune.config import load_config
+
+# Optimizer names this toolkit builds (see pixart_tune.training.optim).
+OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "adamw", "lion8bit", "lion", "adafactor", "sgd")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+@dataclasses.dataclass
+class DataSection:
+    path: Path | None = None
+    """Folder written by ``pixart-tune prepare`` (dataset.json + latents/ + text/)."""
+    batch_size: int = 1
+    """Samples per device per micro-step; every batch comes from one aspect bucket."""
+    caption_dropout: float = 0.1
+    """Probability of replacing a caption by the cached empty prompt (teaches the
+    unconditional branch that classifier-free guidance needs)."""
+    num_workers: int = 0
+    """DataLoader worker processes reading the cache (0 reads in the training process)."""
+    drop_last: bool = False
+    """Drop a bucket's last, smaller batch (keeps the batch size constant)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be at least 1, got {self.batch_size}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclasses.dataclass
+class DiffusionSection:
+    min_snr_gamma: float | None = None
+    """Min-SNR-gamma loss weighting (5.0 is the paper's value); null = plain MSE."""
+    noise_offset: float = 0.0
+    """Adds offset * N(0, 1) per sample and channel to the noise (darker darks,
+    brighter brights); 0.05-0.1 is usual, 0 disables it."""
+
+    def __post_init__(self) -> None:
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise ValueError(f"diffusion.min_snr_gamma must be positive or null, got {self.min_snr_gamma}")
+        if self.noise_offset < 0:
+            raise ValueError(f"diffusion.noise_offset must be >= 0, got {self.noise_offset}")
+
+
+@dataclasses.dataclass
+class OptimSection:
+    name: str = "adamw8bit"
+    """One of adamw8bit (default: fits 24 GB), paged_adamw8bit, adamw, lion8bit, lion,
+    adafactor, sgd."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    """Gradient clipping norm. PixArt's full fine-tunes clip at 0.01, which on a
+    LoRA (few, freshly initialised weights whose gradient norm is far above that)
+    turns every step into a fixed-length step and learns slowly; 1.0 is the usual
+    LoRA value. null disables clipping."""
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optim.name {self.name!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must be in [0, 1), got {self.betas}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"optim.max_grad_norm must be positive or null, got {self.max_grad_norm}")
+
+
+@dataclasses.dataclass
+class ScheduleSection:
+    steps: int = 1000
+    """Optimizer steps to train (each of grad_accum micro-steps)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr_scheduler: str = "constant_with_warmup"
+    """diffusers.optimization scheduler name: constant, constant_with_warmup, linear,
+    cosine, cosine_with_restarts, polynomial."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear LR warm-up."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"schedule.steps must be at least 1, got {self.steps}")
+        if self.grad_accum < 1:
+            raise ValueError(f"schedule.grad_accum must be at least 1, got {self.grad_accum}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"schedule.lr_scheduler {self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"schedule.warmup_steps must be in [0, steps], got {self.warmup_steps}")
+
+
+@dataclasses.dataclass
+class CheckpointSection:
+    every: int = 250
+    """Save a resumable checkpoint every N optimizer steps (0 = only at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept; older ones are removed once a newer one is complete."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"checkpoint.every must be >= 0, got {self.every}")
+        if self.keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last must be at least 1, got {self.keep_last}")
+
+
+@dataclasses.dataclass
+class ValidationSection:
+    every: int = 0
+    """Render the validation grid every N optimizer steps (0 = never); also at the end."""
+    prompts: list[str] = dataclasses.field(default_factory=list)
+    """Fixed prompts, encoded once at start-up (then T5 is freed)."""
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    """One column per seed; the same seeds every time so grids compare across steps."""
+    steps: int = 20
+    guidance: float = 4.5
+    height: int | None = None
+    """Image height in pixels; null = the dataset's resolution."""
+    width: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"validation.every must be >= 0, got {self.every}")
+        if self.every and not self.prompts:
+            raise ValueError("validation.every is set but validation.prompts is empty")
+        if not self.seeds:
+            raise ValueError("validation.seeds needs at least one seed")
+        for side in (self.height, self.width):
+            if side is not None and (side < 64 or side % 8):
+                raise ValueError(f"validation height/width must be multiples of 8 and >= 64, got {side}")
+
+
+@dataclasses.dataclass
+class LoggingSection:
+    every: int = 10
+    """Log loss, LR, grad norm, samples/s and peak memory every N optimizer steps.
+    The loss is checked for NaN at these points (and before every save)."""
+    tensorboard: bool = True
+    """Write TensorBoard logs to OUTPUT_DIR/logs."""
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"logging.every must be at least 1, got {self.every}")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: str = "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
+    """Base model: hub id or a diffusers-layout folder (only transformer/ and
+    scheduler/ are read for training; vae/ and text_encoder/ for validation)."""
+    output_dir: Path = Path("runs/lora")
+    """Where checkpoints/, samples/, logs/, config.yaml and the final adapter/ go."""
+    seed: int = 0
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Precision of the frozen base model; the LoRA weights are always fp32."""
+    gradient_checkpointing: bool = True
+    """Recompute each block's activations in backward: far less memory, ~30% slower."""
+    init_adapter: Path | None = None
+    """Start from this adapter folder (e.g. stage 1 of a two-stage schedule) instead
+    of a fresh LoRA; its rank/alpha/targets must equal the lora section."""
+    trigger_words: list[str] = dataclasses.field(default_factory=list)
+    """Written into the adapter's metadata so users know how to call it."""
+    resolution: int | None = None
+    """Bucket table the dataset was prepared at (256, 512, 1024, 2048); training
+    refuses a dataset prepared at another, and ``plan`` sizes activations by it.
+    null = whatever the dataset has."""
+    memory_budget_gb: float = 24.0
+    """GPU memory this recipe is meant for; ``pixart-tune plan`` checks against it."""
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
+    diffusion: DiffusionSection = dataclasses.field(default_factory=DiffusionSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    schedule: ScheduleSection = dataclasses.field(default_factory=ScheduleSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    validation: ValidationSection = dataclasses.field(default_factory=ValidationSection)
+    logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model must name a hub id or a model folder")
+        if self.resolution is not None and self.resolution not in (256, 512, 1024, 2048):
+            raise ValueError(f"resolution must be 256, 512, 1024 or 2048, got {self.resolution}")
+        if self.memory_budget_gb <= 0:
+            raise ValueError(f"memory_budget_gb must be positive, got {self.memory_budget_gb}")
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Recipe YAML + ``key=value`` overrides -> checked :class:`TrainConfig`."""
+    return load_config(TrainConfig, path, overrides)

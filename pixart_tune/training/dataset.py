@@ -1,0 +1,171 @@
+"""Training batches from a prepared feature cache: one aspect bucket per batch.
+
+The dataset reads one item's latent and T5 embedding from disk at a time (the set
+is never held in memory). The batch sampler groups item indices by bucket, so all
+latents of a batch have one shape, and orders the batches from ``seed`` and the
+epoch alone: the order is the same on every run, a resumed run can skip to the
+batch it stopped at, and under DDP each rank takes distinct batches, the same
+number on every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from pixart_tune.data.cache import FeatureCache, Manifest
+from pixart_tune.errors import UserError
+
+
+@dataclasses.dataclass
+class Batch:
+    latents: torch.Tensor
+    """[B, C, H/8, W/8], already scaled by the VAE scaling factor."""
+    embeds: torch.Tensor
+    """[B, T, D] T5 embeddings, T = the longest caption of the batch."""
+    mask: torch.Tensor
+    """[B, T] attention mask (1 = token, 0 = padding)."""
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "Batch":
+        """Text in the base model's dtype; latents stay fp32 for the noising math."""
+        return Batch(
+            latents=self.latents.to(device, torch.float32, non_blocking=True),
+            embeds=self.embeds.to(device, dtype, non_blocking=True),
+            mask=self.mask.to(device, non_blocking=True),
+        )
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def pin_memory(self) -> "Batch":
+        return Batch(self.latents.pin_memory(), self.embeds.pin_memory(), self.mask.pin_memory())
+
+
+class CachedDataset(Dataset):
+    """Items of a prepared dataset folder: ``{"latent", "embeds", "mask"}``."""
+
+    def __init__(self, root: str | Path):
+        self.cache = FeatureCache(root)
+        self.manifest: Manifest = self.cache.read_manifest()
+        if not self.manifest.items:
+            raise UserError(f"{root} holds no accepted images; add images and re-run 'pixart-tune prepare'")
+        self.check_complete()
+        self.empty_embeds, self.empty_mask = self.cache.read_text(self.manifest.empty_text_key, self.manifest.max_tokens)
+
+    def check_complete(self) -> None:
+        """Fails before training, not hours into it, when a cache file is missing."""
+        missing = [
+            path
+            for item in self.manifest.items
+            for path in (self.cache.latent_path(item.latent_key), self.cache.text_path(item.text_key))
+            if not path.is_file()
+        ]
+        if not self.cache.has_text(self.manifest.empty_text_key):
+            missing.append(self.cache.text_path(self.manifest.empty_text_key))
+        if missing:
+            raise UserError(
+                f"{len(missing)} cache file(s) of {self.cache.root} are missing (first: {missing[0]}); "
+                "re-run 'pixart-tune prepare' with the same source and --out to fill them in"
+            )
+
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        return [tuple(item.bucket) for item in self.manifest.items]
+
+    def __len__(self) -> int:
+        return len(self.manifest.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = self.manifest.items[index]
+        embeds, mask = self.cache.read_text(item.text_key, self.manifest.max_tokens)
+        return {"latent": self.cache.read_latent(item.latent_key), "embeds": embeds, "mask": mask}
+
+
+def collate(items: Sequence[dict[str, torch.Tensor]]) -> Batch:
+    """Stacks one bucket's items; trims the text to the longest caption of the batch.
+
+    Padding tokens are masked out of cross-attention (their weight is exactly zero
+    after the softmax), so dropping the all-padding tail changes no result and saves
+    most of the cross-attention work for short captions.
+    """
+    mask = torch.stack([item["mask"] for item in items])
+    length = max(int(mask.sum(dim=1).max()), 1)
+    return Batch(
+        latents=torch.stack([item["latent"] for item in items]),
+        embeds=torch.stack([item["embeds"][:length] for item in items]),
+        mask=mask[:, :length],
+    )
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of indices that share a bucket, in an order fixed by seed and epoch.
+
+    Call :meth:`set_epoch` before iterating; ``start`` skips the batches a resumed
+    run has already trained on. With ``num_replicas`` > 1 the epoch's batches are
+    dealt round-robin to the ranks after trimming (or cycling, for tiny sets) to a
+    multiple of the rank count, so every rank runs the same number of steps.
+    """
+
+    def __init__(
+        self,
+        buckets: Sequence[tuple[int, int]],
+        batch_size: int,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        self.groups: dict[tuple[int, int], list[int]] = {}
+        for index, bucket in enumerate(buckets):
+            self.groups.setdefault(tuple(bucket), []).append(index)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.drop_last = drop_last
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self.start = 0
+        if not self.epoch_batches(0):
+            raise UserError(
+                f"no bucket holds {batch_size} images, so drop_last leaves no batch; lower data.batch_size "
+                "or set data.drop_last=false"
+            )
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """All ranks' batches of ``epoch``, in training order."""
+        rng = random.Random(f"{self.seed}:{epoch}")
+        batches = []
+        for bucket in sorted(self.groups):
+            indices = list(self.groups[bucket])
+            rng.shuffle(indices)
+            for i in range(0, len(indices), self.batch_size):
+                batch = indices[i : i + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch)
+        rng.shuffle(batches)
+        return batches
+
+    def rank_batches(self, epoch: int) -> list[list[int]]:
+        batches = self.epoch_batches(epoch)
+        world = self.num_replicas
+        if world > 1:
+            if len(batches) < world:
+                batches = [batches[i % len(batches)] for i in range(world)]
+            batches = batches[: len(batches) - len(batches) % world]
+        return batches[self.rank :: world]
+
+    def __len__(self) -> int:
+        return len(self.rank_batches(self.epoch))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.rank_batches(self.epoch)[self.start :]

@@ -1,0 +1,258 @@
+"""``pixart-tune plan``: the peak GPU memory a recipe will need, predicted without a GPU.
+
+The method (docs/training.md explains it in full):
+
+* **Weights, LoRA, gradients, optimizer state** are counted exactly: the real
+  architecture is instantiated on PyTorch's ``meta`` device (shapes, no memory),
+  the recipe's LoRA is injected into it with the same code the trainer uses, and
+  parameters are counted at their training dtypes (base in the recipe's dtype,
+  LoRA weights and gradients fp32, optimizer bytes per weight from
+  ``optim.STATE_BYTES_PER_PARAM``).
+* **Activations** are measured, not guessed: one forward of that meta model at the
+  recipe's largest bucket and batch runs under ``saved_tensors_hooks``, which sees
+  every tensor autograd keeps for backward (deduplicated by storage, parameters
+  excluded). Attention is traced as the fused kernels CUDA runs (flash /
+  memory-efficient SDPA keep q, k, v, the output and the log-sum-exp, never the
+  N x N matrix). With gradient checkpointing only each block's input is kept,
+  plus one block's activations while it is recomputed.
+* **Backward working set** (gradients in flight inside one block) is estimated as
+  one block's activations, and a fixed CUDA context + allocator reserve is added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pixart_tune.adapters.lora import inject_lora, trainable_parameters
+from pixart_tune.errors import UserError
+from pixart_tune.models import MAX_TOKENS, XL2_TRANSFORMER_CONFIG, meta_transformer, resolve_dtype
+from pixart_tune.training.config import TrainConfig, load_train_config
+from pixart_tune.training.optim import STATE_BYTES_PER_PARAM
+
+GIB = 2**30
+# CUDA context, cuBLAS/cuDNN workspaces and allocator fragmentation: what
+# nvidia-smi shows beyond torch's allocated bytes on a training process.
+CONTEXT_RESERVE_GIB = 1.0
+FRAGMENTATION = 0.10
+"""Share of the dynamic memory (activations + working set) lost to fragmentation."""
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    description: list[str]
+    """Lines saying what was planned (model, bucket, batch, options)."""
+    rows: list[tuple[str, float]]
+    """(component, bytes) in table order."""
+    budget_gib: float
+
+    @property
+    def total_bytes(self) -> float:
+        return sum(size for _, size in self.rows)
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / GIB
+
+    @property
+    def fits(self) -> bool:
+        return self.total_gib <= self.budget_gib
+
+    def table(self) -> str:
+        width = max(len(name) for name, _ in self.rows)
+        lines = list(self.description) + ["", f"{'component':<{width}}  {'GiB':>7}"]
+        lines += [f"{name:<{width}}  {size / GIB:7.2f}" for name, size in self.rows]
+        lines += [f"{'-' * width}  {'-' * 7}", f"{'predicted peak':<{width}}  {self.total_gib:7.2f}"]
+        verdict = "fits" if self.fits else "does NOT fit"
+        lines.append(f"budget {self.budget_gib:g} GiB: {verdict} (margin {self.budget_gib - self.total_gib:+.2f} GiB)")
+        return "\n".join(lines)
+
+
+def architecture(model: str) -> dict[str, Any]:
+    """The transformer config of a local model folder, else the real XL-2 config."""
+    config_file = Path(model) / "transformer" / "config.json"
+    if config_file.is_file():
+        return {k: v for k, v in json.loads(config_file.read_text(encoding="utf-8")).items() if not k.startswith("_")}
+    return dict(XL2_TRANSFORMER_CONFIG)
+
+
+def largest_bucket(resolution: int) -> tuple[int, int]:
+    """(height, width) of the bucket with the most pixels in the diffusers table."""
+    from pixart_tune.data.buckets import bucket_sizes
+
+    return max(bucket_sizes(resolution), key=lambda hw: (hw[0] * hw[1], hw))
+
+
+def plan_memory(
+    config: TrainConfig,
+    resolution: int,
+    budget_gib: float | None = None,
+    transformer_config: dict[str, Any] | None = None,
+) -> MemoryPlan:
+    """Predicted peak GPU memory of training ``config`` at the largest bucket of ``resolution``."""
+    arch = transformer_config or architecture(config.model)
+    dtype = resolve_dtype(config.dtype)
+    base_bytes = torch.finfo(dtype).bits // 8
+    layers = arch["num_layers"]
+    # The blocks are identical: a two-block model on the meta device is traced, and
+    # the counts of its second block (the first keeps less: its input needs no
+    # gradient) are multiplied up to the real depth.
+    transformer = meta_transformer(dict(arch, num_layers=2)).to(dtype)
+    block_params = sum(p.numel() for p in transformer.transformer_blocks[1].parameters())
+    base_params = sum(p.numel() for p in transformer.parameters()) + (layers - 2) * block_params
+    inject_lora(transformer, config.lora)
+    block_lora = sum(p.numel() for p in trainable_parameters(transformer.transformer_blocks[1]))
+    lora_params = sum(p.numel() for p in trainable_parameters(transformer)) + (layers - 2) * block_lora
+
+    height, width = largest_bucket(resolution)
+    batch = config.data.batch_size
+    trace = trace_activations(transformer, batch, height, width, dtype, caption_channels=arch["caption_channels"])
+    block = trace.blocks[1]
+    if config.gradient_checkpointing:
+        # Checkpointing keeps each block's input; one block is recomputed at a time.
+        activations = trace.outside + layers * trace.block_input + block
+    else:
+        activations = trace.outside + trace.blocks[0] + (layers - 1) * block
+    working = block
+    optimizer_bytes = STATE_BYTES_PER_PARAM[config.optim.name] * lora_params
+    tokens = (height // 16) * (width // 16)
+    inputs = batch * (2 * 4 * arch["in_channels"] * (height // 8) * (width // 8) + MAX_TOKENS * (arch["caption_channels"] * base_bytes + 8))
+    rows = [
+        (f"base weights ({config.dtype})", float(base_params * base_bytes)),
+        ("LoRA weights (fp32)", float(lora_params * 4)),
+        ("LoRA gradients (fp32)", float(lora_params * 4)),
+        (f"optimizer state ({config.optim.name})", float(optimizer_bytes)),
+        ("batch inputs (latents, noise, T5 embeddings)", float(inputs)),
+        (f"activations kept for backward{' (checkpointed)' if config.gradient_checkpointing else ''}", float(activations)),
+        ("backward working set (one block)", float(working)),
+        ("allocator fragmentation (10% of dynamic)", FRAGMENTATION * (activations + working)),
+        ("CUDA context + workspaces", CONTEXT_RESERVE_GIB * GIB),
+    ]
+    description = [
+        f"model: {arch['num_layers']} layers x width {arch['num_attention_heads'] * arch['attention_head_dim']} "
+        f"({base_params / 1e6:.1f} M parameters) in {config.dtype}",
+        f"LoRA: rank {config.lora.rank} on {config.lora.targets} ({lora_params / 1e6:.2f} M trainable), optimizer {config.optim.name}",
+        f"largest {resolution} px bucket {height}x{width} ({tokens} image tokens), batch {batch}, "
+        f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}",
+    ]
+    return MemoryPlan(description, rows, budget_gib if budget_gib is not None else config.memory_budget_gb)
+
+
+@dataclasses.dataclass
+class ActivationTrace:
+    outside: int
+    """Bytes saved outside the transformer blocks (embeddings, caption projection, head)."""
+    blocks: list[int]
+    """Bytes saved inside each block."""
+    block_input: int
+    """Bytes of one block's input hidden states (what checkpointing keeps)."""
+
+
+def trace_activations(
+    transformer: torch.nn.Module, batch: int, height: int, width: int, dtype: torch.dtype, caption_channels: int
+) -> ActivationTrace:
+    """Runs one meta-device training forward and sums what autograd saves for backward."""
+    device = torch.device("meta")
+    latents = torch.empty(batch, transformer.config.in_channels, height // 8, width // 8, device=device, dtype=dtype)
+    embeds = torch.empty(batch, MAX_TOKENS, caption_channels, device=device, dtype=dtype)
+    mask = torch.ones(batch, MAX_TOKENS, device=device, dtype=torch.long)
+    timesteps = torch.zeros(batch, device=device, dtype=torch.long)
+    params = {p.untyped_storage()._cdata for p in transformer.parameters()}
+    seen: set[int] = set()
+    kept: list[torch.Tensor] = []  # keeps storages alive so their ids stay unique
+    totals = {"outside": 0}
+    current = ["outside"]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key not in params and key not in seen:
+            seen.add(key)
+            kept.append(tensor)
+            totals[current[0]] = totals.get(current[0], 0) + storage.nbytes()
+        return tensor
+
+    hooks = []
+    for index, block in enumerate(transformer.transformer_blocks):
+        hooks.append(block.register_forward_pre_hook(lambda m, a, i=index: current.__setitem__(0, i)))
+        hooks.append(block.register_forward_hook(lambda m, a, o: current.__setitem__(0, "outside")))
+    try:
+        with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            transformer(
+                latents,
+                encoder_hidden_states=embeds,
+                encoder_attention_mask=mask,
+                timestep=timesteps,
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                return_dict=False,
+            )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    tokens = (height // 8 // transformer.config.patch_size) * (width // 8 // transformer.config.patch_size)
+    inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    blocks = [totals.get(i, 0) for i in range(len(transformer.transformer_blocks))]
+    return ActivationTrace(totals["outside"], blocks, batch * tokens * inner * (torch.finfo(dtype).bits // 8))
+
+
+class _FusedSDPA(torch.autograd.Function):
+    """What flash / memory-efficient attention keeps for backward: q, k, v, out, lse."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        out = query.new_empty(*query.shape[:-1], value.shape[-1])
+        lse = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
+        ctx.save_for_backward(query, key, value, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never run: the trace is forward-only
+        query, key, value, _, _ = ctx.saved_tensors
+        return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+
+
+@contextlib.contextmanager
+def _fused_attention():
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return _FusedSDPA.apply(query, key, value)
+
+    # The meta device only has the math path, which would keep the N x N scores.
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def resolution_of(config: TrainConfig) -> int:
+    if config.resolution is not None:
+        return config.resolution
+    if config.data.path is not None and (Path(config.data.path) / "dataset.json").is_file():
+        from pixart_tune.data.cache import FeatureCache
+
+        return FeatureCache(config.data.path).read_manifest().resolution
+    raise UserError("the recipe sets no resolution and names no prepared dataset: pass resolution=1024 (or 256, 512, 2048)")
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pixart-tune plan",
+        description="Predict the peak GPU memory of a training recipe, without a GPU (see docs/training.md).",
+    )
+    parser.add_argument("recipe", help="YAML recipe")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. data.batch_size=4")
+    parser.add_argument("--budget-gb", type=float, help="GPU memory to fit in, GiB (default: the recipe's memory_budget_gb)")
+    args = parser.parse_args(argv)
+    config = load_train_config(args.recipe, args.overrides)
+    plan = plan_memory(config, resolution_of(config), args.budget_gb)
+    print(f"pixart-tune plan: {args.recipe}")
+    print(plan.table())
+    return 0 if plan.fits else 3

@@ -1,0 +1,523 @@
+"""``pixart-tune train``: LoRA training of PixArt-Sigma from a prepared feature cache.
+
+One class, :class:`Trainer`, with ``setup`` / ``train`` / ``save_checkpoint`` /
+``cleanup``. ``setup`` builds everything in small ``_setup_*`` steps; ``train`` is the
+loop, top to bottom; ``train_step`` is one micro-step (forward, loss, backward,
+optimizer step on accumulation boundaries) and is all the hot path does between
+log points: no host-device synchronisation, no casts of the base weights.
+
+Devices, DDP and gradient accumulation go through accelerate, so the same code runs
+on a CPU, one GPU, or ``accelerate launch`` over several.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from pixart_tune import __version__
+from pixart_tune.adapters.lora import LoraSettings, inject_lora, read_adapter, save_adapter, trainable_parameters
+from pixart_tune.config import save_yaml, to_dict
+from pixart_tune.data.cache import content_key
+from pixart_tune.errors import UserError
+from pixart_tune.fsutil import atomic_path
+from pixart_tune.models import load_noise_scheduler, load_transformer, resolve_dtype
+from pixart_tune.training import checkpoint as ckpt
+from pixart_tune.training import diffusion
+from pixart_tune.training.config import TrainConfig, load_train_config
+from pixart_tune.training.dataset import Batch, BucketBatchSampler, CachedDataset, collate
+from pixart_tune.training.optim import build_lr_scheduler, build_optimizer
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+# PixArt-Sigma "-MS" checkpoints take no resolution / aspect-ratio micro-conditions.
+_NO_MICRO_CONDITIONS = {"resolution": None, "aspect_ratio": None}
+
+
+class Trainer:
+    """Trains one LoRA as ``config`` says; ``resume`` is None, ``"latest"`` or a checkpoint path."""
+
+    def __init__(self, config: TrainConfig, resume: str | None = None, progress: bool = True):
+        self.config = config
+        self.resume = resume
+        self.progress = progress
+        self.state = ckpt.TrainState()
+        self.writer = None
+        self.grad_norm: torch.Tensor | None = None
+        self._accum_index = 0
+
+    # --- setup -----------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Loads data, model, optimizer and logging; restores a checkpoint when resuming."""
+        self._setup_accelerator()
+        self._setup_output()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_validation()
+        if self.resume:
+            self._restore(ckpt.resolve_resume(self.resume, self.config.output_dir))
+
+    def _setup_accelerator(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        config = self.config
+        # bf16 / fp32 bases need no autocast: the base runs in its own dtype and PEFT
+        # runs the fp32 LoRA branch in fp32. fp16 needs loss scaling, which accelerate's
+        # fp16 mode (autocast + GradScaler) provides.
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=config.schedule.grad_accum,
+            mixed_precision="fp16" if config.dtype == "fp16" else "no",
+        )
+        self.device = self.accelerator.device
+        self.dtype = resolve_dtype(config.dtype)
+        if self.dtype == torch.float16 and self.device.type == "cpu":
+            raise UserError("dtype=fp16 needs a GPU; use dtype=fp32 (or bf16) on CPU")
+        self.is_main = self.accelerator.is_main_process
+        set_seed(config.seed)
+        self._noise_generator = torch.Generator(device=self.device)
+
+    def _setup_data(self) -> None:
+        config = self.config
+        if config.data.path is None:
+            raise UserError("the recipe names no dataset: set data.path=FOLDER (a folder written by 'pixart-tune prepare')")
+        self.dataset = CachedDataset(config.data.path)
+        self.sampler = BucketBatchSampler(
+            self.dataset.buckets,
+            config.data.batch_size,
+            seed=config.seed,
+            drop_last=config.data.drop_last,
+            num_replicas=self.accelerator.num_processes,
+            rank=self.accelerator.process_index,
+        )
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=config.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            # Its own generator: a loader drawing its worker seed from the global RNG
+            # would shift LoRA dropout after a resume.
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+        manifest = self.dataset.manifest
+        self.empty_embeds = self.dataset.empty_embeds.to(self.device, self.dtype)
+        self.empty_mask = self.dataset.empty_mask.to(self.device)
+        keys = sorted(f"{i.latent_key}:{i.text_key}" for i in manifest.items)
+        self.dataset_fingerprint = content_key(*keys, manifest.empty_text_key)
+
+    def _setup_model(self) -> None:
+        config, manifest = self.config, self.dataset.manifest
+        try:
+            transformer = load_transformer(config.model, self.dtype)
+            self.noise_scheduler = load_noise_scheduler(config.model)
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot load model {config.model!r} ({error}); set model= to a PixArt-Sigma folder or hub id") from None
+        _check_fits(transformer.config, manifest, config.data.path)
+        if config.resolution is not None and config.resolution != manifest.resolution:
+            raise UserError(
+                f"the recipe trains at {config.resolution} px but {config.data.path} was prepared at {manifest.resolution} px; "
+                f"re-run 'pixart-tune prepare' with --resolution {config.resolution}, or set resolution={manifest.resolution}"
+            )
+        if self.noise_scheduler.config.prediction_type != "epsilon":
+            raise UserError(f"{config.model} predicts {self.noise_scheduler.config.prediction_type!r}; this trainer trains epsilon-prediction PixArt-Sigma")
+        self.lora = config.lora
+        inject_lora(transformer, self.lora)
+        if config.init_adapter is not None:
+            self._load_init_adapter(transformer, config.init_adapter)
+        if config.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.train()
+        self.transformer = transformer.to(self.device)
+        # The schedule's tables live on the device, so noising a batch copies nothing.
+        self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+        self.num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        self.latent_channels = manifest.latent_channels
+
+    def _load_init_adapter(self, transformer: torch.nn.Module, path: Path) -> None:
+        from peft.functional import set_peft_model_state_dict
+
+        settings, state, _ = read_adapter(path)
+        mismatch = [
+            f"{key}={getattr(settings, key)!r} (recipe: {getattr(self.lora, key)!r})"
+            for key in ("rank", "alpha", "target_regex", "rslora", "dora")
+            if getattr(settings, key) != getattr(self.lora, key)
+        ]
+        if mismatch:
+            raise UserError(f"init_adapter {path} does not match the lora section: {'; '.join(mismatch)}; copy its lora settings into the recipe")
+        set_peft_model_state_dict(transformer, state)
+
+    def _setup_optimizer(self) -> None:
+        config = self.config
+        self.params = trainable_parameters(self.transformer)
+        optimizer = build_optimizer(self.params, config.optim, self.device)
+        self.lr_scheduler = build_lr_scheduler(optimizer, config.schedule.lr_scheduler, config.schedule.warmup_steps, config.schedule.steps)
+        # The LR schedule is stepped by hand once per optimizer step: accelerate's
+        # wrapper would step it once per process.
+        self.model, self.optimizer = self.accelerator.prepare(self.transformer, optimizer)
+
+    def _setup_validation(self) -> None:
+        """Encodes the validation prompts once, then frees T5; loads the VAE on the CPU."""
+        validation = self.config.validation
+        self.pipe = None
+        if not validation.prompts or not self.is_main:
+            return
+        from diffusers import PixArtSigmaPipeline
+
+        from pixart_tune.data.encode import TextEncoder
+
+        encoder = TextEncoder(self.config.model, self.device, self.dtype, max_tokens=self.dataset.manifest.max_tokens)
+        self.val_embeds, self.val_mask = encoder.encode(validation.prompts)
+        encoder.close()
+        # No dtype here: it would cast the passed transformer's fp32 LoRA weights too.
+        self.pipe = PixArtSigmaPipeline.from_pretrained(self.config.model, transformer=self.transformer, text_encoder=None, tokenizer=None)
+        # The pipeline decodes latents of the transformer's dtype; the VAE waits on the CPU.
+        self.pipe.vae.to("cpu", self.dtype)
+
+    def _setup_output(self) -> None:
+        out = Path(self.config.output_dir)
+        if not self.resume and ckpt.list_checkpoints(out):
+            raise UserError(f"{out} already holds checkpoints of a run; continue it with --resume latest, or choose another output_dir")
+        if self.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_yaml(self.config, out / "config.yaml")
+            if self.config.logging.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out / "logs"))
+        self.accelerator.wait_for_everyone()
+
+    def _restore(self, path: Path) -> None:
+        from peft.functional import set_peft_model_state_dict
+
+        checkpoint = ckpt.load_checkpoint(path)
+        if len(checkpoint.rng) != self.accelerator.num_processes:
+            raise UserError(f"{path} was written by {len(checkpoint.rng)} process(es); resume it with that many")
+        set_peft_model_state_dict(self.transformer, checkpoint.adapter)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        self.lr_scheduler.load_state_dict(checkpoint.lr_scheduler)
+        self.state = checkpoint.state
+        ckpt.restore_rng(checkpoint.rng[self.accelerator.process_index])
+        if self.is_main:
+            logger.info("resumed from %s at step %d", path, self.state.step)
+
+    # --- the loop --------------------------------------------------------------------
+
+    def train(self) -> Path:
+        """Trains to ``schedule.steps``; returns the final adapter folder."""
+        config = self.config
+        total = config.schedule.steps
+        bar = tqdm(total=total, initial=self.state.step, desc="train", unit="step", disable=not (self.progress and self.is_main), dynamic_ncols=True)
+        batches = self._batches()
+        window = _Window(self.device)
+        while self.state.step < total:
+            batch = next(batches)
+            loss = self.train_step(batch)
+            window.add(loss, len(batch))
+            if not self.accelerator.sync_gradients:
+                continue  # mid-accumulation: no optimizer step happened
+            bar.update(1)
+            step = self.state.step
+            if step % config.logging.every == 0 or step == total:
+                self._log(window, bar)
+            if config.checkpoint.every and step % config.checkpoint.every == 0 and step < total:
+                self._check_finite(window)
+                self.save_checkpoint()
+            if config.validation.every and step % config.validation.every == 0:
+                self.validate()
+        self._check_finite(window)
+        adapter = self.save_adapter()
+        if self.pipe is not None and (not config.validation.every or total % config.validation.every):
+            self.validate()
+        bar.close()
+        return adapter
+
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        """One micro-step on a device batch; returns the (detached) loss tensor.
+
+        On the last micro-step of an accumulation it clips, steps the optimizer and
+        the LR schedule and counts ``state.step``; ``accelerator.sync_gradients`` says
+        whether that happened.
+        """
+        with self.accelerator.accumulate(self.model):
+            loss = self.compute_loss(batch)
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients:
+                if self.config.optim.max_grad_norm is not None:
+                    self.grad_norm = self.accelerator.clip_grad_norm_(self.params, self.config.optim.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        if self.accelerator.sync_gradients:
+            self.state.step += 1
+            self._accum_index = 0
+        else:
+            self._accum_index += 1
+        return loss.detach()
+
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        """Noise, timesteps and caption dropout drawn from the micro-step's own generator."""
+        generator = self._generator()
+        latents = batch.latents
+        noise = diffusion.sample_noise(latents, generator, self.config.diffusion.noise_offset)
+        timesteps = diffusion.sample_timesteps(latents.shape[0], self.num_timesteps, generator, self.device)
+        embeds, mask = diffusion.drop_captions(
+            batch.embeds, batch.mask, self.empty_embeds, self.empty_mask, self.config.data.caption_dropout, generator
+        )
+        return self.loss_for(latents, noise, timesteps, embeds, mask)
+
+    def loss_for(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The training loss of given latents, noise, timesteps and text (no randomness)."""
+        noisy = diffusion.add_noise(self.noise_scheduler, latents, noise, timesteps).to(self.dtype)
+        output = self.model(
+            noisy,
+            encoder_hidden_states=embeds,
+            encoder_attention_mask=mask,
+            timestep=timesteps,
+            added_cond_kwargs=_NO_MICRO_CONDITIONS,
+            return_dict=False,
+        )[0]
+        return diffusion.diffusion_loss(output, noise, timesteps, self.noise_scheduler, self.config.diffusion.min_snr_gamma)
+
+    def _generator(self) -> torch.Generator:
+        # Seeded from (seed, micro-step, rank): a resumed run draws exactly the noise
+        # the uninterrupted one would have, and ranks never draw the same noise.
+        micro = self.state.step * self.config.schedule.grad_accum + self._accum_index
+        key = f"{self.config.seed}:{micro}:{self.accelerator.process_index}".encode()
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+        return self._noise_generator.manual_seed(seed)
+
+    def next_batch(self) -> Batch:
+        """The next training batch on the device (for driving ``train_step`` directly)."""
+        if not hasattr(self, "_batch_iter"):
+            self._batch_iter = self._batches()
+        return next(self._batch_iter)
+
+    def _batches(self) -> Iterator[Batch]:
+        """Device batches forever, epoch after epoch, keeping the data-order position."""
+        while True:
+            self.sampler.set_epoch(self.state.epoch, self.state.batch_in_epoch)
+            for batch in self.loader:
+                self.state.batch_in_epoch += 1
+                yield batch.to(self.device, self.dtype)
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+    # --- logging, validation, saving -------------------------------------------------
+
+    def _log(self, window: "_Window", bar) -> None:
+        """The one place the loop waits for the device: every logging.every steps."""
+        loss = self.accelerator.reduce(window.loss_sum, reduction="mean").item() / max(window.count, 1)
+        seconds = time.perf_counter() - window.start
+        samples_per_s = window.samples * self.accelerator.num_processes / max(seconds, 1e-9)
+        window.last_loss = loss
+        window.reset()
+        if not math.isfinite(loss):
+            self._fail_nan()
+        lr = self.lr_scheduler.get_last_lr()[0]
+        grad_norm = float(self.grad_norm) if self.grad_norm is not None else float("nan")
+        peak = _peak_memory_gb(self.device)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        if self.writer is not None:
+            step = self.state.step
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/lr", lr, step)
+            self.writer.add_scalar("train/grad_norm", grad_norm, step)
+            self.writer.add_scalar("train/samples_per_s", samples_per_s, step)
+            self.writer.add_scalar("train/peak_memory_gb", peak, step)
+
+    def _check_finite(self, window: "_Window") -> None:
+        """A NaN stops the run before it can be saved over a good checkpoint."""
+        if window.count:
+            total = self.accelerator.reduce(window.loss_sum, reduction="sum").item()
+            if not math.isfinite(total):
+                self._fail_nan()
+        if not torch.stack([torch.isfinite(p).all() for p in self.params]).all():
+            self._fail_nan()
+
+    def _fail_nan(self) -> None:
+        kept = ckpt.list_checkpoints(self.config.output_dir)
+        last = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
+        raise UserError(
+            f"the loss became NaN/inf near step {self.state.step}; nothing was saved after it and {last}. "
+            "Lower optim.lr, keep optim.max_grad_norm set, use dtype=bf16 instead of fp16, or check the dataset "
+            "(a NaN latent); then run again (with --resume latest to continue from the checkpoint)"
+        )
+
+    @torch.no_grad()
+    def validate(self) -> Path | None:
+        """Renders the fixed prompts x seeds grid to samples/step-NNNNNN.png (main process)."""
+        if self.pipe is None:
+            return None
+        from pixart_tune.sampling import generate, image_grid
+
+        validation = self.config.validation
+        height = validation.height or self.dataset.manifest.resolution
+        width = validation.width or self.dataset.manifest.resolution
+        seeds = list(validation.seeds)
+        count = len(seeds)
+        self.transformer.eval()
+        self.pipe.vae.to(self.device)
+        images = []
+        # Validation must not move the training RNG streams (LoRA dropout).
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for i in range(len(validation.prompts)):
+                images += generate(
+                    self.pipe, None, seeds, height=height, width=width, steps=validation.steps, guidance=validation.guidance,
+                    prompt_embeds=self.val_embeds[i : i + 1].expand(count, -1, -1).to(self.dtype),
+                    prompt_attention_mask=self.val_mask[i : i + 1].expand(count, -1),
+                    negative_prompt_embeds=self.empty_embeds[None],
+                    negative_prompt_attention_mask=self.empty_mask[None],
+                )
+        self.pipe.vae.to("cpu")
+        self.transformer.train()
+        labels = [p if len(p) <= 24 else p[:23] + "…" for p in validation.prompts]
+        grid = image_grid(images, cols=count, row_labels=labels, col_labels=[f"seed {s}" for s in seeds])
+        path = Path(self.config.output_dir) / "samples" / f"step-{self.state.step:06d}.png"
+        with atomic_path(path) as tmp:
+            grid.save(tmp, format="PNG")
+        if self.writer is not None:
+            import numpy as np
+
+            self.writer.add_image("validation", np.asarray(grid), self.state.step, dataformats="HWC")
+        return path
+
+    def metadata(self) -> dict[str, object]:
+        """What the adapter's safetensors header records about this training."""
+        return {
+            "base_model": self.config.model,
+            "steps": self.state.step,
+            "resolution": self.dataset.manifest.resolution,
+            "trigger_words": list(self.config.trigger_words),
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "pixart_tune_version": __version__,
+            "training_config": to_dict(self.config),
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Writes a resumable checkpoint (main process; every rank's RNG state gathered)."""
+        from accelerate.utils import gather_object
+
+        rng = gather_object([ckpt.rng_state()]) if self.accelerator.num_processes > 1 else [ckpt.rng_state()]
+        path = None
+        if self.is_main:
+            path = ckpt.save_checkpoint(
+                self.config.output_dir,
+                transformer=self.accelerator.unwrap_model(self.model),
+                lora=self.lora,
+                metadata=self.metadata(),
+                optimizer=self.optimizer,
+                lr_scheduler=self.lr_scheduler,
+                state=self.state,
+                rng=rng,
+                config=self.config,
+                keep_last=self.config.checkpoint.keep_last,
+            )
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def save_adapter(self) -> Path:
+        """The final adapter, OUTPUT_DIR/adapter (PEFT layout, metadata in the header)."""
+        out = Path(self.config.output_dir) / ADAPTER_DIR
+        if self.is_main:
+            try:
+                save_adapter(self.accelerator.unwrap_model(self.model), out, self.lora, self.metadata())
+            except Exception as error:
+                if ckpt._is_disk_full(error):
+                    raise UserError(f"the disk is full: could not write {out} ({error}); free space and run again with --resume latest") from None
+                raise
+        self.accelerator.wait_for_everyone()
+        return out
+
+    def cleanup(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        self.pipe = None
+        self.accelerator.end_training()
+
+
+class _Window:
+    """Loss and throughput accumulated on the device between two log points."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.last_loss = float("nan")
+        self.reset()
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.loss_sum += loss
+        self.count += 1
+        self.samples += samples
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.count = 0
+        self.samples = 0
+        self.start = time.perf_counter()
+
+
+def _check_fits(transformer_config, manifest, data_path) -> None:
+    """Refuses a dataset whose features were made for another model shape."""
+    problems = []
+    if manifest.latent_channels != transformer_config.in_channels:
+        problems.append(f"latents have {manifest.latent_channels} channels, the transformer takes {transformer_config.in_channels}")
+    if manifest.caption_channels != transformer_config.caption_channels:
+        problems.append(f"text embeddings have {manifest.caption_channels} channels, the transformer takes {transformer_config.caption_channels}")
+    if problems:
+        raise UserError(
+            f"dataset {data_path} does not fit this model ({'; '.join(problems)}); it was prepared with {manifest.model}: "
+            "re-run 'pixart-tune prepare' with --model set to the model you train"
+        )
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # Peak resident set size of the process (Linux reports KiB).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run(config: TrainConfig, resume: str | None = None, progress: bool = True) -> Path:
+    """Sets up, trains and cleans up; returns the final adapter folder."""
+    trainer = Trainer(config, resume=resume, progress=progress)
+    trainer.setup()
+    try:
+        return trainer.train()
+    finally:
+        trainer.cleanup()
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pixart-tune train",
+        description="Train a PixArt-Sigma LoRA from a YAML recipe (see recipes/ and docs/training.md).",
+        epilog="Example: pixart-tune train recipes/tiny_cpu.yaml data.path=prepared/ model=tiny/ output_dir=runs/tiny",
+    )
+    parser.add_argument("recipe", help="YAML recipe")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. optim.lr=5e-5 schedule.steps=200")
+    parser.add_argument("--resume", metavar="latest|PATH", help="continue from the latest checkpoint of output_dir, or from a checkpoint folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    config = load_train_config(args.recipe, args.overrides)
+    adapter = run(config, resume=args.resume, progress=not args.no_progress)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"adapter written to {adapter}")
+    return 0

@@ -1,0 +1,208 @@
+"""The app's file safety, adapter discovery and actions, without a browser.
+
+The path guard is what keeps a user (or anyone reaching the port) from reading or
+writing outside the folders the app was started with; these tests try the
+escapes that matter: absolute paths, ``..``, and symlinks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pixart_tune.app import AppSettings, PathGuard, PreviewApp, discover_adapters, discover_models, launch_kwargs, output_path
+from pixart_tune.app.service import parse_bucket, parse_scales
+from pixart_tune.errors import UserError
+
+
+def make_adapter(model: str, out: Path, seed: int, std: float = 0.3, targets: str = "attention") -> Path:
+    """A real PEFT adapter for the tiny model, with seeded random weights big enough to change its images."""
+    from pixart_tune.adapters.lora import LoraSettings, inject_lora, save_adapter
+    from pixart_tune.models import load_transformer
+
+    settings = LoraSettings(rank=4, alpha=4.0, targets=targets)
+    transformer = inject_lora(load_transformer(model), settings)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    return save_adapter(transformer, out, settings, metadata={"seed": seed})
+
+
+@pytest.fixture(scope="module")
+def adapter_source(tiny_model, tmp_path_factory) -> Path:
+    """One adapter folder, built once and copied into each test's runs folder."""
+    return make_adapter(tiny_model, tmp_path_factory.mktemp("adapters") / "a", seed=1)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+# --------------------------------------------------------------------------- path guard
+
+
+def test_guard_allows_paths_inside_and_resolves_relative_ones(tmp_path):
+    root = tmp_path / "runs"
+    (root / "style" / "final").mkdir(parents=True)
+    guard = PathGuard([root])
+    assert guard.check(root / "style" / "final") == (root / "style" / "final").resolve()
+    # Relative paths are looked up under the allowed folders.
+    assert guard.check("style/final") == (root / "style" / "final").resolve()
+    assert guard.check(f"{root}/style/../style/final") == (root / "style" / "final").resolve()
+
+
+def test_guard_refuses_outside_paths_and_dotdot_escapes(tmp_path):
+    root = tmp_path / "runs"
+    root.mkdir()
+    secret = tmp_path / "secret.safetensors"
+    secret.write_bytes(b"x")
+    guard = PathGuard([root])
+    with pytest.raises(UserError, match="outside the folders"):
+        guard.check(secret)
+    with pytest.raises(UserError, match="outside the folders"):
+        guard.check(f"{root}/../secret.safetensors")
+    with pytest.raises(UserError, match="outside the folders"):
+        guard.check("../secret.safetensors")
+    with pytest.raises(UserError, match="outside the folders"):
+        guard.check("/etc/passwd")
+    with pytest.raises(UserError, match="not found"):
+        guard.check(root / "nothing-here")
+    assert not guard.allows(tmp_path)
+    # A sibling whose name starts like the root is not inside it.
+    (tmp_path / "runs-other").mkdir()
+    assert not guard.allows(tmp_path / "runs-other")
+
+
+def test_guard_refuses_symlink_escapes(tmp_path):
+    root, outside = tmp_path / "runs", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "lora.safetensors").write_bytes(b"x")
+    (root / "link-file.safetensors").symlink_to(outside / "lora.safetensors")
+    (root / "link-dir").symlink_to(outside, target_is_directory=True)
+    (root / "inner").mkdir()
+    (root / "link-inside").symlink_to(root / "inner", target_is_directory=True)
+    guard = PathGuard([root])
+    for escape in ("link-file.safetensors", root / "link-file.safetensors", root / "link-dir", root / "link-dir" / "lora.safetensors"):
+        with pytest.raises(UserError, match="outside the folders"):
+            guard.check(escape)
+    # A link that stays inside the allowed folders is fine.
+    assert guard.check(root / "link-inside") == (root / "inner").resolve()
+
+
+def test_output_names_cannot_escape_or_overwrite(tmp_path):
+    (tmp_path / "taken").mkdir()
+    assert output_path(tmp_path, "style-mix_v2.1") == tmp_path.resolve() / "style-mix_v2.1"
+    for bad in ("../x", "a/b", "/abs", "..", ".hidden", "", "a\\b", "x" * 100):
+        with pytest.raises(UserError, match="plain folder name"):
+            output_path(tmp_path, bad)
+    with pytest.raises(UserError, match="already exists"):
+        output_path(tmp_path, "taken")
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def test_discovery_finds_adapters_and_skips_the_rest(tmp_path, adapter_source):
+    runs, outside = tmp_path / "runs", tmp_path / "outside"
+    peft = _copy(adapter_source, runs / "style" / "final")
+    loose = runs / "exports" / "style-comfy.safetensors"
+    loose.parent.mkdir(parents=True)
+    save_file({"transformer.x.lora_A.weight": torch.zeros(2, 2)}, str(loose))
+    save_file({"not_a_lora.weight": torch.zeros(2)}, str(runs / "exports" / "other.safetensors"))
+    (runs / "exports" / "broken.safetensors").write_bytes(b"not safetensors")
+    _copy(adapter_source, runs / ".style.tmp")  # a half-written output
+    fused = runs / "merged" / "fused-model"
+    fused.mkdir(parents=True)
+    (fused / "model_index.json").write_text("{}")
+    save_file({"a.lora_A.weight": torch.zeros(1)}, str(fused / "inside-a-model.safetensors"))
+    outside.mkdir()
+    save_file({"a.lora_A.weight": torch.zeros(1)}, str(outside / "escape.safetensors"))
+    (runs / "escape.safetensors").symlink_to(outside / "escape.safetensors")
+    (runs / "escape-dir").symlink_to(outside, target_is_directory=True)
+
+    guard = PathGuard([runs])
+    assert discover_adapters([runs], guard) == [loose.resolve(), peft.resolve()]
+    assert discover_models(runs / "merged", guard) == [fused.resolve()]
+
+
+def test_settings_and_launch_are_safe_by_default(tmp_path, tiny_model):
+    with pytest.raises(UserError, match="runs folder"):
+        AppSettings(models=[tiny_model], runs=tmp_path / "missing")
+    settings = AppSettings(models=[tiny_model], runs=tmp_path)
+    kwargs = launch_kwargs(settings)
+    assert kwargs["server_name"] == "127.0.0.1" and kwargs["share"] is False
+    assert kwargs["allowed_paths"] == [str(tmp_path.resolve() / "merged")]
+    assert Path(tiny_model).resolve() in settings.roots
+
+
+def test_model_choice_is_checked(tmp_path, tiny_model):
+    runs = tmp_path / "runs"
+    (runs / "not-a-model").mkdir(parents=True)
+    app = PreviewApp(AppSettings(models=[tiny_model], runs=runs))
+    assert app.check_model(tiny_model) == tiny_model
+    with pytest.raises(UserError, match="not a diffusers pipeline"):
+        app.check_model(str(runs / "not-a-model"))
+    with pytest.raises(UserError, match="outside the folders"):
+        app.check_model(str(tmp_path))
+    with pytest.raises(UserError, match="--allow-hub"):
+        app.check_model("someone/some-model")
+    with pytest.raises(UserError, match="pickle"):
+        (runs / "x.ckpt").write_bytes(b"x")
+        app.check_adapter("x.ckpt")
+
+
+def test_parsers_say_what_to_write():
+    assert parse_bucket("256x512") == (256, 512)
+    assert parse_scales("0, 0.5 1;1.5") == [0.0, 0.5, 1.0, 1.5]
+    with pytest.raises(UserError, match="HEIGHTxWIDTH"):
+        parse_bucket("square")
+    with pytest.raises(UserError, match="numbers separated"):
+        parse_scales("0, half")
+    with pytest.raises(UserError, match="between 2 and 8"):
+        parse_scales("1")
+
+
+# --------------------------------------------------------------------------- actions on the tiny model
+
+
+def test_compare_sweep_and_merge_on_the_tiny_model(tmp_path, tiny_model, adapter_source):
+    runs = tmp_path / "runs"
+    a = _copy(adapter_source, runs / "a" / "final")
+    b = make_adapter(tiny_model, runs / "b" / "final", seed=2)
+    app = PreviewApp(AppSettings(models=[tiny_model], runs=runs))
+    bucket = "256x256"
+    args = (tiny_model, "a photo of a cat", "", 3, 2, 4.5, bucket)
+
+    base, adapted = app.compare(*args, [str(a)], [1.0])
+    assert base.size == adapted.size == (256, 256)
+    assert np.abs(np.asarray(base, float) - np.asarray(adapted, float)).mean() > 2.0
+    sampler = app.holder.get(tiny_model)
+    base_again, off = app.compare(*args, [str(a)], [0.0])
+    assert app.holder.get(tiny_model) is sampler  # the model stays loaded
+    assert np.array_equal(np.asarray(base), np.asarray(base_again))
+    assert np.abs(np.asarray(base, float) - np.asarray(off, float)).max() <= 2  # scale 0 is the base model
+
+    grid = app.sweep(*args, [str(a), str(b)], [1.0, 0.5], str(b), "0, 1")
+    assert grid.size[0] == 2 * 256
+
+    merged = app.merge(tiny_model, [str(a), str(b)], [0.5, 0.5], "cat", 8, "mix")
+    assert merged == runs.resolve() / "merged" / "mix"
+    assert str(merged) in [value for _, value in app.adapter_choices()]
+    with pytest.raises(UserError, match="already exists"):
+        app.merge(tiny_model, [str(a), str(b)], [0.5, 0.5], "cat", 8, "mix")
+    with pytest.raises(UserError, match="outside the folders"):
+        app.merge(tiny_model, [str(a), str(tmp_path)], [0.5, 0.5], "cat", 8, "mix2")
+    _, mixed = app.compare(*args, [str(merged)], [1.0])
+    _, both = app.compare(*args, [str(a), str(b)], [0.5, 0.5])
+    assert np.abs(np.asarray(mixed, float) - np.asarray(both, float)).mean() < 1.0

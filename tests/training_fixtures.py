@@ -1,0 +1,65 @@
+"""Prepared datasets and configs for the trainer tests, built with the real ``prepare``.
+
+Import the fixtures into a test module (``from tests.training_fixtures import ...``)
+to use them. Everything runs on the tiny model at 256 px.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from pixart_tune.training.config import TrainConfig, load_train_config
+from tests.conftest import REPO
+
+TINY_RECIPE = REPO / "recipes" / "tiny_cpu.yaml"
+RED = (220, 40, 40)
+
+
+def write_flat_images(folder: Path, colour: tuple[int, int, int], sizes: list[tuple[int, int]], caption: str) -> Path:
+    """Flat-colour PNGs of the given (width, height) sizes, each with a .txt caption."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, size in enumerate(sizes):
+        Image.new("RGB", size, colour).save(folder / f"flat_{index}.png")
+        (folder / f"flat_{index}.txt").write_text(f"{caption} {index}", encoding="utf-8")
+    return folder
+
+
+def prepare(model: str, source: Path, out: Path) -> Path:
+    from pixart_tune.data.prepare import PrepareConfig, prepare_dataset
+
+    prepare_dataset(PrepareConfig(source=str(source), out=str(out), model=model, resolution=256, progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def red_dataset(tiny_model, tmp_path_factory) -> Path:
+    """Six flat red images in two buckets (square and portrait), prepared at 256 px."""
+    root = tmp_path_factory.mktemp("red")
+    sizes = [(256, 256)] * 4 + [(192, 320)] * 2
+    source = write_flat_images(root / "source", RED, sizes, "a flat red colour")
+    return prepare(tiny_model, source, root / "prepared")
+
+
+def tiny_config(model: str, data: Path, out: Path, *overrides: str) -> TrainConfig:
+    """The shipped tiny recipe pointed at test folders, quiet, with extra overrides."""
+    base = [
+        f"model={model}",
+        f"data.path={data}",
+        f"output_dir={out}",
+        "logging.tensorboard=false",
+        "validation.prompts=[]",
+    ]
+    return load_train_config(TINY_RECIPE, [*base, *overrides])
+
+
+def cli_env() -> dict[str, str]:
+    """Environment for a trainer subprocess that computes bit-identically to this one."""
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    env["PYTHONPATH"] = str(REPO)
+    return env
