@@ -67,8 +67,7 @@ def _stop(process: subprocess.Popen) -> None:
 @pytest.fixture
 def app_url(tmp_path, tiny_model):
     runs = tmp_path / "runs"
-    make_adapter(tiny_model, runs / "style-a" / "final", seed=1)
-    make_adapter(tiny_model, runs / "style-b" / "final", seed=2)
+    runs.mkdir()
     port = _free_port()
     executable = shutil.which("pixart-tune")
     command = [executable] if executable else [sys.executable, "-m", "pixart_tune.cli"]
@@ -78,6 +77,9 @@ def app_url(tmp_path, tiny_model):
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
+        # Built while the app starts: the page rescans the runs folder when it loads.
+        make_adapter(tiny_model, runs / "style-a" / "final", seed=1)
+        make_adapter(tiny_model, runs / "style-b" / "final", seed=2)
         url = f"http://127.0.0.1:{port}/"
         _wait_until_up(url, process, log)
         yield url, runs
@@ -147,7 +149,9 @@ def test_preview_merge_and_preview_the_merge(app_url, tmp_path):
             page.get_by_text("Add an adapter by path").click()
             page.fill("#add-path input, #add-path textarea", "/etc/passwd")
             page.click("#add-adapter")
-            expect(page.get_by_text("outside the folders this app may read").first).to_be_visible(timeout=20_000)
+            warning = page.locator(".toast-body", has_text="outside the folders this app may read")
+            expect(warning).to_be_visible(timeout=20_000)
+            warning.locator(".toast-close").click()
 
             # Merge both adapters by concatenation.
             page.get_by_role("tab", name="Merge").click()

@@ -28,6 +28,7 @@ def _cli_args(model, data, out, *extra):
     return [f"model={model}", f"data.path={data}", f"output_dir={out}", "logging.tensorboard=false", "validation.prompts=[]", *extra]
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_ends_with_the_uninterrupted_adapter(tiny_model, red_dataset, tmp_path):
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "pixart_tune.cli", "train", str(TINY_RECIPE), *_cli_args(tiny_model, red_dataset, killed, *RESUME), "--no-progress"]
@@ -59,6 +60,7 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_adapter(tiny_model, red_
     assert all((expected[k] == actual[k]).all() for k in expected)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="needs the accelerate launcher")
 def test_two_process_cpu_ddp_writes_one_adapter(tiny_model, red_dataset, tmp_path):
     out = tmp_path / "ddp"

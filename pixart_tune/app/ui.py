@@ -92,10 +92,9 @@ def build_app(settings: AppSettings, app: PreviewApp | None = None):
                         )
 
                     with gr.Accordion("Add an adapter by path", open=False):
-                        with gr.Row(equal_height=True):
-                            add_path = gr.Textbox(label="Adapter folder or .safetensors file", scale=4, elem_id="add-path",
-                                                  placeholder="runs/my-style/final")
-                            add_button = gr.Button("Add", scale=1, min_width=80, elem_id="add-adapter")
+                        add_path = gr.Textbox(label="Adapter folder or .safetensors file", elem_id="add-path",
+                                              placeholder="runs/my-style/final (under the allowed folders)")
+                        add_button = gr.Button("Add", size="sm", elem_id="add-adapter")
                     prompt = gr.Textbox("a photo of a cat", label="Prompt", lines=2, elem_id="prompt", interactive=True)
                     negative = gr.Textbox(label="Negative prompt", elem_id="negative", interactive=True)
                     with gr.Row():
@@ -158,7 +157,9 @@ def build_app(settings: AppSettings, app: PreviewApp | None = None):
                 gr.Dropdown(choices=app.model_choices()),
             )
 
-        rescan.click(rescan_folders, [adapters, merge_adapters, extra], [adapters, merge_adapters, model])
+        # Each page load rescans too, so adapters trained since the start are offered.
+        for trigger in (rescan.click, demo.load):
+            trigger(rescan_folders, [adapters, merge_adapters, extra], [adapters, merge_adapters, model])
 
         def add_adapter(path, selected, current_extra):
             # A refused path is a warning, not an error: an error would mark the menus failed.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -32,7 +31,6 @@ from pixart_tune.data.sources import SOURCE_KINDS, Entry, open_source
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
 
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
