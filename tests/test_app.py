@@ -15,7 +15,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pixart_tune.app import AppSettings, PathGuard, PreviewApp, discover_adapters, discover_models, launch_kwargs, output_path
+from pixart_tune.app import (
+    AppSettings,
+    PathGuard,
+    PreviewApp,
+    discover_adapters,
+    discover_models,
+    launch_kwargs,
+    output_path,
+    settings_from_env,
+)
 from pixart_tune.app.service import parse_bucket, parse_scales
 from pixart_tune.errors import UserError
 
@@ -206,3 +215,18 @@ def test_compare_sweep_and_merge_on_the_tiny_model(tmp_path, tiny_model, adapter
     _, mixed = app.compare(*args, [str(merged)], [1.0])
     _, both = app.compare(*args, [str(a), str(b)], [0.5, 0.5])
     assert np.abs(np.asarray(mixed, float) - np.asarray(both, float)).mean() < 1.0
+
+    # Fusing writes a model folder that the model menu offers and the app may load.
+    fused = app.merge(tiny_model, [str(a)], [1.0], "fuse", 8, "fused")
+    assert fused == runs.resolve() / "merged" / "fused"
+    assert str(fused) in [value for _, value in app.model_choices()]
+    assert str(fused) not in [value for _, value in app.adapter_choices()]
+    fused_base, _ = app.compare(str(fused), *args[1:], [], [])
+    assert np.abs(np.asarray(fused_base, float) - np.asarray(adapted, float)).mean() < 1.0
+
+
+def test_settings_from_the_environment(tmp_path, tiny_model):
+    settings = settings_from_env({"PIXART_TUNE_MODEL": f"{tiny_model}, org/other", "PIXART_TUNE_RUNS": str(tmp_path / "runs")})
+    assert settings.models == [tiny_model, "org/other"]
+    assert settings.runs == (tmp_path / "runs").resolve() and settings.outputs == settings.runs / "merged"
+    assert settings.host == "127.0.0.1" and settings.share is False

@@ -72,7 +72,8 @@ def app_url(tmp_path, tiny_model):
     executable = shutil.which("pixart-tune")
     command = [executable] if executable else [sys.executable, "-m", "pixart_tune.cli"]
     command += ["app", "--model", tiny_model, "--runs", str(runs), "--port", str(port)]
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
+    env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
+    env.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
     log = tmp_path / "app.log"
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
@@ -138,7 +139,9 @@ def test_preview_merge_and_preview_the_merge(app_url, tmp_path):
             page.get_by_label("number input for Scale: runs/style-a/final").wait_for()
             page.fill("#prompt textarea", "a red fox in the snow")
             page.click("#generate")
-            _, base = _image(page, "#base-image")
+            base_src, base = _image(page, "#base-image")
+            # Even Gradio's copies of the previews stay inside the app's folders.
+            assert str(runs / "merged" / ".gradio-cache") in base_src
             adapted_src, adapted = _image(page, "#adapted-image")
             assert base.shape == adapted.shape == (256, 256, 3)
             assert np.abs(base - adapted).mean() > 2.0, "the adapter did not change the image"
@@ -176,5 +179,15 @@ def test_preview_merge_and_preview_the_merge(app_url, tmp_path):
             assert np.abs(merged_image - adapted).mean() > 1.0, "the merged adapter looks like adapter a alone"
             assert np.abs(merged_image - base).mean() > 2.0, "the merged adapter did not change the image"
             _screenshot(page, tmp_path, "merged-preview")
+
+            # A scale sweep of the merged adapter: one row, one column per scale.
+            page.get_by_text("Scale sweep", exact=True).click()
+            expect(page.locator("#swept input")).to_have_value("merged/mix")
+            page.fill("#sweep-values textarea, #sweep-values input", "0, 1")
+            page.click("#sweep")
+            _, grid = _image(page, "#sweep-image")
+            assert grid.shape[1] == 2 * 256
+            assert np.abs(grid[-256:, :256] - base).mean() < 1.0  # scale 0 is the base model
+            _screenshot(page, tmp_path, "sweep")
         finally:
             browser.close()

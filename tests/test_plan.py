@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from pixart_tune.models import XL2_TRANSFORMER_CONFIG
 from pixart_tune.training.config import TrainConfig, load_train_config
-from pixart_tune.training.memory import GIB, plan_memory
+from pixart_tune.training.memory import cli, plan_memory
 from tests.conftest import REPO
 
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
@@ -52,12 +49,10 @@ def test_shipped_gpu_recipes_fit_their_budget(recipe):
     assert plan.total_gib > 1.14  # at least the bf16 base weights
 
 
-def test_plan_cli_prints_the_table_and_fails_an_impossible_budget():
-    recipe = REPO / "recipes" / "style_lora_1024_24gb.yaml"
-    ok = subprocess.run([sys.executable, "-m", "pixart_tune.cli", "plan", str(recipe)], capture_output=True, text=True, cwd=REPO)
-    assert ok.returncode == 0, ok.stderr
-    assert "predicted peak" in ok.stdout and "budget 24 GiB: fits" in ok.stdout and "610.9 M parameters" in ok.stdout
-    tight = subprocess.run([sys.executable, "-m", "pixart_tune.cli", "plan", str(recipe), "--budget-gb", "1"],
-                           capture_output=True, text=True, cwd=REPO)
-    assert tight.returncode == 3 and "does NOT fit" in tight.stdout
-    assert GIB == 2**30
+def test_plan_cli_prints_the_table_and_fails_an_impossible_budget(capsys):
+    recipe = str(REPO / "recipes" / "style_lora_1024_24gb.yaml")
+    assert cli([recipe]) == 0
+    out = capsys.readouterr().out
+    assert "predicted peak" in out and "budget 24 GiB: fits" in out and "610.9 M parameters" in out
+    assert cli([recipe, "data.batch_size=2", "--budget-gb", "1"]) == 3
+    assert "does NOT fit" in capsys.readouterr().out

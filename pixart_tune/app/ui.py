@@ -48,6 +48,10 @@ def shown(action: str) -> Callable:
 def build_app(settings: AppSettings, app: PreviewApp | None = None):
     """The Gradio Blocks page. The first model is loaded here, so its sizes can be offered."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    # Gradio writes every image it shows into its cache: keep that inside the outputs
+    # folder too (hidden, so adapter discovery skips it) rather than in /tmp.
+    settings.outputs.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(settings.outputs / ".gradio-cache"))
     import gradio as gr
 
     app = app or PreviewApp(settings)
@@ -55,7 +59,8 @@ def build_app(settings: AppSettings, app: PreviewApp | None = None):
     adapter_choices = app.adapter_choices()
     track = functools.partial(gr.Progress, track_tqdm=True)
 
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    # delete_cache: every hour, drop cached previews older than a day.
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         extra = gr.State([])  # adapters this browser tab added by path
         written = gr.State("")  # the last merge output, for the menus to pick it up
         gr.Markdown(

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pixart_tune import __version__
-from pixart_tune.adapters.lora import LoraSettings, inject_lora, read_adapter, save_adapter, trainable_parameters
+from pixart_tune.adapters.lora import inject_lora, read_adapter, save_adapter, trainable_parameters
 from pixart_tune.config import save_yaml, to_dict
 from pixart_tune.data.cache import content_key
 from pixart_tune.errors import UserError
