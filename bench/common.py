@@ -66,3 +66,96 @@ def peak_rss_gib() -> float:
 
 def rss_gib() -> float:
     return psutil.Process(os.getpid()).memory_info().rss / 2**30
+
+
+# --- model folders and datasets the benchmarks train on ------------------------------
+
+
+def build_model_folder(out, transformer_config: dict, caption_channels: int, dtype=None, seed: int = 0):
+    """A PixArt-Sigma pipeline folder (diffusers layout) around a given transformer.
+
+    The VAE and tokenizer are the tiny pipeline's; the text encoder is a one-layer T5
+    whose output width is ``caption_channels`` (4096 = T5-XXL's), so ``prepare``
+    writes embeddings of the real width while encoding stays cheap. The transformer
+    is randomly initialised from ``transformer_config`` directly in ``dtype``
+    (initialising 600 M parameters in fp32 first would double the time and memory).
+    """
+    from pathlib import Path
+
+    import torch
+    from diffusers import PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from pixart_tune.models import build_tiny_pipeline
+
+    out = Path(out)
+    pipe = build_tiny_pipeline(seed)
+    tokenizer = pipe.tokenizer
+    pipe.text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer), d_model=caption_channels, d_kv=8, d_ff=16, num_layers=1, num_heads=1,
+            relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)
+    try:
+        torch.manual_seed(seed)
+        pipe.transformer = PixArtTransformer2DModel.from_config(dict(transformer_config, caption_channels=caption_channels))
+    finally:
+        torch.set_default_dtype(previous)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def write_images(folder, count: int, size: tuple[int, int] = (256, 256), seed: int = 0):
+    """``count`` random-noise PNGs of one size, each with a caption of the same length."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{i:04d}.png")
+        (folder / f"img_{i:04d}.txt").write_text(f"a photo of a red cat on a wooden table number {i % 10}", encoding="utf-8")
+    return folder
+
+
+def prepare(model, source, out, resolution: int = 256):
+    """``pixart-tune prepare`` of ``source`` into ``out`` with ``model``'s VAE and T5."""
+    from pixart_tune.data.prepare import PrepareConfig, prepare_dataset
+
+    prepare_dataset(PrepareConfig(source=str(source), out=str(out), model=str(model), resolution=resolution, progress=False))
+    return out
+
+
+def git_commit() -> str:
+    """The short commit of the working tree (with ``+dirty`` when it has changes)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def machine() -> str:
+    """CPU model, cores and memory, for the record."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"

@@ -310,7 +310,7 @@ def cli(argv: list[str]) -> int:
         description="Generate images with any number of adapters, save them as PNGs with their parameters, "
         "and write a comparison grid (base vs adapters with the same seeds, or a sweep of one adapter's scale).",
     )
-    parser.add_argument("model", help="base model: a diffusers PixArt-Sigma folder or hub id")
+    parser.add_argument("--model", required=True, help="base model: a diffusers PixArt-Sigma folder or hub id")
     parser.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     parser.add_argument("--prompts-file", help="a text file with one prompt per line")
     parser.add_argument("--negative-prompt", default="")

@@ -7,7 +7,6 @@ escapes that matter: absolute paths, ``..``, and symlinks.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -197,13 +196,13 @@ def test_compare_sweep_and_merge_on_the_tiny_model(tmp_path, tiny_model, adapter
     assert base.size == adapted.size == (256, 256)
     assert np.abs(np.asarray(base, float) - np.asarray(adapted, float)).mean() > 2.0
     sampler = app.holder.get(tiny_model)
-    base_again, off = app.compare(*args, [str(a)], [0.0])
-    assert app.holder.get(tiny_model) is sampler  # the model stays loaded
-    assert np.array_equal(np.asarray(base), np.asarray(base_again))
-    assert np.abs(np.asarray(base, float) - np.asarray(off, float)).max() <= 2  # scale 0 is the base model
 
-    grid = app.sweep(*args, [str(a), str(b)], [1.0, 0.5], str(b), "0, 1")
-    assert grid.size[0] == 2 * 256
+    # Scale 0 is the base model, scale 1 the adapted one: same seed, same noise.
+    grid = np.asarray(app.sweep(*args, [str(a), str(b)], [1.0, 0.0], str(a), "0, 1"), float)
+    assert grid.shape[1] == 2 * 256
+    assert app.holder.get(tiny_model) is sampler  # the model stays loaded between calls
+    assert np.abs(grid[-256:, :256] - np.asarray(base, float)).max() <= 2
+    assert np.abs(grid[-256:, 256:] - np.asarray(adapted, float)).max() <= 2
 
     merged = app.merge(tiny_model, [str(a), str(b)], [0.5, 0.5], "cat", 8, "mix")
     assert merged == runs.resolve() / "merged" / "mix"
@@ -212,9 +211,13 @@ def test_compare_sweep_and_merge_on_the_tiny_model(tmp_path, tiny_model, adapter
         app.merge(tiny_model, [str(a), str(b)], [0.5, 0.5], "cat", 8, "mix")
     with pytest.raises(UserError, match="outside the folders"):
         app.merge(tiny_model, [str(a), str(tmp_path)], [0.5, 0.5], "cat", 8, "mix2")
-    _, mixed = app.compare(*args, [str(merged)], [1.0])
-    _, both = app.compare(*args, [str(a), str(b)], [0.5, 0.5])
-    assert np.abs(np.asarray(mixed, float) - np.asarray(both, float)).mean() < 1.0
+    assert not (runs / "merged" / "mix2").exists()
+    with pytest.raises(UserError, match="rank of at least 1"):
+        app.merge(tiny_model, [str(a), str(b)], [1.0, 1.0], "svd", 0, "low")
+    assert (app.merge(tiny_model, [str(a), str(b)], [1.0, 1.0], "svd", 2, "low") / "adapter_model.safetensors").is_file()
+    merged_grid = np.asarray(app.sweep(*args, [str(merged)], [1.0], str(merged), "0, 1"), float)
+    both_grid = np.asarray(app.sweep(*args, [str(a), str(b)], [0.5, 0.5], str(a), "0, 0.5"), float)
+    assert np.abs(merged_grid[-256:, 256:] - both_grid[-256:, 256:]).mean() < 1.0
 
     # Fusing writes a model folder that the model menu offers and the app may load.
     fused = app.merge(tiny_model, [str(a)], [1.0], "fuse", 8, "fused")

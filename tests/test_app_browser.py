@@ -138,6 +138,9 @@ def test_preview_merge_and_preview_the_merge(app_url, tmp_path):
             _pick(page, "#adapters", "runs/style-a/final")
             page.get_by_label("number input for Scale: runs/style-a/final").wait_for()
             page.fill("#prompt textarea", "a red fox in the snow")
+            steps = page.get_by_label("number input for Steps")
+            steps.fill("8")
+            steps.press("Enter")
             page.click("#generate")
             base_src, base = _image(page, "#base-image")
             # Even Gradio's copies of the previews stay inside the app's folders.
@@ -145,6 +148,7 @@ def test_preview_merge_and_preview_the_merge(app_url, tmp_path):
             adapted_src, adapted = _image(page, "#adapted-image")
             assert base.shape == adapted.shape == (256, 256, 3)
             assert np.abs(base - adapted).mean() > 2.0, "the adapter did not change the image"
+            expect(page.locator("#info")).to_contain_text("8 steps")
             expect(page.locator("#info")).to_contain_text("style-a/final x1")
             _screenshot(page, tmp_path, "generate")
 
@@ -168,6 +172,12 @@ def test_preview_merge_and_preview_the_merge(app_url, tmp_path):
             merged = runs / "merged" / "mix"
             assert (merged / "adapter_model.safetensors").is_file() and (merged / "adapter_config.json").is_file()
             _screenshot(page, tmp_path, "merge")
+            # The same name again is refused with a message; nothing is overwritten.
+            page.click("#merge")
+            refusal = page.locator(".toast-body", has_text="already exists")
+            expect(refusal).to_be_visible(timeout=20_000)
+            refusal.locator(".toast-close").click()
+            assert sorted(p.name for p in (runs / "merged").iterdir() if not p.name.startswith(".")) == ["mix"]
 
             # The merge is selected in the Generate tab: preview it at once.
             page.get_by_role("tab", name="Generate").click()

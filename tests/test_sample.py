@@ -79,7 +79,7 @@ def test_sample_verb_writes_pngs_with_parameters_and_a_grid(tiny_model, adapters
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# one prompt a line\na rocket\n")
     code = cli([
-        tiny_model, "--prompt", "a cat", "--prompts-file", str(prompts), "--seeds", "2", "--steps", str(STEPS),
+        "--model", tiny_model, "--prompt", "a cat", "--prompts-file", str(prompts), "--seeds", "2", "--steps", str(STEPS),
         "--adapter", f"{adapters['a']}:0.8", "--aspect", "0.5", "--negative-prompt", "blurry", "--out", str(out),
     ])
     assert code == 0
@@ -97,7 +97,7 @@ def test_sample_verb_writes_pngs_with_parameters_and_a_grid(tiny_model, adapters
 
 def test_sample_verb_sweeps_one_adapters_scale(tiny_model, adapters, tmp_path):  # noqa: F811
     out = tmp_path / "sweep"
-    cli([tiny_model, "--prompt", "a cat", "--steps", str(STEPS), "--adapter", str(adapters["a"]), "--sweep", "0,1", "--no-base", "--out", str(out)])
+    cli(["--model", tiny_model, "--prompt", "a cat", "--steps", str(STEPS), "--adapter", str(adapters["a"]), "--sweep", "0,1", "--no-base", "--out", str(out)])
     rows = sorted(out.glob("0*_000_seed0.png"))
     assert len(rows) == 2
     with Image.open(rows[0]) as zero, Image.open(rows[1]) as one:
@@ -107,9 +107,9 @@ def test_sample_verb_sweeps_one_adapters_scale(tiny_model, adapters, tmp_path): 
 
 def test_sample_verb_refuses_bad_input_before_loading(tiny_model, tmp_path):
     with pytest.raises(UserError, match="at least one --prompt"):
-        cli([tiny_model, "--out", str(tmp_path)])
+        cli(["--model", tiny_model, "--out", str(tmp_path)])
     with pytest.raises(UserError, match="--sweep needs an --adapter"):
-        cli([tiny_model, "--prompt", "x", "--sweep", "0,1", "--out", str(tmp_path)])
+        cli(["--model", tiny_model, "--prompt", "x", "--sweep", "0,1", "--out", str(tmp_path)])
     (tmp_path / "x.pt").write_bytes(b"")
     with pytest.raises(UserError, match="pickle"):
-        cli([tiny_model, "--prompt", "x", "--adapter", str(tmp_path / "x.pt"), "--out", str(tmp_path)])
+        cli(["--model", tiny_model, "--prompt", "x", "--adapter", str(tmp_path / "x.pt"), "--out", str(tmp_path)])

@@ -131,8 +131,9 @@ class ModelHolder:
 
         with self.lock:
             if self._model != model:
-                self._model, self._sampler = None, None
-                _release_memory()
+                if self._sampler is not None:
+                    self._model, self._sampler = None, None
+                    _release_memory()
                 self._sampler = Sampler(model, device=self.device, dtype=self.dtype)
                 self._model = model
             return self._sampler

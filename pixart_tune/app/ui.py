@@ -23,8 +23,14 @@ log = logging.getLogger(__name__)
 TITLE = "pixart-tune: preview and merge adapters"
 
 
-def shown(action: str) -> Callable:
-    """Turns errors into messages on the page: a UserError as written, others in one line."""
+def shown(action: str, refused: Callable[[], Any]) -> Callable:
+    """Turns errors into messages on the page, never tracebacks.
+
+    A UserError (bad input) becomes a warning and the outputs ``refused()`` gives,
+    usually "leave as they were": an error would mark every output failed. Other
+    exceptions are real failures: an error message, with the traceback in the
+    app's console.
+    """
     import gradio as gr
 
     def decorate(fn: Callable) -> Callable:
@@ -35,8 +41,9 @@ def shown(action: str) -> Callable:
             except gr.Error:
                 raise
             except UserError as error:
-                raise gr.Error(str(error), title=f"{action}: refused", print_exception=False) from None
-            except Exception as error:  # shown briefly; the traceback goes to the app's console
+                gr.Warning(str(error), title=f"{action}: refused")
+                return refused()
+            except Exception as error:
                 log.exception("%s failed", action)
                 raise gr.Error(f"{type(error).__name__}: {error} (details in the app's console)", title=f"{action}: failed", print_exception=False) from None
 
@@ -86,12 +93,12 @@ def build_app(settings: AppSettings, app: PreviewApp | None = None):
                             for p in selected
                         ]
                         generate.click(
-                            shown("Generate")(lambda *v, progress=track(): _compare(app, selected, *v, progress=progress)),
+                            shown("Generate", lambda: (gr.skip(),) * 3)(lambda *v, progress=track(): _compare(app, selected, *v, progress=progress)),
                             inputs=[model, prompt, negative, seed, steps, guidance, bucket, *sliders],
                             outputs=[base_image, adapted_image, info],
                         )
                         sweep_button.click(
-                            shown("Scale sweep")(lambda *v, progress=track(): _sweep(app, selected, *v, progress=progress)),
+                            shown("Scale sweep", gr.skip)(lambda *v, progress=track(): _sweep(app, selected, *v, progress=progress)),
                             inputs=[model, prompt, negative, seed, steps, guidance, bucket, swept, sweep_values, *sliders],
                             outputs=[sweep_image],
                         )
@@ -137,7 +144,7 @@ def build_app(settings: AppSettings, app: PreviewApp | None = None):
                         # The menus are updated only after a merge succeeded, so a refused
                         # merge leaves them (and the user's selection) as they were.
                         merge_button.click(
-                            shown("Merge")(lambda *v, progress=track(): _merge(app, selected, *v, progress=progress)),
+                            shown("Merge", lambda: (gr.skip(), gr.skip(), ""))(lambda *v, progress=track(): _merge(app, selected, *v, progress=progress)),
                             inputs=[model, method, rank, out_name, *sliders],
                             outputs=[merge_result, merged_file, written],
                         ).success(functools.partial(_after_merge, app), inputs=[written, method, extra], outputs=[adapters, merge_adapters, model])
@@ -166,13 +173,9 @@ def build_app(settings: AppSettings, app: PreviewApp | None = None):
         for trigger in (rescan.click, demo.load):
             trigger(rescan_folders, [adapters, merge_adapters, extra], [adapters, merge_adapters, model])
 
+        @shown("Add an adapter", lambda: (gr.skip(),) * 4)
         def add_adapter(path, selected, current_extra):
-            # A refused path is a warning, not an error: an error would mark the menus failed.
-            try:
-                resolved = str(app.check_adapter(path))
-            except UserError as error:
-                gr.Warning(str(error), title="Add an adapter: refused")
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            resolved = str(app.check_adapter(path))
             current_extra = [str(p) for p in unique([*map(Path, current_extra), Path(resolved)])]
             choices = app.adapter_choices(current_extra)
             return (
@@ -194,14 +197,21 @@ def build_app(settings: AppSettings, app: PreviewApp | None = None):
             swept,
         )
 
-        @shown("Load the base model")
         def change_model(name, progress=track()):
-            progress(0.0, desc=f"loading {name}")
-            with app.holder.lock:
-                sizes = app.holder.get(app.check_model(name)).buckets()
-            return gr.Dropdown(choices=bucket_choices(sizes), value=square_bucket(sizes))
+            # A model that cannot load is a warning and the menu goes back to the loaded
+            # model: an error would mark the size menu failed and block it.
+            try:
+                progress(0.0, desc=f"loading {name}")
+                with app.holder.lock:
+                    sizes = app.holder.get(app.check_model(name)).buckets()
+            except Exception as error:
+                if not isinstance(error, UserError):
+                    log.exception("loading %s failed", name)
+                gr.Warning(str(error), title="Base model: not loaded")
+                return gr.skip(), gr.Dropdown(value=app.holder.loaded or settings.models[0])
+            return gr.Dropdown(choices=bucket_choices(sizes), value=square_bucket(sizes)), gr.skip()
 
-        model.change(change_model, model, bucket)
+        model.change(change_model, model, [bucket, model])
 
     demo.queue(default_concurrency_limit=1)
     return demo
@@ -235,11 +245,28 @@ def _merge(app: PreviewApp, selected, model, method, rank, name, *weights, progr
         return message, None, str(out)
     message = f"Wrote a merged adapter to `{out}`. It is selected in the **Generate** tab: press Generate there to preview it."
     weights_file = out / WEIGHTS_NAME
+    if method == "svd" and weights_file.is_file():
+        message += f" The rank cut kept {_energy_kept(weights_file)} of the update's energy."
     return message, str(weights_file) if weights_file.is_file() else None, str(out)
+
+
+def _energy_kept(weights_file: Path) -> str:
+    """The fraction the merge stored in the file's header, as a percentage."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights_file), framework="pt") as handle:
+        value = (handle.metadata() or {}).get("energy_kept")
+    try:
+        return f"{float(value):.1%}"
+    except (TypeError, ValueError):
+        return "an unknown share"
 
 
 def _after_merge(app: PreviewApp, out: str, method: str, current_extra):
     import gradio as gr
+
+    if not out:  # the merge was refused: leave the menus as they are
+        return gr.skip(), gr.skip(), gr.skip()
 
     choices = app.adapter_choices(current_extra)
     adapters = gr.Dropdown(choices=choices) if method == "fuse" else gr.Dropdown(choices=choices, value=[out])
