@@ -74,12 +74,27 @@ def crop_box(resized: tuple[int, int], bucket: tuple[int, int], crop: str, seed:
     return left, top, left + bucket[1], top + bucket[0]
 
 
-def resize_to_bucket(image: Image.Image, bucket: tuple[int, int], crop: str = "center", seed: int = 0) -> Image.Image:
-    """Resizes ``image`` to cover ``bucket`` (keeping its aspect ratio), then crops to it exactly."""
-    scale = cover_scale((image.height, image.width), bucket)
-    # ceil, so rounding never leaves the resized image a pixel short of the bucket
-    resized = (max(bucket[0], math.ceil(image.height * scale - 1e-6)), max(bucket[1], math.ceil(image.width * scale - 1e-6)))
-    if (image.height, image.width) != resized:
-        # Lanczos with reducing_gap: sharp downscales at a fraction of the cost on big photos.
-        image = image.resize((resized[1], resized[0]), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return image.crop(crop_box(resized, bucket, crop, seed))
+def resize_to_bucket(
+    image: Image.Image, bucket: tuple[int, int], crop: str = "center", seed: int = 0, full_size: tuple[int, int] | None = None, scale: int = 1
+) -> Image.Image:
+    """Resizes ``image`` to cover ``bucket`` (keeping its aspect ratio) and crops it to the bucket exactly.
+
+    The crop is placed on the covering size (``crop_box``), then only that region
+    of the source is resampled, straight to the bucket (Lanczos, with Pillow's
+    ``box``): no time spent on pixels the crop throws away, and one exact scale
+    on both axes. When ``image`` is a JPEG decoded ``scale`` times smaller from
+    an image of ``full_size`` (height, width), the geometry is computed on the
+    full size, so the reduced decode yields the same region at the same scale.
+    """
+    height, width = full_size or (image.height, image.width)
+    factor = cover_scale((height, width), bucket)
+    # ceil, so rounding never leaves the covering size a pixel short of the bucket
+    resized = (max(bucket[0], math.ceil(height * factor - 1e-6)), max(bucket[1], math.ceil(width * factor - 1e-6)))
+    left, top, _, _ = crop_box(resized, bucket, crop, seed)
+    # the bucket's region in full-size pixel coordinates, kept inside the image
+    region_w, region_h = min(width, bucket[1] / factor), min(height, bucket[0] / factor)
+    x0, y0 = min(left / factor, width - region_w), min(top / factor, height - region_h)
+    box = tuple(v / scale for v in (x0, y0, x0 + region_w, y0 + region_h))
+    box = (box[0], box[1], min(box[2], image.width), min(box[3], image.height))
+    # Lanczos with reducing_gap: sharp downscales at a fraction of the cost on big photos.
+    return image.resize((bucket[1], bucket[0]), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)

@@ -84,11 +84,14 @@ class LatentEncoder:
     def __init__(self, model: str, device: torch.device, dtype: torch.dtype = torch.float32):
         self.model, self.device, self.dtype = model, device, dtype
         self._vae = None
+        self.loaded = False
+        """Whether the VAE was loaded (a re-run over a finished dataset never loads it)."""
 
     @property
     def vae(self):
         if self._vae is None:
             logger.info("loading the VAE of %s", self.model)
+            self.loaded = True
             self._vae = models.load_vae(self.model, self.dtype).to(self.device).eval().requires_grad_(False)
         return self._vae
 
@@ -103,8 +106,9 @@ class LatentEncoder:
         return (latents * config.scaling_factor).float().cpu()
 
     def close(self) -> None:
-        self._vae = None
-        _free()
+        if self._vae is not None:  # a full gc pass costs a quarter second with torch loaded: only when it frees something
+            self._vae = None
+            _free()
 
 
 class TextEncoder:
@@ -115,6 +119,8 @@ class TextEncoder:
         self.load_in_8bit, self.max_tokens = load_in_8bit, max_tokens
         self._tokenizer = None
         self._pipe = None
+        self.loaded = False
+        """Whether T5 was loaded (the tokenizer alone does not count)."""
 
     @property
     def tokenizer(self):
@@ -132,6 +138,7 @@ class TextEncoder:
             from diffusers import PixArtSigmaPipeline
 
             logger.info("loading the text encoder of %s", self.model)
+            self.loaded = True
             encoder = models.load_text_encoder(self.model, self.dtype, load_in_8bit=self.load_in_8bit)
             if not self.load_in_8bit or self.device.type != "cuda":
                 encoder = encoder.to(self.device)
@@ -152,8 +159,9 @@ class TextEncoder:
         return embeds.cpu(), mask.cpu()
 
     def close(self) -> None:
-        self._pipe = None
-        _free()
+        if self._pipe is not None:
+            self._pipe = None
+            _free()
 
 
 def _free() -> None:

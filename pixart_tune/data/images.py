@@ -6,6 +6,14 @@ care for the modes a plain ``convert("RGB")`` gets wrong: 16-bit and float
 greyscale (clipped to white), transparency (whatever colour hides under
 alpha 0, often black), CMYK with an ICC profile. Nothing here raises for a bad
 file: ``load_image`` returns an ``ImageSkip`` with a sentence a person understands.
+
+A JPEG much bigger than the caller needs is decoded reduced (``Image.draft``:
+libjpeg scales by 1/2, 1/4 or 1/8 inside its inverse DCT, never below the size
+asked for). The whole file is still decoded, so truncation and corruption are
+still found, but the pixels come out up to 64 times fewer, and everything after
+(colour conversion, hashing, resizing) shrinks with them. The pixel hash is then
+the hash of those reduced pixels: exactly what the resize starts from, so it is a
+correct cache key; ``duplicates.py`` says how exact duplicates are still found.
 """
 
 from __future__ import annotations
@@ -14,15 +22,21 @@ import dataclasses
 import hashlib
 import io
 import warnings
+from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
 # PIL's own threshold (about 89 megapixels, e.g. 9459 x 9459); beyond it decoding
 # one file can take gigabytes, which is how decompression bombs work.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
 _SRGB = ImageCms.createProfile("sRGB")
+# EXIF orientations that turn the stored image by 90 degrees (its width becomes the height)
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+
+NeededSize = Callable[[int, int], "tuple[int, int] | None"]
+"""Maps an upright (height, width) to the smallest (height, width) the caller will use, or None for full size."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,14 +47,31 @@ class ImageSkip:
 @dataclasses.dataclass
 class LoadedImage:
     image: Image.Image
-    """Upright, 8-bit RGB."""
+    """Upright, 8-bit RGB; reduced ``scale`` times from ``size`` for a JPEG decoded reduced."""
     pixel_hash: str
-    """sha256 of the RGB pixels and size: equal for exact duplicates whatever their files."""
+    """sha256 of ``image``'s RGB pixels and size: equal for exact duplicates decoded at the same scale, whatever their files."""
     original_mode: str
+    size: tuple[int, int] = (0, 0)
+    """(height, width) of the full upright image, whatever the scale it was decoded at."""
+    scale: int = 1
+    """1 for a full-size decode, else the JPEG DCT reduction (2, 4 or 8)."""
+
+    @property
+    def full_hash(self) -> str | None:
+        """The pixel hash of the full-size image, when this decode gives it (``scale`` 1)."""
+        return self.pixel_hash if self.scale == 1 else None
 
 
-def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, background: tuple[int, int, int] = (255, 255, 255)) -> LoadedImage | ImageSkip:
-    """Decodes ``data`` (a whole file) into a ``LoadedImage``, or says why it cannot."""
+def load_image(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    background: tuple[int, int, int] = (255, 255, 255),
+    needed: NeededSize | None = None,
+) -> LoadedImage | ImageSkip:
+    """Decodes ``data`` (a whole file) into a ``LoadedImage``, or says why it cannot.
+
+    ``needed`` (optional) lets a JPEG be decoded reduced, to no less than the size it returns.
+    """
     if not data:
         return ImageSkip("empty file (0 bytes)")
     try:
@@ -52,9 +83,15 @@ def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, background: tu
             pixels = image.width * image.height
             if pixels > max_pixels:
                 return ImageSkip(f"decompression bomb: claims {image.width}x{image.height} = {pixels:,} pixels, over the limit of {max_pixels:,}")
+            stored = (image.height, image.width)
+            scale = _draft(image, needed) if needed is not None else 1
+            # The whole file at once rather than 64 KiB at a time: the decoder releases the GIL,
+            # and each block would take it back (a queue behind other threads).
+            image.decodermaxblock = max(image.decodermaxblock, len(data))
             image.load()
             original_mode = image.mode
-            image = ImageOps.exif_transpose(image)
+            turned = image.getexif().get(ExifTags.Base.Orientation, 1) in _QUARTER_TURNS
+            image = ImageOps.exif_transpose(image, in_place=True) or image
             rgb = to_rgb(image, background)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         return ImageSkip(f"decompression bomb: {error}")
@@ -69,9 +106,34 @@ def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, background: tu
         return ImageSkip(f"corrupt image data: {text}")
     if rgb.width < 1 or rgb.height < 1:
         return ImageSkip("image has no pixels")
+    size = (stored[1], stored[0]) if turned else stored
+    return LoadedImage(rgb, pixel_hash(rgb), original_mode, size, scale)
+
+
+def pixel_hash(rgb: Image.Image) -> str:
     digest = hashlib.sha256(f"{rgb.width}x{rgb.height}".encode())
     digest.update(rgb.tobytes())
-    return LoadedImage(rgb, digest.hexdigest(), original_mode)
+    return digest.hexdigest()
+
+
+def _draft(image: Image.Image, needed: NeededSize) -> int:
+    """Asks a JPEG decoder for a DCT-reduced decode no smaller than ``needed``; returns the reduction."""
+    if image.format != "JPEG":  # draft is a JPEG feature (and MPO's frames are not all drafted alike)
+        return 1
+    turned = image.getexif().get(ExifTags.Base.Orientation, 1) in _QUARTER_TURNS
+    upright = (image.width, image.height) if turned else (image.height, image.width)
+    want = needed(*upright)
+    if want is None:
+        return 1
+    height, width = (want[1], want[0]) if turned else want
+    if image.width < 2 * width or image.height < 2 * height:
+        return 1  # no reduction possible
+    full_width = image.width
+    drafted = image.draft(None, (max(1, width), max(1, height)))
+    if not drafted:
+        return 1
+    # draft returns where the full image lies in the reduced one: (0, 0, width / scale, height / scale)
+    return round(full_width / drafted[1][2])
 
 
 def has_transparency(image: Image.Image) -> bool:
@@ -92,6 +154,8 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
             return ImageCms.profileToProfile(image, profile, _SRGB, outputMode="RGB")
         except (ImageCms.PyCMSError, OSError):
             pass  # a broken profile: fall back to Pillow's plain conversion
+    if image.mode == "RGB":
+        return image  # convert() would return a copy
     return image.convert("RGB")
 
 

@@ -2,10 +2,12 @@
 
 One streaming pass reads each image, validates it, finds exact duplicates,
 chooses its bucket and caption, and encodes its latent in per-bucket batches;
-a second pass encodes the captions with T5. Only small records (paths, hashes,
-captions) stay in memory, never pixels. Every cache entry is written atomically
-under a content key, so an interrupted run resumes and a re-run encodes only
-what changed. The source is only read.
+a second pass encodes the captions with T5. Reading, decoding and cropping run on
+a pool of threads ahead of the VAE (``stage.py``); only small records (paths,
+hashes, captions) stay in memory, never pixels. Every cache entry is written
+atomically under a content key, so an interrupted run resumes and a re-run
+encodes only what changed; a scan index (``scanindex.py``) lets a re-run
+recognise unchanged files without decoding them. The source is only read.
 """
 
 from __future__ import annotations
@@ -15,19 +17,22 @@ import json
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from PIL import ImageColor
 from tqdm.auto import tqdm
 
 from pixart_tune import models
-from pixart_tune.data.buckets import BUCKET_TABLES, CROPS, cover_scale, nearest_bucket, resize_to_bucket
+from pixart_tune.data.buckets import BUCKET_TABLES, CROPS
 from pixart_tune.data.cache import REPORT, CacheItem, FeatureCache, Manifest, content_key
 from pixart_tune.data.captions import CAPTION_SOURCES, compose, filename_caption, read_sidecar
+from pixart_tune.data.duplicates import DuplicateFinder
 from pixart_tune.data.encode import LatentEncoder, TextEncoder, component_fingerprint, resolve_component
-from pixart_tune.data.images import DEFAULT_MAX_PIXELS, ImageSkip, load_image
+from pixart_tune.data.images import DEFAULT_MAX_PIXELS, ImageSkip
+from pixart_tune.data.scanindex import ScanIndex
 from pixart_tune.data.sources import SOURCE_KINDS, Entry, open_source
+from pixart_tune.data.stage import Bucketed, ImageStage, Outcome, StageSettings
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
 
@@ -89,6 +94,10 @@ class PrepareConfig:
     """Load T5 in 8-bit with bitsandbytes (CUDA only): T5-XXL fits in about 6 GB."""
     max_tokens: int = models.MAX_TOKENS
     """T5 sequence length; PixArt-Sigma reads 300 tokens."""
+    workers: int = 0
+    """Threads that read, decode and crop images ahead of the VAE; 0: one per CPU core (at most 8); 1: no threads."""
+    reduce_jpeg: bool = True
+    """Decode JPEGs much bigger than their bucket at 1/2, 1/4 or 1/8 size (libjpeg DCT scaling): several times faster."""
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -104,6 +113,8 @@ class PrepareConfig:
             raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
         if self.max_upscale < 1.0:
             raise ValueError(f"max_upscale must be >= 1.0 (1.0 means never upscale), got {self.max_upscale}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be 0 (one per CPU core) or more, got {self.workers}")
         for name in ("max_pixels", "batch_size", "text_batch_size", "captioner_batch_size", "caption_max_new_tokens", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -126,6 +137,20 @@ class PrepareConfig:
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         return models.resolve_dtype(self.text_dtype)
 
+    def stage_settings(self) -> StageSettings:
+        return StageSettings(self.resolution, self.max_upscale, self.max_pixels, ImageColor.getrgb(self.background)[:3], self.crop, self.reduce_jpeg)
+
+
+def bucketed_images(config: PrepareConfig) -> Iterator[tuple[Entry, Outcome]]:
+    """Prepare's image stage alone: scan, read, decode, validate, bucket and crop, loading no model and writing nothing.
+
+    Yields ``(entry, Bucketed or ImageSkip)`` in scan order, every ``Bucketed`` with
+    its crop (``pixels``), on ``config.workers`` threads. What ``prepare_dataset``
+    does before the VAE, less duplicate finding; the throughput benchmark times it.
+    """
+    entries, _ = open_source(config.source, config.source_kind, config.split, config.image_column, config.caption_column)
+    yield from ImageStage(config.stage_settings(), config.workers).run(entries)
+
 
 @dataclasses.dataclass
 class _Accepted:
@@ -147,11 +172,9 @@ class _Run:
         self.config = config
         self.cache = FeatureCache(config.out)
         self.device = config.torch_device()
-        self.background = ImageColor.getrgb(config.background)[:3]
         self.accepted: list[_Accepted] = []
         self.skipped: list[dict[str, str]] = []
         self.duplicates: list[list[str]] = []
-        self.first_by_pixels: dict[str, str] = {}
         self.counts = Counter()
         self.vae_dtype = models.resolve_dtype(self.config.vae_dtype)
         self.latents = LatentEncoder(config.model, self.device, self.vae_dtype)
@@ -165,50 +188,67 @@ class _Run:
             # A local captioner is known by its files, a hub one by its name.
             weights = component_fingerprint(config.captioner, "") if Path(config.captioner).is_dir() else config.captioner
             self.captioner_fingerprint = content_key(weights, config.captioner_prompt or "", str(config.caption_max_new_tokens))
+        settings = config.stage_settings()
+        self.index = ScanIndex(config.out, settings.decode_key())
+        self.stage = ImageStage(settings, config.workers, self.index, self.wants_pixels)
+        self.finder = DuplicateFinder(self.full_hash, self.remember_full_hash)
+        self.models_loaded: list[str] = []
 
     # pass 1: images ----------------------------------------------------------------
-    def add(self, entry: Entry) -> None:
+    def latent_key(self, pixel_hash: str, bucket: tuple[int, int]) -> str:
+        return content_key("latent", pixel_hash, self.transform(bucket), self.latent_fingerprint)
+
+    def caption_key(self, pixel_hash: str, bucket: tuple[int, int]) -> str:
+        return content_key("caption", pixel_hash, self.transform(bucket), self.captioner_fingerprint)
+
+    def transform(self, bucket: tuple[int, int]) -> str:
+        # "box": the crop's region resampled straight to the bucket (see resize_to_bucket)
+        return f"{bucket[0]}x{bucket[1]}|{self.config.crop}|lanczos-box"
+
+    def full_hash(self, ref: tuple[Entry, str | None]) -> str:
+        return self.stage.full_hash(ref[0])
+
+    def remember_full_hash(self, ref: tuple[Entry, str | None], full_hash: str) -> None:
+        self.index.note(ref[1], full=full_hash)
+
+    def wants_pixels(self, image: Bucketed) -> bool:
+        """Whether an image's crop is needed: its latent (or caption) is not cached. Called from decode threads."""
+        if not self.cache.has_latent(self.latent_key(image.pixel_hash, image.bucket)):
+            return True
+        return self.captioner_enabled and not self.caption_path(self.caption_key(image.pixel_hash, image.bucket)).is_file()
+
+    def add(self, entry: Entry, outcome: Outcome) -> None:
         config = self.config
-        if entry.skip:
-            return self.skip(entry.source, entry.skip)
-        try:
-            data = entry.read()
-        except OSError as error:
-            return self.skip(entry.source, f"cannot read the file: {error.strerror or error}")
-        loaded = load_image(data, config.max_pixels, self.background)
-        del data
-        if isinstance(loaded, ImageSkip):
-            return self.skip(entry.source, loaded.reason)
-        image = loaded.image
-        size = (image.height, image.width)
-        bucket = nearest_bucket(*size, config.resolution)
-        scale = cover_scale(size, bucket)
-        if scale > config.max_upscale:
-            return self.skip(
-                entry.source,
-                f"too small: {size[1]}x{size[0]} px would need {scale:.1f}x upscaling to cover its "
-                f"{bucket[1]}x{bucket[0]} bucket at resolution {config.resolution} (limit --max-upscale {config.max_upscale:g})",
-            )
-        first = self.first_by_pixels.setdefault(loaded.pixel_hash, entry.source)
-        if first != entry.source:
+        if isinstance(outcome, ImageSkip):
+            return self.skip(entry.source, outcome.reason)
+        first = self.finder.first_copy(entry.source, outcome.size, outcome.pixel_hash, outcome.scale, outcome.full_hash, ref=(entry, outcome.index_key))
+        # a hint for the next run's decode threads: a duplicate's crop is not wanted (see ImageStage)
+        self.index.note(outcome.index_key, duplicate=first is not None)
+        if first is not None:
             self.duplicates.append([first, entry.source])
             if not config.keep_duplicates:
                 return
         caption, caption_source = self.find_caption(entry)
-        transform = f"{bucket[0]}x{bucket[1]}|{config.crop}|lanczos"
-        item = _Accepted(len(self.accepted), entry.source, size, bucket, caption, caption_source, content_key("latent", loaded.pixel_hash, transform, self.latent_fingerprint))
+        bucket = outcome.bucket
+        item = _Accepted(len(self.accepted), entry.source, outcome.size, bucket, caption, caption_source, self.latent_key(outcome.pixel_hash, bucket))
         self.accepted.append(item)
         need_latent = not self.cache.has_latent(item.latent_key) and item.latent_key not in {k for k, _ in self.pending[bucket]}
         need_caption = False
         if caption is None:  # the captioner's turn: reuse what it wrote for these pixels before
-            item.caption_key = content_key("caption", loaded.pixel_hash, transform, self.captioner_fingerprint)
+            item.caption_key = self.caption_key(outcome.pixel_hash, bucket)
             item.caption = self.read_caption(item.caption_key)
             need_caption = item.caption is None
             self.counts["captions_reused" if not need_caption else "captions_generated"] += 1
         if not (need_latent or need_caption):
             self.counts["latents_reused"] += 1
             return
-        pixels = resize_to_bucket(image, bucket, config.crop, seed=int(loaded.pixel_hash[:8], 16))
+        pixels, outcome.pixels = outcome.pixels, None
+        if pixels is None:  # its latent was there when the decode thread looked, and is gone now
+            again = self.stage.process(entry, force_pixels=True)
+            if not isinstance(again, Bucketed):
+                self.accepted.pop()
+                return self.skip(entry.source, again.reason)
+            pixels = again.pixels
         if need_latent:
             self.pending[bucket].append((item.latent_key, pixels))
             if len(self.pending[bucket]) >= config.batch_size:
@@ -282,8 +322,12 @@ class _Run:
         for bucket in list(self.pending):
             self.flush_bucket(bucket)
         self.flush_captions()
+        self.index.save()
+        if self.latents.loaded:
+            self.models_loaded.append("vae")
         self.latents.close()
         if self.captioner is not None:
+            self.models_loaded.append("captioner")
             self.captioner.close()
             self.captioner = None
 
@@ -317,6 +361,8 @@ class _Run:
             self.counts["texts_encoded"] += len(chunk)
             bar.update(len(chunk))
         bar.close()
+        if text.loaded:
+            self.models_loaded.append("text_encoder")
         text.close()
         for item in self.accepted:
             item.caption = finals[item.index]
@@ -333,8 +379,8 @@ def prepare_dataset(config: PrepareConfig) -> dict[str, Any]:
     start = time.perf_counter()
     run = _Run(config)
     entries, total = open_source(source, config.source_kind, config.split, config.image_column, config.caption_column)
-    for entry in tqdm(entries, total=total, desc="read, check and encode images (VAE)", unit="image", disable=not config.progress):
-        run.add(entry)
+    for entry, outcome in tqdm(run.stage.run(entries), total=total, desc="read, check and encode images (VAE)", unit="image", disable=not config.progress):
+        run.add(entry, outcome)
     run.finish_images()
     text_keys, empty_key, overlong = run.encode_texts()
 
@@ -378,7 +424,9 @@ def prepare_dataset(config: PrepareConfig) -> dict[str, Any]:
             "texts_reused": run.counts["texts_reused"],
             "captions_generated": run.counts["captions_generated"],
             "captions_reused": run.counts["captions_reused"],
+            "images_decoded": run.stage.decoded,
         },
+        "models_loaded": run.models_loaded,
         "seconds": round(seconds, 3),
         "images_per_second": round(seen / seconds, 2) if seconds > 0 else None,
         "config": dataclasses.asdict(config),
@@ -418,7 +466,8 @@ def summary(report: dict[str, Any], out: str, limit: int = 20) -> str:
         lines.append(f"  {report['caption_sources']['none']} images have no caption (only trigger/prefix/suffix); add .txt files or --captioner")
     lines.append(
         f"cache: {counts['latents_encoded']} latents encoded, {counts['latents_reused']} reused; "
-        f"{counts['texts_encoded']} captions encoded, {counts['texts_reused']} reused"
+        f"{counts['texts_encoded']} captions encoded, {counts['texts_reused']} reused; "
+        f"{counts.get('images_decoded', 0)} images decoded; models loaded: {', '.join(report.get('models_loaded') or ['none'])}"
     )
     lines.append(f"report: {Path(out) / REPORT}")
     return "\n".join(lines)
@@ -446,6 +495,7 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--background", "background", {"help": "colour under transparent pixels (default white)"}),
     ("--batch-size", "batch_size", {"type": int, "help": "images per VAE batch (default 8)"}),
     ("--text-batch-size", "text_batch_size", {"type": int, "help": "captions per T5 batch (default 32)"}),
+    ("--workers", "workers", {"type": int, "help": "threads that decode images (default 0: one per CPU core, at most 8)"}),
     ("--device", "device", {"help": "auto, cpu or cuda[:N]"}),
     ("--vae-dtype", "vae_dtype", {"choices": ("fp32", "bf16")}),
     ("--text-dtype", "text_dtype", {"choices": ("auto", *models.DTYPES)}),

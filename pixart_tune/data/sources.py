@@ -34,6 +34,9 @@ class Entry:
     """The file on disk, for sidecar captions (folders only)."""
     metadata_caption: str | None = None
     skip: str | None = None
+    rereadable: bool = True
+    """``read`` can be called again later without this entry holding the bytes (files, saved datasets);
+    streamed rows cannot, so they are always decoded at full size (see duplicates.py)."""
 
 
 def detect_kind(source: str) -> str:
@@ -142,16 +145,25 @@ def dataset_entries(data, split: str, image_column: str | None, caption_column: 
         raise UserError(f"no image column found (columns: {', '.join(features)}); name it with --image-column")
     if isinstance(features[image_column], datasets.Image):
         data = data.cast_column(image_column, datasets.Image(decode=False))
+    random_access = isinstance(data, datasets.Dataset)  # a save_to_disk dataset: rows are memory-mapped
     for index, row in enumerate(data):
         value = row[image_column]
         data_bytes, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
         source = f"{split}/{index}" + (f":{Path(path).name}" if path else "")
         name = Path(path).name if path else ""
+        rereadable = True
         if data_bytes is None and path and Path(path).is_file():
             read = Path(path).read_bytes
         elif isinstance(data_bytes, (bytes, bytearray)):
-            read = (lambda b=bytes(data_bytes): b)
+            if random_access:  # fetch the row again when asked rather than holding its bytes
+                read = (lambda i=index: _image_bytes(data[i][image_column]))
+            else:
+                read, rereadable = (lambda b=bytes(data_bytes): b), False
         else:
             yield Entry(source, name, None, skip="row has no image bytes")
             continue
-        yield Entry(source, name, read, metadata_caption=pick_caption(row, caption_column))
+        yield Entry(source, name, read, metadata_caption=pick_caption(row, caption_column), rereadable=rereadable)
+
+
+def _image_bytes(value) -> bytes:
+    return bytes(value["bytes"] if isinstance(value, dict) else value)
