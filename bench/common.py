@@ -110,7 +110,7 @@ def build_model_folder(out, transformer_config: dict, caption_channels: int, dty
 
 
 def write_images(folder, count: int, size: tuple[int, int] = (256, 256), seed: int = 0):
-    """``count`` random-noise PNGs of one size, each with a caption of the same length."""
+    """``count`` random-noise PNGs of one size, all with one caption (so every batch has one text length)."""
     from pathlib import Path
 
     import numpy as np
@@ -122,7 +122,7 @@ def write_images(folder, count: int, size: tuple[int, int] = (256, 256), seed: i
     for i in range(count):
         pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"img_{i:04d}.png")
-        (folder / f"img_{i:04d}.txt").write_text(f"a photo of a red cat on a wooden table number {i % 10}", encoding="utf-8")
+        (folder / f"img_{i:04d}.txt").write_text("a photo of a red cat on a wooden table", encoding="utf-8")
     return folder
 
 
@@ -159,3 +159,11 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+
+
+def load_average() -> str:
+    """The machine's 1-minute load average: other work on the cores moves every timing."""
+    try:
+        return f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
+    except OSError:
+        return "load average unknown"

@@ -25,6 +25,7 @@ features, not overhead); gradient clipping stays on (every recipe clips).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -35,7 +36,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Timing, build_model_folder, git_commit, interleave, machine, prepare, table, write_images
+from bench.common import Timing, build_model_folder, git_commit, interleave, load_average, machine, prepare, table, write_images
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "tiny_cpu.yaml"
@@ -55,7 +56,7 @@ def build_workdir(work: Path, images: int, layers: int, heads: int, head_dim: in
     return model, prepare(model, source, work / "prepared")
 
 
-def trainer_config(model: Path, data: Path, out: Path, batch_size: int, rank: int, extra: list[str] = ()):
+def trainer_config(model: Path, data: Path, out: Path, batch_size: int, rank: int):
     from pixart_tune.training.config import load_train_config
 
     return load_train_config(
@@ -66,7 +67,6 @@ def trainer_config(model: Path, data: Path, out: Path, batch_size: int, rank: in
             "optim.name=adamw", "data.caption_dropout=0", "diffusion.min_snr_gamma=null",
             f"lora.rank={rank}", f"lora.alpha={rank}", "logging.every=10", "logging.tensorboard=true",
             "schedule.steps=1000000", "schedule.lr_scheduler=constant", "schedule.warmup_steps=0",
-            *extra,
         ],
     )
 
@@ -114,18 +114,19 @@ class BareSide:
         self.latents, self.embeds, self.mask = batch.latents, batch.embeds, batch.mask
         self.dtype = dtype
 
-    def step(self) -> None:
-        latents = self.latents
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (latents.shape[0],))
+    def loss(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         abar = self.alphas[t].view(-1, 1, 1, 1)
         noisy = (abar.sqrt() * latents + (1 - abar).sqrt() * noise).to(self.dtype)
         out = self.transformer(
             noisy, encoder_hidden_states=self.embeds, encoder_attention_mask=self.mask, timestep=t,
             added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False,
         )[0]
-        loss = torch.nn.functional.mse_loss(out[:, : latents.shape[1]].float(), noise)
-        loss.backward()
+        return torch.nn.functional.mse_loss(out[:, : latents.shape[1]].float(), noise)
+
+    def step(self) -> None:
+        noise = torch.randn_like(self.latents)
+        t = torch.randint(0, 1000, (self.latents.shape[0],))
+        self.loss(self.latents, noise, t).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -152,19 +153,23 @@ def measure(model: Path, data: Path, out: Path, rounds: int, steps: int, batch_s
         def run() -> float:
             times = sides[name].run(steps)
             samples[name] += times
-            return sum(times) / len(times)
+            return statistics.median(times)
 
         return run
 
-    interleave({name: block(name) for name in sides}, rounds)
+    per_round = interleave({name: block(name) for name in sides}, rounds)
     trainer.trainer.cleanup()
-    return {name: Timing(name, values) for name, values in samples.items()}
+    timings = {name: Timing(name, values) for name, values in samples.items()}
+    # The same ratio round by round: its spread says how much the machine's load moved it.
+    ratios = [a / b for a, b in zip(per_round["pixart-tune train"].samples, per_round["bare PyTorch loop"].samples)]
+    timings["ratio"] = Timing("ratio per round", ratios)
+    return timings
 
 
 def report(timings: dict[str, Timing], args) -> tuple[str, float]:
     bare = timings["bare PyTorch loop"]
     rows = []
-    for timing in timings.values():
+    for timing in (timings["pixart-tune train"], bare):
         lo, hi = timing.spread
         mean = sum(timing.samples) / len(timing.samples)
         rows.append([
@@ -172,13 +177,19 @@ def report(timings: dict[str, Timing], args) -> tuple[str, float]:
             f"{mean * 1e3:.1f}", f"{timing.median / bare.median:.3f}x",
         ])
     ratio = timings["pixart-tune train"].median / bare.median
+    per_round = timings["ratio"]
+    lo, hi = per_round.spread
     lines = [
         f"trainer overhead: {args.layers} layers x width {args.heads * args.head_dim}, 256 px, batch {args.batch_size}, "
         f"LoRA rank {args.rank} (attention), AdamW, fp32, {torch.get_num_threads()} threads",
         f"machine: {machine()}; torch {torch.__version__}; commit {git_commit()}; {time.strftime('%Y-%m-%d')}",
-        f"{args.rounds} interleaved rounds x {args.steps} steps (trainer: {args.steps - 1} timed per round); warm-up excluded",
+        f"{args.rounds} interleaved rounds x {args.steps} steps (trainer: {args.steps - 1} timed per round); warm-up excluded; "
+        f"{getattr(args, 'load_before', 'load average unknown')} before, {load_average()} after",
         "",
         table(["loop", "steps", "median ms", "p10 - p90 ms", "mean ms", "median vs bare"], rows),
+        "",
+        f"ratio of the two loops' median step times within each round: median {per_round.median:.3f}, "
+        f"p10 - p90 {lo:.3f} - {hi:.3f} over {len(per_round.samples)} rounds",
     ]
     return "\n".join(lines), ratio
 
@@ -206,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             print("building the model folder and preparing the dataset ...", flush=True)
             build_workdir(work, max(2 * args.batch_size, 8), args.layers, args.heads, args.head_dim, args.caption_channels)
         run_dir = Path(tempfile.mkdtemp(prefix="run_", dir=work))
+        args.load_before = load_average()
         timings = measure(work / "model", work / "prepared", run_dir, args.rounds, args.steps, args.batch_size, args.rank)
     text, ratio = report(timings, args)
     print(text)

@@ -48,7 +48,7 @@ class Batch:
 
 
 class CachedDataset(Dataset):
-    """Items of a prepared dataset folder: ``{"latent", "embeds", "mask"}``."""
+    """Items of a prepared dataset folder: ``{"latent", "embeds"}``."""
 
     def __init__(self, root: str | Path):
         self.cache = FeatureCache(root)
@@ -101,15 +101,14 @@ def collate(items: Sequence[dict[str, torch.Tensor]]) -> Batch:
     300 tokens changes no result and saves most of the cross-attention work for
     short captions.
     """
-    lengths = [max(item["embeds"].shape[0], 1) for item in items]
-    length = max(lengths)
+    length = max(1, *(item["embeds"].shape[0] for item in items))
     first = items[0]["embeds"]
     embeds = first.new_zeros(len(items), length, first.shape[-1])
     mask = torch.zeros(len(items), length, dtype=torch.long)
     for i, item in enumerate(items):
         valid = item["embeds"].shape[0]
         embeds[i, :valid] = item["embeds"]
-        mask[i, :lengths[i]] = 1 if valid else 0
+        mask[i, :valid] = 1
     return Batch(latents=torch.stack([item["latent"] for item in items]), embeds=embeds, mask=mask)
 
 
