@@ -128,12 +128,17 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, transformer=No
     return PixArtSigmaPipeline.from_pretrained(model, **kwargs)
 
 
-def meta_transformer(config: dict[str, Any] | None = None):
+def meta_transformer(config: dict[str, Any] | None = None, dtype: torch.dtype | None = None):
     """The real-size XL-2 architecture on the meta device: shapes without memory."""
     from diffusers import PixArtTransformer2DModel
 
     with torch.device("meta"):
-        return PixArtTransformer2DModel.from_config(config or XL2_TRANSFORMER_CONFIG)
+        model = PixArtTransformer2DModel.from_config(config or XL2_TRANSFORMER_CONFIG)
+    if dtype is not None:
+        # nn.Module.to, not ModelMixin.to: the latter warns about fp32-only modules
+        # even when the model has none (diffusers checks the list for None, not empty).
+        torch.nn.Module.to(model, dtype)
+    return model
 
 
 # --- the tiny pipeline -------------------------------------------------------------

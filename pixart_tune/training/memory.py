@@ -104,7 +104,7 @@ def plan_memory(
     # The blocks are identical: a two-block model on the meta device is traced, and
     # the counts of its second block (the first keeps less: its input needs no
     # gradient) are multiplied up to the real depth.
-    transformer = meta_transformer(dict(arch, num_layers=2)).to(dtype)
+    transformer = meta_transformer(dict(arch, num_layers=2), dtype)
     block_params = sum(p.numel() for p in transformer.transformer_blocks[1].parameters())
     base_params = sum(p.numel() for p in transformer.parameters()) + (layers - 2) * block_params
     inject_lora(transformer, config.lora)

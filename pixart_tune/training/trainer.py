@@ -30,7 +30,7 @@ from pixart_tune.config import save_yaml, to_dict
 from pixart_tune.data.cache import content_key
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
-from pixart_tune.models import load_noise_scheduler, load_transformer, resolve_dtype
+from pixart_tune.models import load_noise_scheduler, load_transformer, load_vae, resolve_dtype
 from pixart_tune.training import checkpoint as ckpt
 from pixart_tune.training import diffusion
 from pixart_tune.training.config import TrainConfig, load_train_config
@@ -182,10 +182,13 @@ class Trainer:
         encoder = TextEncoder(self.config.model, self.device, self.dtype, max_tokens=self.dataset.manifest.max_tokens)
         self.val_embeds, self.val_mask = encoder.encode(validation.prompts)
         encoder.close()
-        # No dtype here: it would cast the passed transformer's fp32 LoRA weights too.
-        self.pipe = PixArtSigmaPipeline.from_pretrained(self.config.model, transformer=self.transformer, text_encoder=None, tokenizer=None)
-        # The pipeline decodes latents of the transformer's dtype; the VAE waits on the CPU.
-        self.pipe.vae.to("cpu", self.dtype)
+        # The pipeline decodes latents of the transformer's dtype, so the VAE loads in
+        # that dtype (and waits on the CPU between validations). No pipeline-wide dtype:
+        # it would cast the passed transformer's fp32 LoRA weights too.
+        vae = load_vae(self.config.model, self.dtype)
+        self.pipe = PixArtSigmaPipeline.from_pretrained(
+            self.config.model, transformer=self.transformer, vae=vae, text_encoder=None, tokenizer=None
+        )
 
     def _setup_output(self) -> None:
         out = Path(self.config.output_dir)
