@@ -12,6 +12,6 @@ pixart-tune prepare datasets/samples --out "$out/data" --model "$out/tiny" --res
 rm -rf "$out/run"  # the demo's own previous run; a real run would --resume instead
 pixart-tune train recipes/tiny_cpu.yaml model="$out/tiny" data.path="$out/data" output_dir="$out/run"
 pixart-tune sample --model "$out/tiny" --adapter "$out/run/adapter" --prompt "sks, a photo of a cat" \
-    --seeds 1 2 3 --steps 10 --sweep 0,0.5,1 --out "$out/samples"
+    --seeds 1 2 3 --steps 10 --sweep 0.5,1 --out "$out/samples"
 echo
 echo "demo finished: prepared data in $out/data (report.json), run in $out/run, samples in $out/samples/grid.png"
