@@ -9,6 +9,8 @@ file stores alpha as a one-element ``<module>.alpha`` tensor, which all of them 
 
 from __future__ import annotations
 
+import logging
+
 import argparse
 import json
 import shutil
@@ -34,6 +36,8 @@ FORMATS: dict[str, tuple[str, str]] = {
     "onetrainer": ("onetrainer", "OneTrainer and kohya-style tools (`lora_transformer_*`, lora_down/lora_up + alpha)"),
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+logger = logging.getLogger(__name__)
 
 
 def export_file(weights: LoraWeights, fmt: str, out: str | Path) -> Path:
@@ -140,6 +144,11 @@ def publish(
     if base_model is None:
         # A local folder (such as a test model) means nothing on the Hub.
         base_model = recorded if isinstance(recorded, str) and recorded and not Path(recorded).exists() else REAL_MODEL_ID
+        if base_model != recorded:
+            logger.warning(
+                "the adapter was trained on %r, which is not a Hub id; the model card names %s as its base "
+                "(pass --base-model to name another)", recorded, base_model,
+            )
     words = list(trigger_words) or [str(w) for w in (values.get("trigger_words") or []) if str(w)]
     images = _expand(samples) if samples is not None else find_samples(path)
     out = Path(out)
