@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
+from pixart_tune.adapters import lora
 from pixart_tune.adapters.loader import AdapterSpec, apply_lora, parse_spec, read_lora
 from pixart_tune.errors import UserError
 from pixart_tune.models import MAX_TOKENS, default_device, load_pipeline, resolve_dtype
@@ -174,8 +175,6 @@ class Sampler:
         cached = self._loaded.get(path)
         if cached and cached[0] == stat:
             return cached[1]
-        from pixart_tune.adapters import lora
-
         if cached:
             with warnings.catch_warnings():
                 # PEFT warns when the removed adapter was active; activate() sets them right after.
@@ -189,8 +188,6 @@ class Sampler:
 
     def activate(self, adapters: Sequence[AdapterSpec]) -> None:
         """Makes exactly ``adapters`` active at their scales (none: the base model)."""
-        from pixart_tune.adapters import lora
-
         scales: dict[str, float] = {}
         for spec in adapters:
             name = self.adapter_name(spec)

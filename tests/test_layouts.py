@@ -223,3 +223,15 @@ def test_rslora_and_dora_folders_load_like_peft_loads_them(variant, tiny_model, 
     expected = load_transformer(tiny_model)
     lora.load_adapter(expected, path, scale=0.6)
     assert_close(output(transformer), output(expected), output(load_transformer(tiny_model)))
+
+
+def test_adapters_load_in_fp32_onto_a_bf16_model(tiny_model, adapters):  # noqa: F811
+    """PEFT makes LoRA layers in the base dtype; the weights must reach them unrounded."""
+    weights = read_lora(adapters["a"])
+    name, module = next(iter(weights.modules.items()))
+    for load in (lambda t: apply_lora(t, weights, "default"), lambda t: lora.load_adapter(t, adapters["a"])):
+        transformer = load_transformer(tiny_model, dtype=torch.bfloat16)
+        load(transformer)
+        down = transformer.get_submodule(name).lora_A["default"].weight
+        assert down.dtype == torch.float32
+        assert torch.equal(down, module.down.float())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -162,3 +163,16 @@ def test_truncated_svd_handles_rank_above_the_matrix_rank():
     result, kept, total = truncated_svd(module.up * module.scale, module.down, rank=50)
     assert result.rank == 3 and kept == pytest.approx(total)
     assert torch.allclose(result.delta(), module.delta(), atol=1e-4)
+
+
+def test_outputs_that_hold_their_inputs_are_refused(tiny_model, adapters, tmp_path):  # noqa: F811
+    """Writing a folder replaces it whole: an output holding an input would delete the input."""
+    runs = tmp_path / "runs"
+    shutil.copytree(adapters["a"], runs / "a")
+    with pytest.raises(UserError, match="holds one of the input adapters"):
+        cli([str(runs / "a"), str(adapters["b"]), "--out", str(runs), "--overwrite"])
+    with pytest.raises(UserError, match="holds one of the input adapters"):
+        cli([str(runs / "a"), "--fuse", tiny_model, "--out", str(runs), "--overwrite"])
+    with pytest.raises(UserError, match="inside the base model's folder"):
+        cli([str(runs / "a"), "--fuse", tiny_model, "--out", f"{tiny_model}/transformer", "--overwrite"])
+    assert read_lora(runs / "a").ranks == {4}

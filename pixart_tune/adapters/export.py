@@ -9,9 +9,8 @@ file stores alpha as a one-element ``<module>.alpha`` tensor, which all of them 
 
 from __future__ import annotations
 
-import logging
-
 import argparse
+import logging
 import json
 import shutil
 from pathlib import Path
@@ -24,6 +23,7 @@ from pixart_tune.adapters import card as cards
 from pixart_tune.adapters import lora
 from pixart_tune.adapters.layouts import LoraWeights, to_state_dict
 from pixart_tune.adapters.loader import read_lora
+from pixart_tune.adapters.merge import refuse_overwriting_inputs, write_weights
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
 from pixart_tune.models import REAL_MODEL_ID
@@ -54,18 +54,25 @@ def export_file(weights: LoraWeights, fmt: str, out: str | Path) -> Path:
     return out
 
 
-def export_adapter(path: str | Path, formats: Sequence[str], out: str | Path, allow_pickle: bool = False) -> list[Path]:
-    """Exports the adapter at ``path`` in each format.
+def export_adapter(
+    path: str | Path, formats: Sequence[str], out: str | Path, allow_pickle: bool = False, name: str | None = None
+) -> list[Path]:
+    """Exports the adapter at ``path`` in each format; returns the files, in the order of ``formats``.
 
     ``out`` is the file when one format is asked for and ``out`` ends in
     ``.safetensors``; otherwise a folder receiving ``<name>_<format>.safetensors``.
     """
     weights = read_lora(path, allow_pickle)
+    return [export_file(weights, fmt, target) for fmt, target in zip(formats, export_targets(path, formats, out, name))]
+
+
+def export_targets(path: str | Path, formats: Sequence[str], out: str | Path, name: str | None = None) -> list[Path]:
+    """The files :func:`export_adapter` writes (``name`` defaults to the adapter's file or folder name)."""
     out = Path(out)
-    stem = _stem(Path(path))
     if len(formats) == 1 and out.suffix == ".safetensors":
-        return [export_file(weights, formats[0], out)]
-    return [export_file(weights, fmt, out / f"{stem}_{fmt}.safetensors") for fmt in formats]
+        return [out]
+    stem = name or _stem(Path(path))
+    return [out / f"{stem}_{fmt}.safetensors" for fmt in formats]
 
 
 def _stem(path: Path) -> str:
@@ -154,8 +161,6 @@ def publish(
     out = Path(out)
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        from pixart_tune.adapters.merge import write_weights
-
         write_weights(weights, tmp / "peft")
         for item in (tmp / "peft").iterdir():
             item.rename(tmp / item.name)
@@ -237,11 +242,8 @@ def cli(argv: list[str]) -> int:
         out = Path(args.out)
         if len(formats) == 1 and out.suffix and out.suffix != ".safetensors":
             raise UserError(f"--out {out}: exports are .safetensors files; name it {out.with_suffix('.safetensors').name}")
-        targets = [out] if len(formats) == 1 and out.suffix == ".safetensors" else [out / f"{args.name or _stem(Path(args.adapter))}_{f}.safetensors" for f in formats]
-        _refuse_existing(targets, args.overwrite, Path(args.adapter))
-        weights = read_lora(args.adapter, args.allow_pickle_runs_code)
-        for fmt, target in zip(formats, targets):
-            export_file(weights, fmt, target)
+        _refuse_existing(export_targets(args.adapter, formats, out, args.name), args.overwrite, Path(args.adapter))
+        for fmt, target in zip(formats, export_adapter(args.adapter, formats, out, args.allow_pickle_runs_code, args.name)):
             print(f"wrote {target}  ({FORMATS[fmt][1]})")
     if args.publish:
         folder = Path(args.publish)
@@ -259,7 +261,6 @@ def cli(argv: list[str]) -> int:
 
 def _refuse_existing(targets: Sequence[Path], overwrite: bool, adapter: Path) -> None:
     for target in targets:
-        if target.resolve() == adapter.resolve():
-            raise UserError(f"the output {target} is the input adapter; choose another path")
+        refuse_overwriting_inputs([adapter], target, "the input adapter")
         if target.exists() and not overwrite:
             raise UserError(f"{target} exists; choose another --out / --publish or pass --overwrite")

@@ -182,6 +182,13 @@ def diffusers_names(original: str) -> tuple[str, ...] | None:
     return None
 
 
+def pixart_module_names(num_blocks: int = 28) -> list[str]:
+    """Diffusers names of every linear layer of a PixArt-Sigma transformer."""
+    inner = [part for parts in _FUSED.values() for part in parts] + list(_BLOCK_NAMES.values())
+    names = [f"transformer_blocks.{i}.{name}" for i in range(num_blocks) for name in inner]
+    return names + list(_OUTER_NAMES.values())
+
+
 def underscored(name: str) -> str:
     return name.replace(".", "_")
 

@@ -23,34 +23,14 @@ from typing import Sequence
 
 import torch
 from peft import LoraConfig
-from peft.functional import inject_adapter_in_model, set_peft_model_state_dict
+from peft.functional import cast_adapter_dtype, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors import safe_open
 
 from pixart_tune.adapters import lora
-from pixart_tune.adapters.layouts import LoraWeights, from_peft_state, from_state_dict
+from pixart_tune.adapters.layouts import LoraWeights, from_peft_state, from_state_dict, pixart_module_names
 from pixart_tune.errors import UserError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-# Every linear layer a PixArt-Sigma LoRA can target, inside a block and outside.
-_BLOCK_LINEARS = (
-    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
-    "ff.net.0.proj", "ff.net.2",
-)
-_OUTER_LINEARS = (
-    "proj_out",
-    "adaln_single.linear",
-    "adaln_single.emb.timestep_embedder.linear_1",
-    "adaln_single.emb.timestep_embedder.linear_2",
-    "adaln_single.emb.resolution_embedder.linear_1",
-    "adaln_single.emb.resolution_embedder.linear_2",
-    "adaln_single.emb.aspect_ratio_embedder.linear_1",
-    "adaln_single.emb.aspect_ratio_embedder.linear_2",
-    "caption_projection.linear_1",
-    "caption_projection.linear_2",
-)
-
 
 @dataclasses.dataclass
 class AdapterSpec:
@@ -75,12 +55,6 @@ def parse_spec(text: str) -> AdapterSpec:
         except ValueError:
             pass
     return AdapterSpec(text)
-
-
-def pixart_module_names(num_blocks: int = 28) -> list[str]:
-    """Diffusers names of every linear layer of a PixArt-Sigma transformer."""
-    names = [f"transformer_blocks.{i}.{inner}" for i in range(num_blocks) for inner in _BLOCK_LINEARS]
-    return names + list(_OUTER_LINEARS)
 
 
 # --- reading -------------------------------------------------------------------------
@@ -234,14 +208,14 @@ def apply_lora(transformer: torch.nn.Module, weights: LoraWeights, adapter_name:
         # Several adapters in one model is the point here, not an accident.
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         inject_adapter_in_model(peft_config(weights), transformer, adapter_name=adapter_name)
+    # PEFT makes the LoRA layers in the base layer's dtype and device; upcast before
+    # loading, or fp32 weights copied into bf16 layers would be rounded.
+    cast_adapter_dtype(transformer, adapter_name=adapter_name)
     result = set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]
     if unexpected:
         raise UserError(f"{source}: LoRA weights match no layer of this model: {', '.join(unexpected[:3])}")
-    device = next(transformer.parameters()).device
-    for name, parameter in transformer.named_parameters():
-        if f".{adapter_name}." in name or name.endswith(f".{adapter_name}"):
-            parameter.data = parameter.data.to(device=device, dtype=torch.float32)
+    for parameter in transformer.parameters():
         parameter.requires_grad_(False)
     lora.set_scale(transformer, adapter_name, scale)
 
@@ -257,7 +231,5 @@ def load_adapters(
         apply_lora(transformer, read_lora(spec.path, allow_pickle), name, spec.scale, source=spec.path)
         names.append(name)
     lora.activate(transformer, names)
-    for name, spec in zip(names, specs):
-        lora.set_scale(transformer, name, spec.scale)
     return names
 

@@ -99,10 +99,9 @@ def inject_lora(transformer: torch.nn.Module, settings: LoraSettings, adapter_na
     inject_adapter_in_model(settings.peft_config(), transformer, adapter_name=adapter_name)
     if not lora_layers(transformer):
         raise UserError(f"LoRA targets {settings.targets!r} match no layer of this transformer")
-    cast_adapter_dtype(transformer, adapter_name=adapter_name, autocast_adapter_dtype=True)
+    cast_adapter_dtype(transformer, adapter_name=adapter_name)
     for name, parameter in transformer.named_parameters():
         if f".{adapter_name}." in name or name.endswith(f".{adapter_name}"):
-            parameter.data = parameter.data.float()
             parameter.requires_grad_(True)
     return transformer
 
@@ -190,6 +189,9 @@ def apply_state_dict(
 ) -> None:
     """Injects ``settings`` as ``adapter_name`` and loads PEFT-layout ``state`` into it, strictly."""
     inject_adapter_in_model(settings.peft_config(), transformer, adapter_name=adapter_name, state_dict=state)
+    # fp32 before loading, as inject_lora keeps it: PEFT makes the LoRA layers in the
+    # base dtype, and fp32 weights copied into bf16 layers would be rounded.
+    cast_adapter_dtype(transformer, adapter_name=adapter_name)
     _check_shapes(transformer, state, adapter_name)
     result = set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]

@@ -107,6 +107,7 @@ def merge_weights(adapters: Sequence[LoraWeights], weights: Sequence[float], met
     if method == "svd" and rank is not None and rank < 1:
         raise UserError(f"--rank must be at least 1, got {rank}")
     names = sorted({name for adapter in adapters for name in adapter.modules})
+    svd_rank = rank or max(r for adapter in adapters for r in adapter.ranks)
     merged: dict[str, LoraModule] = {}
     kept_total, energy_total = 0.0, 0.0
     for name in names:
@@ -120,8 +121,7 @@ def merge_weights(adapters: Sequence[LoraWeights], weights: Sequence[float], met
         elif method == "cat":
             merged[name] = merge_cat(modules, ws)
         else:
-            target = rank or max(m.rank for a in adapters for m in a.modules.values())
-            merged[name], kept, total = merge_svd(modules, ws, target)
+            merged[name], kept, total = merge_svd(modules, ws, svd_rank)
             kept_total += kept
             energy_total += total
     energy = kept_total / energy_total if method == "svd" and energy_total > 0 else 1.0
@@ -158,7 +158,7 @@ def merge_adapters(specs: list[AdapterSpec], out: str | Path, method: str = "lin
     """Merges adapters (``spec.scale`` is each one's weight) into a PEFT adapter folder at ``out``."""
     if not specs:
         raise UserError("give at least one adapter to merge")
-    _refuse_overwriting_inputs(specs, out)
+    refuse_overwriting_inputs([spec.path for spec in specs], out)
     adapters = [read_lora(spec.path, allow_pickle) for spec in specs]
     result = merge_weights(adapters, [spec.scale for spec in specs], method, rank)
     metadata = {
@@ -174,7 +174,7 @@ def merge_adapters(specs: list[AdapterSpec], out: str | Path, method: str = "lin
 
 def resize_adapter(path: str | Path, out: str | Path, rank: int, allow_pickle: bool = False) -> tuple[Path, float]:
     """Writes ``path``'s adapter truncated to ``rank`` at ``out``; returns (folder, fraction of energy kept)."""
-    _refuse_overwriting_inputs([AdapterSpec(str(path))], out)
+    refuse_overwriting_inputs([path], out)
     result = resize_weights(read_lora(path, allow_pickle), rank)
     folder = write_weights(result.weights, out, {"resized_from": str(path), "energy_kept": round(result.energy_kept, 6)})
     return folder, result.energy_kept
@@ -193,8 +193,10 @@ def fuse_adapters(model: str, specs: list[AdapterSpec], out: str | Path, dtype: 
         raise UserError("give at least one adapter to fuse")
     out = Path(out)
     source = _model_folder(model)
-    if out.resolve() == source.resolve():
-        raise UserError(f"the output {out} is the base model's own folder; choose a new folder")
+    refuse_overwriting_inputs([spec.path for spec in specs], out)
+    refuse_overwriting_inputs([source], out, "the base model's folder")
+    if out.resolve().is_relative_to(source.resolve()):
+        raise UserError(f"the output {out} lies inside the base model's folder {source}; choose a new folder outside it")
     adapters = [read_lora(spec.path, allow_pickle) for spec in specs]
     transformer = load_transformer(str(source), dtype=torch.float32)
     fuse_into(transformer, adapters, [spec.scale for spec in specs], [spec.path for spec in specs])
@@ -265,11 +267,13 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(real, target)
 
 
-def _refuse_overwriting_inputs(specs: Sequence[AdapterSpec], out: str | Path) -> None:
+def refuse_overwriting_inputs(inputs: Sequence[str | Path], out: str | Path, what: str = "one of the input adapters") -> None:
+    """Refuses an output that is, or holds, an input: writing it replaces the whole folder."""
     target = Path(out).resolve()
-    for spec in specs:
-        if Path(spec.path).resolve() == target:
-            raise UserError(f"the output {out} is one of the input adapters; choose a new folder")
+    for item in inputs:
+        source = Path(item).resolve()
+        if source == target or source.is_relative_to(target):
+            raise UserError(f"the output {out} is or holds {what} ({item}), which writing it would delete; choose a new folder")
 
 
 def _trigger_words(metadata: dict[str, str]) -> list[str]:

@@ -88,10 +88,7 @@ def build_app(settings: AppSettings, app: PreviewApp | None = None):
                     @gr.render(inputs=adapters)
                     def scale_sliders(selected):
                         selected = list(selected or [])
-                        sliders = [
-                            gr.Slider(-2, 2, value=1.0, step=0.05, label=f"Scale: {app.label(p)}", key=f"scale-{p}", interactive=True)
-                            for p in selected
-                        ]
+                        sliders = _sliders(app, selected, "Scale")
                         generate.click(
                             shown("Generate", lambda: (gr.skip(),) * 3)(lambda *v, progress=track(): _compare(app, selected, *v, progress=progress)),
                             inputs=[model, prompt, negative, seed, steps, guidance, bucket, *sliders],
@@ -137,10 +134,7 @@ def build_app(settings: AppSettings, app: PreviewApp | None = None):
                     @gr.render(inputs=merge_adapters)
                     def weight_sliders(selected):
                         selected = list(selected or [])
-                        sliders = [
-                            gr.Slider(-2, 2, value=1.0, step=0.05, label=f"Weight: {app.label(p)}", key=f"weight-{p}", interactive=True)
-                            for p in selected
-                        ]
+                        sliders = _sliders(app, selected, "Weight")
                         # The menus are updated only after a merge succeeded, so a refused
                         # merge leaves them (and the user's selection) as they were.
                         merge_button.click(
@@ -215,6 +209,16 @@ def build_app(settings: AppSettings, app: PreviewApp | None = None):
 
     demo.queue(default_concurrency_limit=1)
     return demo
+
+
+def _sliders(app: PreviewApp, selected: list[str], kind: str) -> list:
+    """One slider per selected adapter, keyed by path so a value survives re-renders."""
+    import gradio as gr
+
+    return [
+        gr.Slider(-2, 2, value=1.0, step=0.05, label=f"{kind}: {app.label(p)}", key=f"{kind.lower()}-{p}", interactive=True)
+        for p in selected
+    ]
 
 
 def _compare(app: PreviewApp, selected, model, prompt, negative, seed, steps, guidance, bucket, *scales, progress):

@@ -111,9 +111,13 @@ class FeatureCache:
         length = int(mask.sum())
         _write(self.text_path(key), {"embeds": embeds[:length]})
 
+    def read_embeds(self, key: str) -> torch.Tensor:
+        """The stored embeds [n, D] of one prompt: its n valid tokens, no padding."""
+        return _read(self.text_path(key))["embeds"]
+
     def read_text(self, key: str, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (embeds [max_tokens, D] zero-padded, mask [max_tokens] as long)."""
-        embeds = _read(self.text_path(key))["embeds"]
+        embeds = self.read_embeds(key)
         length = embeds.shape[0]
         padded = embeds.new_zeros(max_tokens, embeds.shape[1])
         padded[:length] = embeds

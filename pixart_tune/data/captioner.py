@@ -12,7 +12,6 @@ a chat template are not supported here.
 
 from __future__ import annotations
 
-import gc
 import logging
 from typing import Sequence
 
@@ -83,8 +82,8 @@ class Captioner:
         return [" ".join(text.split()) for text in texts]
 
     def close(self) -> None:
+        from diffusers.training_utils import free_memory
+
         self._model = None
         self._processor = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()

@@ -13,13 +13,13 @@ different model in the same folder gets a different key.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import logging
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from diffusers.training_utils import free_memory
 from PIL import Image
 
 from pixart_tune import models
@@ -108,7 +108,7 @@ class LatentEncoder:
     def close(self) -> None:
         if self._vae is not None:  # a full gc pass costs a quarter second with torch loaded: only when it frees something
             self._vae = None
-            _free()
+            free_memory()
 
 
 class TextEncoder:
@@ -161,10 +161,4 @@ class TextEncoder:
     def close(self) -> None:
         if self._pipe is not None:
             self._pipe = None
-            _free()
-
-
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+            free_memory()

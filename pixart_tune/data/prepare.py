@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from pixart_tune import models
 from pixart_tune.data.buckets import BUCKET_TABLES, CROPS
 from pixart_tune.data.cache import REPORT, CacheItem, FeatureCache, Manifest, content_key
-from pixart_tune.data.captions import CAPTION_SOURCES, compose, filename_caption, read_sidecar
+from pixart_tune.data.captions import CAPTION_SOURCES, clean, compose, filename_caption, read_sidecar
 from pixart_tune.data.duplicates import DuplicateFinder
 from pixart_tune.data.encode import LatentEncoder, TextEncoder, component_fingerprint, resolve_component
 from pixart_tune.data.images import DEFAULT_MAX_PIXELS, ImageSkip
@@ -35,7 +35,6 @@ from pixart_tune.data.sources import SOURCE_KINDS, Entry, open_source
 from pixart_tune.data.stage import Bucketed, ImageStage, Outcome, StageSettings
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
-
 
 
 @dataclasses.dataclass
@@ -283,7 +282,7 @@ class _Run:
             if where == "sidecar" and entry.path is not None:
                 caption = read_sidecar(entry.path, Path(self.config.source))
             elif where == "metadata":
-                caption = " ".join(entry.metadata_caption.split()) if entry.metadata_caption else None
+                caption = clean(entry.metadata_caption) if entry.metadata_caption else None
             elif where == "filename" and entry.name:
                 caption = filename_caption(entry.name)
             elif where == "captioner" and self.captioner_enabled:
@@ -313,7 +312,7 @@ class _Run:
             self.captioner = Captioner(config.captioner, self.device, prompt=config.captioner_prompt, max_new_tokens=config.caption_max_new_tokens)
         captions = self.captioner.caption([pixels for _, pixels in self.to_caption])
         for (item, _), caption in zip(self.to_caption, captions):
-            item.caption = " ".join(caption.split())
+            item.caption = clean(caption)
             with atomic_path(self.caption_path(item.caption_key)) as tmp:
                 tmp.write_text(item.caption, encoding="utf-8")
         self.to_caption = []
@@ -391,7 +390,7 @@ def prepare_dataset(config: PrepareConfig) -> dict[str, Any]:
             model=config.model,
             resolution=config.resolution,
             latent_channels=latent_channels,
-            caption_channels=int(run.cache.read_text(empty_key, config.max_tokens)[0].shape[-1]),
+            caption_channels=int(run.cache.read_embeds(empty_key).shape[-1]),
             max_tokens=config.max_tokens,
             vae_scaling_factor=_vae_scaling_factor(config.model),
             empty_text_key=empty_key,

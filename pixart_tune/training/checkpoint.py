@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pixart_tune.adapters.lora import LoraSettings, save_adapter
+from pixart_tune.adapters.lora import LoraSettings, read_adapter, save_adapter
 from pixart_tune.config import save_yaml
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
@@ -122,7 +122,7 @@ def save_checkpoint(
             save_yaml(config, tmp / "config.yaml")
             (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=1), encoding="utf-8")
     except Exception as error:
-        if _is_disk_full(error):
+        if is_disk_full(error):
             kept = list_checkpoints(output_dir)
             last = f"the last complete checkpoint, {kept[-1]}, is intact" if kept else "no earlier checkpoint exists"
             raise UserError(
@@ -163,8 +163,6 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    from pixart_tune.adapters.lora import read_adapter
-
     path = Path(path)
     _, adapter, _ = read_adapter(path / "adapter")
     state = TrainState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
@@ -178,7 +176,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     )
 
 
-def _is_disk_full(error: BaseException) -> bool:
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` says the disk (or the quota) is full, however the writer wrapped it."""
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     # torch.save and safetensors report the OS error inside their own exception text.

@@ -20,6 +20,13 @@ OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "adamw", "lion8bit", "lion", "adaf
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
+def _at_least(section: str, minimum: int, **values: int) -> None:
+    """Raises for the first of ``values`` below ``minimum``, naming it ``section.key``."""
+    for key, value in values.items():
+        if value < minimum:
+            raise ValueError(f"{section}.{key} must be at least {minimum}, got {value}")
+
+
 @dataclasses.dataclass
 class DataSection:
     path: Path | None = None
@@ -35,12 +42,10 @@ class DataSection:
     """Drop a bucket's last, smaller batch (keeps the batch size constant)."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"data.batch_size must be at least 1, got {self.batch_size}")
+        _at_least("data", 1, batch_size=self.batch_size)
+        _at_least("data", 0, num_workers=self.num_workers)
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclasses.dataclass
@@ -100,10 +105,7 @@ class ScheduleSection:
     """Optimizer steps of linear LR warm-up."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"schedule.steps must be at least 1, got {self.steps}")
-        if self.grad_accum < 1:
-            raise ValueError(f"schedule.grad_accum must be at least 1, got {self.grad_accum}")
+        _at_least("schedule", 1, steps=self.steps, grad_accum=self.grad_accum)
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"schedule.lr_scheduler {self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
         if not 0 <= self.warmup_steps <= self.steps:
@@ -118,10 +120,8 @@ class CheckpointSection:
     """Checkpoints kept; older ones are removed once a newer one is complete."""
 
     def __post_init__(self) -> None:
-        if self.every < 0:
-            raise ValueError(f"checkpoint.every must be >= 0, got {self.every}")
-        if self.keep_last < 1:
-            raise ValueError(f"checkpoint.keep_last must be at least 1, got {self.keep_last}")
+        _at_least("checkpoint", 0, every=self.every)
+        _at_least("checkpoint", 1, keep_last=self.keep_last)
 
 
 @dataclasses.dataclass
@@ -139,8 +139,7 @@ class ValidationSection:
     width: int | None = None
 
     def __post_init__(self) -> None:
-        if self.every < 0:
-            raise ValueError(f"validation.every must be >= 0, got {self.every}")
+        _at_least("validation", 0, every=self.every)
         if self.every and not self.prompts:
             raise ValueError("validation.every is set but validation.prompts is empty")
         if not self.seeds:
@@ -159,8 +158,7 @@ class LoggingSection:
     """Write TensorBoard logs to OUTPUT_DIR/logs."""
 
     def __post_init__(self) -> None:
-        if self.every < 1:
-            raise ValueError(f"logging.every must be at least 1, got {self.every}")
+        _at_least("logging", 1, every=self.every)
 
 
 @dataclasses.dataclass

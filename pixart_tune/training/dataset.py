@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import Dataset, Sampler
 
 from pixart_tune.data.cache import FeatureCache, Manifest
@@ -89,7 +88,7 @@ class CachedDataset(Dataset):
         it, only for :func:`collate` to cut most of it off again.
         """
         item = self.manifest.items[index]
-        embeds = load_file(str(self.cache.text_path(item.text_key)))["embeds"][: self.manifest.max_tokens]
+        embeds = self.cache.read_embeds(item.text_key)[: self.manifest.max_tokens]
         return {"latent": self.cache.read_latent(item.latent_key), "embeds": embeds}
 
 

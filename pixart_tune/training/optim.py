@@ -3,7 +3,8 @@
 The 8-bit AdamW of bitsandbytes is the default: its two moments take 2 bytes per
 LoRA weight instead of 8, the difference between fitting a 24 GB card or not for
 large ranks. When bitsandbytes cannot run on this machine the trainer says so once
-and uses PyTorch's AdamW, which has the same update rule.
+and uses PyTorch's AdamW: the same update rule as the 8-bit AdamWs; for the Lions
+a different one, which the warning says.
 """
 
 from __future__ import annotations
@@ -61,7 +62,12 @@ def resolve_name(name: str, device: torch.device) -> str:
     fallback = _FALLBACK[name]
     if name not in _warned:
         _warned.add(name)
-        logger.warning("%s; using %s instead of %s (same update rule, 8 bytes of state per weight)", reason, fallback, name)
+        if name.startswith("lion"):
+            # Lion runs at a 3-10x lower learning rate than AdamW: the recipe's lr is likely too low now.
+            note = "a different update rule: raise optim.lr 3-10x, or install a working bitsandbytes"
+        else:
+            note = "same update rule, 8 bytes of state per weight"
+        logger.warning("%s; using %s instead of %s (%s)", reason, fallback, name, note)
     return fallback
 
 

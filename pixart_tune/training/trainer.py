@@ -194,6 +194,12 @@ class Trainer:
         out = Path(self.config.output_dir)
         if not self.resume and ckpt.list_checkpoints(out):
             raise UserError(f"{out} already holds checkpoints of a run; continue it with --resume latest, or choose another output_dir")
+        if not self.resume and (out / ADAPTER_DIR).exists():
+            # A finished run saved without checkpoints: training again would overwrite its adapter.
+            raise UserError(
+                f"{out} already holds a finished run's {ADAPTER_DIR}/; choose another output_dir, or move it away "
+                f"(to continue from it, set init_adapter={out / ADAPTER_DIR} with a new output_dir)"
+            )
         if self.is_main:
             out.mkdir(parents=True, exist_ok=True)
             save_yaml(self.config, out / "config.yaml")
@@ -328,7 +334,6 @@ class Trainer:
         loss = self.accelerator.reduce(window.loss_sum, reduction="mean").item() / max(window.count, 1)
         seconds = time.perf_counter() - window.start
         samples_per_s = window.samples * self.accelerator.num_processes / max(seconds, 1e-9)
-        window.last_loss = loss
         window.reset()
         if not math.isfinite(loss):
             self._fail_nan()
@@ -441,7 +446,7 @@ class Trainer:
             try:
                 save_adapter(self.accelerator.unwrap_model(self.model), out, self.lora, self.metadata())
             except Exception as error:
-                if ckpt._is_disk_full(error):
+                if ckpt.is_disk_full(error):
                     raise UserError(f"the disk is full: could not write {out} ({error}); free space and run again with --resume latest") from None
                 raise
         self.accelerator.wait_for_everyone()
@@ -460,7 +465,6 @@ class _Window:
 
     def __init__(self, device: torch.device):
         self.loss_sum = torch.zeros((), device=device)
-        self.last_loss = float("nan")
         self.reset()
 
     def add(self, loss: torch.Tensor, samples: int) -> None:
