@@ -273,6 +273,17 @@ def test_out_inside_source_is_refused(tmp_path, tiny_model):
     assert sorted(p.name for p in src.iterdir()) == ["a.png"]
 
 
+def test_out_holding_the_users_files_is_refused(tmp_path, tiny_model):
+    src, out = tmp_path / "src", tmp_path / "mine"
+    write(src / "a.png", encode(photo(256, 256), "PNG"))
+    write(out / "report.json", b"my own report")
+    (out / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match=r"holds files prepare did not write \(notes.txt\)"):
+        prepare_dataset(PrepareConfig(source=str(src), out=str(out), model=tiny_model, resolution=256, progress=False))
+    assert (out / "report.json").read_bytes() == b"my own report"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "report.json"]
+
+
 def test_config_checks_values():
     with pytest.raises(ValueError, match="resolution"):
         PrepareConfig(source="s", out="o", resolution=300)

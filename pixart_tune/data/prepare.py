@@ -368,6 +368,24 @@ class _Run:
         return keys, keys[""], overlong
 
 
+# What prepare writes into --out; anything else there belongs to the user.
+_OUTPUTS = {"dataset.json", "report.json", "scan_index.json", "latents", "text", "captions"}
+
+
+def _refuse_foreign_out(out: Path) -> None:
+    """Refuses an --out folder holding files prepare did not write (it would overwrite them)."""
+    if not out.is_dir():
+        return
+    # Hidden entries are atomic writes in flight (.name.XXXX.tmp) of an interrupted run.
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in _OUTPUTS and not p.name.startswith("."))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise UserError(
+            f"--out {out} holds files prepare did not write ({shown}); give a new or empty folder, "
+            "or the folder of an earlier prepare run to update it"
+        )
+
+
 def prepare_dataset(config: PrepareConfig) -> dict[str, Any]:
     """Prepares ``config.source`` into ``config.out``; returns the report also written as report.json."""
     source, out = config.source, Path(config.out)
@@ -375,6 +393,7 @@ def prepare_dataset(config: PrepareConfig) -> dict[str, Any]:
         real_source, real_out = Path(source).resolve(), out.resolve()
         if real_out == real_source or real_source in real_out.parents:
             raise UserError(f"--out {out} is inside the source {source}; prepare never writes into the source, choose a folder outside it")
+    _refuse_foreign_out(out)
     start = time.perf_counter()
     run = _Run(config)
     entries, total = open_source(source, config.source_kind, config.split, config.image_column, config.caption_column)
