@@ -447,7 +447,12 @@ class Trainer:
                 save_adapter(self.accelerator.unwrap_model(self.model), out, self.lora, self.metadata())
             except Exception as error:
                 if ckpt.is_disk_full(error):
-                    raise UserError(f"the disk is full: could not write {out} ({error}); free space and run again with --resume latest") from None
+                    again = (
+                        "run again with --resume latest"
+                        if ckpt.list_checkpoints(Path(self.config.output_dir))
+                        else "run again (this run kept no checkpoint to resume from; set checkpoint.every to keep some)"
+                    )
+                    raise UserError(f"the disk is full: could not write {out} ({error}); free space and {again}") from None
                 raise
         self.accelerator.wait_for_everyone()
         return out
