@@ -162,6 +162,11 @@ def test_a_lora_for_another_width_is_refused_naming_the_shapes(tiny_model, tmp_p
     transformer = load_transformer(tiny_model)
     with pytest.raises(UserError, match=r"maps 48 -> 48 features but this model's layer maps 32 -> 32.*different base"):
         load_adapters(transformer, [AdapterSpec(str(path))])
+    # The trainer's path (init_adapter, resume) into an injected adapter refuses it too.
+    lora.inject_lora(transformer, settings)
+    _, state, _ = lora.read_adapter(path)
+    with pytest.raises(UserError, match=r"has shape \(2, 48\), this model needs \(2, 32\).*different base model"):
+        lora.load_weights(transformer, state)
 
 
 def test_a_lora_for_a_deeper_model_is_refused_naming_the_missing_layer(tiny_model, reference, tmp_path):

@@ -192,6 +192,17 @@ def apply_state_dict(
     # fp32 before loading, as inject_lora keeps it: PEFT makes the LoRA layers in the
     # base dtype, and fp32 weights copied into bf16 layers would be rounded.
     cast_adapter_dtype(transformer, adapter_name=adapter_name)
+    load_weights(transformer, state, adapter_name)
+    for parameter in transformer.parameters():
+        parameter.requires_grad_(False)
+
+
+def load_weights(transformer: torch.nn.Module, state: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
+    """Loads PEFT-layout ``state`` into the already injected ``adapter_name``, strictly.
+
+    PEFT's loader ignores keys that match nothing and lets shape errors surface as
+    raw tensor errors; here either is a UserError naming the keys.
+    """
     _check_shapes(transformer, state, adapter_name)
     result = set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]
@@ -200,8 +211,6 @@ def apply_state_dict(
     missing = [k for k in result.missing_keys if f".{adapter_name}." in k and "lora_" in k]
     if missing:
         raise UserError(f"adapter is missing weights for: {', '.join(missing[:5])}")
-    for parameter in transformer.parameters():
-        parameter.requires_grad_(False)
 
 
 def set_scale(transformer: torch.nn.Module, adapter_name: str, scale: float) -> None:

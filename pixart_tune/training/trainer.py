@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pixart_tune import __version__
-from pixart_tune.adapters.lora import inject_lora, read_adapter, save_adapter, trainable_parameters
+from pixart_tune.adapters.lora import inject_lora, load_weights, read_adapter, save_adapter, trainable_parameters
 from pixart_tune.config import save_yaml, to_dict
 from pixart_tune.data.cache import content_key
 from pixart_tune.errors import UserError
@@ -148,8 +148,6 @@ class Trainer:
         self.latent_channels = manifest.latent_channels
 
     def _load_init_adapter(self, transformer: torch.nn.Module, path: Path) -> None:
-        from peft.functional import set_peft_model_state_dict
-
         settings, state, _ = read_adapter(path)
         mismatch = [
             f"{key}={getattr(settings, key)!r} (recipe: {getattr(self.lora, key)!r})"
@@ -158,7 +156,7 @@ class Trainer:
         ]
         if mismatch:
             raise UserError(f"init_adapter {path} does not match the lora section: {'; '.join(mismatch)}; copy its lora settings into the recipe")
-        set_peft_model_state_dict(transformer, state)
+        load_weights(transformer, state)
 
     def _setup_optimizer(self) -> None:
         config = self.config
@@ -210,12 +208,10 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _restore(self, path: Path) -> None:
-        from peft.functional import set_peft_model_state_dict
-
         checkpoint = ckpt.load_checkpoint(path)
         if len(checkpoint.rng) != self.accelerator.num_processes:
             raise UserError(f"{path} was written by {len(checkpoint.rng)} process(es); resume it with that many")
-        set_peft_model_state_dict(self.transformer, checkpoint.adapter)
+        load_weights(self.transformer, checkpoint.adapter)
         self.optimizer.load_state_dict(checkpoint.optimizer)
         self.lr_scheduler.load_state_dict(checkpoint.lr_scheduler)
         self.state = checkpoint.state
