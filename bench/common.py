@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -71,6 +72,19 @@ def rss_gib() -> float:
 # --- model folders and datasets the benchmarks train on ------------------------------
 
 
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """Creates parameters directly in ``dtype``: a 600 M-parameter model never exists in fp32."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def build_model_folder(out, transformer_config: dict, caption_channels: int, dtype=None, seed: int = 0):
     """A PixArt-Sigma pipeline folder (diffusers layout) around a given transformer.
 
@@ -98,13 +112,9 @@ def build_model_folder(out, transformer_config: dict, caption_channels: int, dty
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         )
     )
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype or torch.float32)
-    try:
+    with default_dtype(dtype or torch.float32):
         torch.manual_seed(seed)
         pipe.transformer = PixArtTransformer2DModel.from_config(dict(transformer_config, caption_channels=caption_channels))
-    finally:
-        torch.set_default_dtype(previous)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
 

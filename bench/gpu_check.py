@@ -71,6 +71,8 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import default_dtype  # noqa: E402
+
 GIB = 2**30
 H200_BF16_DENSE_TFLOPS = 989.0
 """NVIDIA's H100/H200 SXM dense (no sparsity) BF16 tensor-core peak, TFLOP/s."""
@@ -191,16 +193,6 @@ def free_memory(device: torch.device) -> None:
 def is_oom(error: BaseException) -> bool:
     oom = getattr(torch.cuda, "OutOfMemoryError", ())
     return (oom and isinstance(error, oom)) or "out of memory" in str(error).lower()
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 # --- training ------------------------------------------------------------------------
