@@ -69,11 +69,10 @@ def app_url(tmp_path, tiny_model):
     runs = tmp_path / "runs"
     runs.mkdir()
     port = _free_port()
-    executable = shutil.which("pixart-tune")
-    command = [executable] if executable else [sys.executable, "-m", "pixart_tune.cli"]
-    command += ["app", "--model", tiny_model, "--runs", str(runs), "--port", str(port)]
+    # The checkout's code, whatever an editable install elsewhere points at.
+    command = [sys.executable, "-m", "pixart_tune.cli", "app", "--model", tiny_model, "--runs", str(runs), "--port", str(port)]
     env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
-    env.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+    env.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     log = tmp_path / "app.log"
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
@@ -193,7 +192,13 @@ def test_preview_merge_and_preview_the_merge(app_url, tmp_path):
             # A scale sweep of the merged adapter: one row, one column per scale.
             page.get_by_text("Scale sweep", exact=True).click()
             expect(page.locator("#swept input")).to_have_value("merged/mix")
-            page.fill("#sweep-values textarea, #sweep-values input", "0, 1")
+            values = page.locator("#sweep-values textarea, #sweep-values input")
+            # The accordion's fields have just mounted: wait for their first value, so
+            # that the page does not reset the one typed next.
+            expect(values).to_have_value("0, 0.5, 1, 1.5")
+            values.fill("0, 1")
+            values.press("Tab")
+            expect(values).to_have_value("0, 1")
             page.click("#sweep")
             _, grid = _image(page, "#sweep-image")
             assert grid.shape[1] == 2 * 256
