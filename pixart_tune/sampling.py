@@ -87,8 +87,29 @@ def generate(
                 negative_prompt=None,
             )
         with torch.inference_mode():
-            images.append(pipe(**kwargs).images[0])
+            latents = pipe(**kwargs, output_type="latent").images
+            images += decode_latents(pipe, latents)
     return images
+
+
+@torch.inference_mode()
+def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """PIL images from the transformer's latents, decoded by the pipeline's VAE.
+
+    The SDXL VAE of PixArt-Sigma overflows in fp16 (black or NaN images); its config
+    says so with ``force_upcast``, and, as diffusers' SDXL pipeline does (the PixArt
+    pipeline does not), the decode then runs in fp32.
+    """
+    vae = pipe.vae
+    upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    return pipe.image_processor.postprocess(image, output_type="pil")
 
 
 def image_grid(

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -113,3 +114,26 @@ def test_sample_verb_refuses_bad_input_before_loading(tiny_model, tmp_path):
     (tmp_path / "x.pt").write_bytes(b"")
     with pytest.raises(UserError, match="pickle"):
         cli(["--model", tiny_model, "--prompt", "x", "--adapter", str(tmp_path / "x.pt"), "--out", str(tmp_path)])
+
+
+def test_an_fp16_vae_that_asks_for_it_decodes_in_fp32(tiny_model):
+    """The SDXL VAE overflows in fp16; ``force_upcast`` in its config makes the decode fp32."""
+    from diffusers import PixArtSigmaPipeline
+
+    from pixart_tune.sampling import decode_latents
+
+    pipe = PixArtSigmaPipeline.from_pretrained(tiny_model)
+    assert pipe.vae.config.force_upcast
+    with torch.no_grad():
+        # Large enough decoder weights overflow fp16 after the first convolution.
+        pipe.vae.decoder.conv_in.weight.mul_(1e5)
+    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    reference = _pixels(decode_latents(pipe, latents)[0])
+
+    pipe.vae.to(torch.float16)
+    with torch.no_grad():
+        plain = pipe.vae.decode(latents.half() / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    assert not torch.isfinite(plain).all(), "the weights no longer overflow fp16: the test shows nothing"
+    upcast = _pixels(decode_latents(pipe, latents.half())[0])
+    assert np.abs(upcast - reference).max() <= 2
+    assert pipe.vae.dtype == torch.float16, "the VAE is left in the dtype it had"
