@@ -262,7 +262,10 @@ def test_too_small_rule_follows_max_upscale(tmp_path, tiny_model):
     assert [a["source"] for a in report["accepted"]] == ["half.png"]
     assert "2.6x upscaling" in report["skipped"][0]["reason"]
     strict = prepare_dataset(PrepareConfig(source=str(src), out=str(tmp_path / "b"), model=tiny_model, resolution=256, max_upscale=1.0, progress=False))
-    assert strict["accepted"] == []
+    assert strict["accepted"] == [] and len(strict["skipped"]) == 2
+    # Nothing to train on: no T5 loaded for the empty prompt alone, no manifest to train from.
+    assert "text_encoder" not in strict["models_loaded"]
+    assert not (tmp_path / "b" / "dataset.json").exists() and (tmp_path / "b" / "report.json").is_file()
 
 
 def test_out_inside_source_is_refused(tmp_path, tiny_model):
@@ -302,6 +305,10 @@ def test_cli_prints_summary(tmp_path, tiny_model, capsys):
     assert cli([str(src), "--out", str(tmp_path / "out"), "--model", tiny_model, "--resolution", "256", "--trigger", "sks", "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "prepared 1 of 2 images" in text and "b.jpg: empty file" in text and "256x256: 1" in text
+    write(tmp_path / "bad" / "b.jpg", b"")
+    with pytest.raises(UserError, match="no usable image"):
+        cli([str(tmp_path / "bad"), "--out", str(tmp_path / "none"), "--model", tiny_model, "--no-progress"])
+    assert "b.jpg: empty file" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="crop"):
         cli([str(src), "--out", str(tmp_path / "o2"), "--model", tiny_model, "--set", "crop=sideways"])
     with pytest.raises(ConfigError, match="unknown key"):

@@ -400,22 +400,24 @@ def prepare_dataset(config: PrepareConfig) -> dict[str, Any]:
     for entry, outcome in tqdm(run.stage.run(entries), total=total, desc="read, check and encode images (VAE)", unit="image", disable=not config.progress):
         run.add(entry, outcome)
     run.finish_images()
-    text_keys, empty_key, overlong = run.encode_texts()
-
-    items = [CacheItem(a.source, a.caption or "", a.bucket, a.latent_key, text_keys[a.caption or ""]) for a in run.accepted]
-    latent_channels = int(run.cache.read_latent(items[0].latent_key).shape[0]) if items else 4
-    run.cache.write_manifest(
-        Manifest(
-            model=config.model,
-            resolution=config.resolution,
-            latent_channels=latent_channels,
-            caption_channels=int(run.cache.read_embeds(empty_key).shape[-1]),
-            max_tokens=config.max_tokens,
-            vae_scaling_factor=_vae_scaling_factor(config.model),
-            empty_text_key=empty_key,
-            items=items,
+    overlong: list[dict[str, Any]] = []
+    # With nothing accepted there is nothing to train on: the report says why, and
+    # neither T5 (gigabytes, for the empty prompt alone) nor a manifest is needed.
+    if run.accepted:
+        text_keys, empty_key, overlong = run.encode_texts()
+        items = [CacheItem(a.source, a.caption or "", a.bucket, a.latent_key, text_keys[a.caption or ""]) for a in run.accepted]
+        run.cache.write_manifest(
+            Manifest(
+                model=config.model,
+                resolution=config.resolution,
+                latent_channels=int(run.cache.read_latent(items[0].latent_key).shape[0]),
+                caption_channels=int(run.cache.read_embeds(empty_key).shape[-1]),
+                max_tokens=config.max_tokens,
+                vae_scaling_factor=_vae_scaling_factor(config.model),
+                empty_text_key=empty_key,
+                items=items,
+            )
         )
-    )
     seconds = time.perf_counter() - start
     seen = len(run.accepted) + len(run.skipped) + (0 if config.keep_duplicates else len(run.duplicates))
     report = {
