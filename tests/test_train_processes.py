@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,12 @@ from tests.training_fixtures import TINY_RECIPE, cli_env, red_dataset, tiny_conf
 RESUME = ["schedule.steps=24", "schedule.grad_accum=2", "lora.dropout=0.1", "data.caption_dropout=0.3",
           "diffusion.noise_offset=0.05", "schedule.lr_scheduler=cosine", "checkpoint.every=4", "checkpoint.keep_last=2",
           "logging.every=5"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _cli_args(model, data, out, *extra):
@@ -68,7 +75,7 @@ def test_two_process_cpu_ddp_writes_one_adapter(tiny_model, red_dataset, tmp_pat
     # --multi_gpu with the accelerator on the CPU gives 2 gloo processes
     # (--cpu --num_processes 2 would silently run one).
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--main_process_port", "29517", "-m", "pixart_tune.cli", "train", str(TINY_RECIPE),
+               "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "pixart_tune.cli", "train", str(TINY_RECIPE),
                *_cli_args(tiny_model, red_dataset, out, "schedule.steps=4", "checkpoint.every=2"), "--no-progress"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
