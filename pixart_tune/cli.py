@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pixart-tune: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # bitsandbytes' CPU backend warns at import that an optional package for its
+    # 4-bit CPU kernel is missing; nothing here runs 4-bit on a CPU.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     module = importlib.import_module(VERBS[verb][0])
     try:
         return int(module.cli(rest) or 0)
