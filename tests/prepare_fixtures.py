@@ -1,8 +1,10 @@
-"""Files and tiny models that the prepare tests build on disk: every kind of bad image, and a tiny BLIP."""
+"""Files and tiny models that the prepare tests build on disk: every kind of bad image, a tiny BLIP and a tiny Florence-2."""
 
 from __future__ import annotations
 
 import io
+import json
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -85,6 +87,96 @@ def build_tiny_blip(out: Path) -> Path:
         bias = model.text_decoder.cls.predictions.decoder.bias
         bias[: len(special)] = -1e4
         bias[vocab["[DEC]"]] = -1e4
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+# Florence-2's task tokens after BART's vocabulary, in the order of the released
+# tokenizer: <od>, </od>, <ocr>, </ocr>, 1000 location bins, then the region tokens.
+FLORENCE2_TASK_TOKENS = (
+    ["<od>", "</od>", "<ocr>", "</ocr>"]
+    + [f"<loc_{i}>" for i in range(1000)]
+    + ["<cap>", "</cap>", "<ncap>", "</ncap>", "<dcap>", "</dcap>", "<grounding>", "</grounding>", "<seg>", "</seg>", "<sep>"]
+    + ["<region_cap>", "</region_cap>", "<region_to_desciption>", "</region_to_desciption>", "<proposal>", "</proposal>"]
+    + ["<poly>", "</poly>", "<and>"]
+)
+# What the processor turns <MORE_DETAILED_CAPTION> into.
+FLORENCE2_CAPTION_QUESTION = "Describe with a paragraph what is shown in the image."
+
+
+def build_tiny_florence2(out: Path) -> Path:
+    """A tiny Florence-2 (random weights) with a real processor, saved with save_pretrained in the hub layout.
+
+    Built like ``florence-community/Florence-2-large``: BART's byte-level BPE
+    tokenizer (``<s>``, ``<pad>``, ``</s>``, ``<unk>`` first, ``<mask>`` after the
+    merges), then the task and location tokens, and ``<image>`` last as the image
+    token; a CLIP image processor whose ``image_seq_length`` is the number of image
+    features the vision tower gives; and the generation settings Florence-2
+    checkpoints ship (3 beams, no repeated trigram, forced ``<s>`` ... ``</s>``).
+    """
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import (
+        BartTokenizer, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor, GenerationConfig,
+    )
+
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    # A byte-level BPE trained here on the words the tests use and the caption question,
+    # so that both encode to whole words as they do with the released vocabulary.
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([" ".join(WORDS), FLORENCE2_CAPTION_QUESTION], vocab_size=400, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>"], show_progress=False)
+    bpe_model = json.loads(bpe.to_str())["model"]
+    vocab = dict(bpe_model["vocab"])
+    for token in ["<mask>", *FLORENCE2_TASK_TOKENS, "<image>"]:
+        vocab[token] = len(vocab)
+    tokenizer = BartTokenizer(vocab=vocab, merges=[tuple(merge) for merge in bpe_model["merges"]],
+                              extra_special_tokens=FLORENCE2_TASK_TOKENS, image_token="<image>")
+    if len(tokenizer) != len(vocab) or tokenizer.image_token_id != len(vocab) - 1:
+        raise RuntimeError("the tiny Florence-2 tokenizer did not keep its vocabulary")
+
+    # DaViT downsamples by the product of its patch strides; the projector gives one
+    # feature per cell of the last grid plus one pooled feature.
+    image_size, strides = 64, (4, 2, 2, 2)
+    image_seq_length = (image_size // math.prod(strides)) ** 2 + 1
+    image_processor = CLIPImageProcessor(
+        size={"height": image_size, "width": image_size}, crop_size={"height": image_size, "width": image_size}, do_center_crop=False,
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], image_seq_length=image_seq_length,
+    )
+    parsers = ["ocr", "phrase_grounding", "pure_text", "description_with_bboxes", "description_with_polygons", "polygons", "bboxes",
+               "description_with_bboxes_or_polygons"]
+    processor = Florence2Processor(image_processor=image_processor, tokenizer=tokenizer, post_processor_config={name: {} for name in parsers})
+
+    # Weights drawn wider than the released 0.02 (vision 0.3, text 0.5), so that the tiny
+    # model's captions change with the image.
+    torch.manual_seed(0)
+    special = dict(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = Florence2Config(
+        vision_config=dict(depths=[1, 1, 1, 1], patch_stride=list(strides), embed_dim=[8, 16, 16, 32], num_heads=[1, 1, 2, 2],
+                           num_groups=[1, 1, 2, 2], window_size=4, projection_dim=32, initializer_range=0.3),
+        # the released vocabulary is padded to a multiple of 64 too
+        text_config=dict(vocab_size=math.ceil(len(tokenizer) / 64) * 64, d_model=32, encoder_layers=1, decoder_layers=1,
+                         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=37, decoder_ffn_dim=37,
+                         max_position_embeddings=64, decoder_start_token_id=tokenizer.eos_token_id, forced_eos_token_id=tokenizer.eos_token_id,
+                         init_std=0.5, **special),
+        image_token_id=tokenizer.image_token_id,
+    )
+    model = Florence2ForConditionalGeneration(config)
+    # The output layer is tied to the token embeddings. Zero every row but the words':
+    # a zero row scores 0 whatever the decoder says while some of the word rows score
+    # above it, so the tiny model writes words, never special, location or byte tokens,
+    # and the test can read its captions.
+    words = WORDS + FLORENCE2_CAPTION_QUESTION.rstrip(".").split()
+    silent = torch.ones(config.text_config.vocab_size, dtype=torch.bool)
+    silent[[i for token, i in vocab.items() if token.removeprefix("Ġ") in words]] = False
+    with torch.no_grad():
+        model.get_input_embeddings().weight[silent] = 0
+    model.generation_config = GenerationConfig(
+        num_beams=3, no_repeat_ngram_size=3, early_stopping=True, decoder_start_token_id=tokenizer.eos_token_id,
+        forced_bos_token_id=tokenizer.bos_token_id, forced_eos_token_id=tokenizer.eos_token_id, **special,
+    )
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out

@@ -1,4 +1,4 @@
-"""Hugging Face dataset sources and the automatic captioner, on tiny real data and a tiny real BLIP."""
+"""Hugging Face dataset sources and the automatic captioner, on tiny real data and a tiny real BLIP and Florence-2."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from PIL import Image
 
 from pixart_tune.data.prepare import PrepareConfig, prepare_dataset
 from pixart_tune.data.sources import detect_kind
-from tests.prepare_fixtures import build_tiny_blip, encode, photo, write
+from tests.prepare_fixtures import build_tiny_blip, build_tiny_florence2, encode, photo, write
 
 
 def run(src, out, model, **kwargs):
@@ -86,6 +86,42 @@ def test_captioner_fills_missing_captions(tmp_path, tiny_model):
     assert again["counts"]["captions_generated"] == 0 and again["counts"]["captions_reused"] == 2
     assert again["counts"]["latents_encoded"] == 0 and again["counts"]["texts_encoded"] == 0
     assert [a["caption"] for a in again["accepted"]] == [a["caption"] for a in report["accepted"]]
+
+
+def test_florence2_captioner_fills_missing_captions(tmp_path, tiny_model):
+    """The default captioner's path: Florence-2 with its task prompt taken from the model type, two images in one batch."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from pixart_tune.data.captioner import Captioner
+
+    florence = build_tiny_florence2(tmp_path / "florence2")
+    captioner = Captioner(str(florence), torch.device("cpu"))
+    assert captioner.prompt == "<MORE_DETAILED_CAPTION>"
+    captioner.close()
+
+    src = tmp_path / "src"
+    write(src / "captioned.png", encode(photo(256, 256, 1), "PNG"))
+    write(src / "captioned.txt", b"a human caption")
+    write(src / "IMG_0002.png", encode(photo(256, 256, 2), "PNG"))
+    write(src / "IMG_0003.png", encode(photo(256, 256, 5), "PNG"))
+    report = run(src, tmp_path / "out", tiny_model, captioner=str(florence), caption_max_new_tokens=12)
+    captions = {a["source"]: a for a in report["accepted"]}
+    assert captions["captioned.png"]["caption"] == "a human caption"
+    assert captions["IMG_0002.png"]["caption_from"] == captions["IMG_0003.png"]["caption_from"] == "captioner"
+    assert report["counts"]["captions_generated"] == 2
+
+    # what the model says for each image when run as its model card runs it (256x256: its bucket, no crop)
+    processor = AutoProcessor.from_pretrained(florence)
+    model = AutoModelForImageTextToText.from_pretrained(florence).eval()
+    task = "<MORE_DETAILED_CAPTION>"
+    for name in ("IMG_0002.png", "IMG_0003.png"):
+        image = Image.open(src / name).convert("RGB")
+        with torch.no_grad():
+            ids = model.generate(**processor(text=task, images=image, return_tensors="pt"), max_new_tokens=12, num_beams=3, do_sample=False)
+        text = processor.batch_decode(ids, skip_special_tokens=False)[0]
+        expected = " ".join(processor.post_process_generation(text, task=task, image_size=image.size)[task].split())
+        assert expected and captions[name]["caption"] == expected
+    assert captions["IMG_0002.png"]["caption"] != captions["IMG_0003.png"]["caption"]
 
 
 def test_missing_captioner_is_a_clear_error(tmp_path, tiny_model):

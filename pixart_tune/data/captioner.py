@@ -27,11 +27,16 @@ DEFAULT_CAPTIONER = "florence-community/Florence-2-large"
 # Task prompts by model type; models not listed caption without a prompt.
 DEFAULT_PROMPTS = {"florence2": "<MORE_DETAILED_CAPTION>"}
 
+# Room for a whole paragraph: Florence-2's detailed captions run to about 150
+# tokens, and a caption cut mid-sentence teaches the model a cut-off sentence.
+# Generation stops at the end of the caption, so the limit costs nothing.
+MAX_NEW_TOKENS = 256
+
 
 class Captioner:
     """Captions batches of images; the model loads on the first batch and is freed by ``close()``."""
 
-    def __init__(self, model: str, device: torch.device, prompt: str | None = None, max_new_tokens: int = 120, dtype: torch.dtype | None = None):
+    def __init__(self, model: str, device: torch.device, prompt: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS, dtype: torch.dtype | None = None):
         self.model_name, self.device = model, device
         self.dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.max_new_tokens = max_new_tokens

@@ -27,6 +27,7 @@ from pixart_tune import models
 from pixart_tune.data.buckets import BUCKET_TABLES, CROPS
 from pixart_tune.data.cache import REPORT, CacheItem, FeatureCache, Manifest, content_key
 from pixart_tune.data.captions import CAPTION_SOURCES, clean, compose, filename_caption, read_sidecar
+from pixart_tune.data.captioner import MAX_NEW_TOKENS, Captioner
 from pixart_tune.data.duplicates import DuplicateFinder
 from pixart_tune.data.encode import LatentEncoder, TextEncoder, component_fingerprint, resolve_component
 from pixart_tune.data.images import DEFAULT_MAX_PIXELS, ImageSkip
@@ -62,7 +63,8 @@ class PrepareConfig:
     captioner_prompt: str | None = None
     """Task prompt for the captioner; default: <MORE_DETAILED_CAPTION> for Florence-2, none for BLIP."""
     captioner_batch_size: int = 8
-    caption_max_new_tokens: int = 120
+    caption_max_new_tokens: int = MAX_NEW_TOKENS
+    """Longest caption the captioner may write, in its own tokens."""
     trigger: str = ""
     """Trigger word put first in every caption (unless already there)."""
     prefix: str = ""
@@ -306,8 +308,6 @@ class _Run:
         if not self.to_caption:
             return
         if self.captioner is None:
-            from pixart_tune.data.captioner import Captioner
-
             config = self.config
             self.captioner = Captioner(config.captioner, self.device, prompt=config.captioner_prompt, max_new_tokens=config.caption_max_new_tokens)
         captions = self.captioner.caption([pixels for _, pixels in self.to_caption])
