@@ -37,6 +37,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
     if unknown:
         known = ", ".join(sorted(fields))
         raise ConfigError(f"unknown key {_join(where, unknown[0])!r}; known keys here: {known}")
+    required = [name for name, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ConfigError(f"missing key {_join(where, missing[0])!r}; give it a value")
     kwargs = {name: _convert(hints[name], value, _join(where, name)) for name, value in data.items()}
     try:
         return cls(**kwargs)

@@ -18,21 +18,29 @@ from tests.conftest import REPO
 
 TINY_RECIPE = REPO / "recipes" / "tiny_cpu.yaml"
 RED = (220, 40, 40)
+BLUE = (40, 60, 220)
 
 
-def write_flat_images(folder: Path, colour: tuple[int, int, int], sizes: list[tuple[int, int]], caption: str) -> Path:
-    """Flat-colour PNGs of the given (width, height) sizes, each with a .txt caption."""
+def write_flat_images(
+    folder: Path, colour: tuple[int, int, int], sizes: list[tuple[int, int]], caption: str, shaded: bool = False
+) -> Path:
+    """Flat-colour PNGs of the given (width, height) sizes, each with a .txt caption.
+
+    ``shaded`` darkens each image a little more than the last, so that prepare keeps
+    them all (it drops exact duplicates: same-size flat images of one colour are).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     for index, size in enumerate(sizes):
-        Image.new("RGB", size, colour).save(folder / f"flat_{index}.png")
+        shade = tuple(max(0, c - 8 * index) for c in colour) if shaded else colour
+        Image.new("RGB", size, shade).save(folder / f"flat_{index}.png")
         (folder / f"flat_{index}.txt").write_text(f"{caption} {index}", encoding="utf-8")
     return folder
 
 
-def prepare(model: str, source: Path, out: Path) -> Path:
+def prepare(model: str, source: Path, out: Path, resolution: int = 256) -> Path:
     from pixart_tune.data.prepare import PrepareConfig, prepare_dataset
 
-    prepare_dataset(PrepareConfig(source=str(source), out=str(out), model=model, resolution=256, progress=False))
+    prepare_dataset(PrepareConfig(source=str(source), out=str(out), model=model, resolution=resolution, progress=False))
     return out
 
 
@@ -42,6 +50,17 @@ def red_dataset(tiny_model, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("red")
     sizes = [(256, 256)] * 4 + [(192, 320)] * 2
     source = write_flat_images(root / "source", RED, sizes, "a flat red colour")
+    return prepare(tiny_model, source, root / "prepared")
+
+
+@pytest.fixture(scope="session")
+def blue_dataset(tiny_model, tmp_path_factory) -> Path:
+    """Four distinct blue images, three landscape and one square (the square shares
+    red_dataset's bucket), prepared at 256 px: a second dataset to train with red.
+    (red_dataset holds two items: prepare keeps one square and one portrait.)"""
+    root = tmp_path_factory.mktemp("blue")
+    sizes = [(320, 192)] * 3 + [(256, 256)]
+    source = write_flat_images(root / "source", BLUE, sizes, "a flat blue colour", shaded=True)
     return prepare(tiny_model, source, root / "prepared")
 
 

@@ -28,9 +28,32 @@ def _at_least(section: str, minimum: int, **values: int) -> None:
 
 
 @dataclasses.dataclass
+class ExtraDataset:
+    """One more prepared dataset trained alongside ``data.path`` (class images, a second style set)."""
+
+    path: Path
+    """Folder written by ``pixart-tune prepare`` with the same model (VAE and T5) as
+    ``data.path``; it may be prepared at another resolution."""
+    repeats: int = 1
+    """Times each of its images appears per epoch: balances a small set against a
+    large one (10 subject images x 10 against 100 class images x 1)."""
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be at least 1, got {self.repeats}")
+
+
+@dataclasses.dataclass
 class DataSection:
     path: Path | None = None
-    """Folder written by ``pixart-tune prepare`` (dataset.json + latents/ + text/)."""
+    """The main dataset: a folder written by ``pixart-tune prepare`` (dataset.json +
+    latents/ + text/). Its resolution is the recipe's ``resolution``, validation
+    renders at it, and its empty prompt is the one caption dropout uses."""
+    repeats: int = 1
+    """Times each image of ``path`` appears per epoch."""
+    extra: list[ExtraDataset] = dataclasses.field(default_factory=list)
+    """More prepared datasets, each ``{path: FOLDER, repeats: N}``; an epoch is every
+    dataset's images, each listed its ``repeats`` times, in bucket batches."""
     batch_size: int = 1
     """Samples per device per micro-step; every batch comes from one aspect bucket."""
     caption_dropout: float = 0.1
@@ -42,10 +65,37 @@ class DataSection:
     """Drop a bucket's last, smaller batch (keeps the batch size constant)."""
 
     def __post_init__(self) -> None:
-        _at_least("data", 1, batch_size=self.batch_size)
+        _at_least("data", 1, batch_size=self.batch_size, repeats=self.repeats)
         _at_least("data", 0, num_workers=self.num_workers)
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        self._check_distinct()
+
+    def _check_distinct(self) -> None:
+        """A dataset listed twice would silently double its weight: ``repeats`` says that."""
+        if self.extra and self.path is None:
+            raise ValueError("data.extra needs data.path: the main dataset (its resolution, empty prompt and validation size)")
+        seen = {_same_folder(self.path): "data.path"} if self.path is not None else {}
+        for index, extra in enumerate(self.extra):
+            key, name = _same_folder(extra.path), f"data.extra[{index}]"
+            if key in seen:
+                raise ValueError(
+                    f"{name} ({extra.path}) is the same dataset as {seen[key]}; list each dataset once "
+                    "and raise its repeats to weight it more"
+                )
+            seen[key] = name
+
+    def sources(self) -> list[tuple[Path, int]]:
+        """(folder, repeats) of every dataset, the main one first."""
+        if self.path is None:
+            return []
+        return [(self.path, self.repeats)] + [(extra.path, extra.repeats) for extra in self.extra]
+
+
+def _same_folder(path: Path) -> Path:
+    # resolve() follows symlinks and needs no folder to exist yet (a recipe is
+    # checked before its datasets are prepared).
+    return Path(path).expanduser().resolve()
 
 
 @dataclasses.dataclass

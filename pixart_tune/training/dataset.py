@@ -1,16 +1,21 @@
-"""Training batches from a prepared feature cache: one aspect bucket per batch.
+"""Training batches from prepared feature caches: one aspect bucket per batch.
 
 The dataset reads one item's latent and T5 embedding from disk at a time (the set
-is never held in memory). The batch sampler groups item indices by bucket, so all
-latents of a batch have one shape, and orders the batches from ``seed`` and the
-epoch alone: the order is the same on every run, a resumed run can skip to the
-batch it stopped at, and under DDP each rank takes distinct batches, the same
-number on every rank.
+is never held in memory). Several prepared folders train together as one
+:class:`TrainingSet`: their items concatenated, each listed its dataset's
+``repeats`` times per epoch. The batch sampler groups item indices by bucket, so
+all latents of a batch have one shape (datasets prepared at different resolutions
+share a batch only where their buckets coincide), and orders the batches from
+``seed`` and the epoch alone: the order is the same on every run, a resumed run
+can skip to the batch it stopped at, and under DDP each rank takes distinct
+batches, the same number on every rank.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import random
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -92,6 +97,95 @@ class CachedDataset(Dataset):
         return {"latent": self.cache.read_latent(item.latent_key), "embeds": embeds}
 
 
+class TrainingSet(Dataset):
+    """Several prepared datasets as one: the main one first, then the extra ones.
+
+    Index ``i`` runs over the concatenated items, each once; how often an item is
+    trained per epoch is :attr:`repeats` ``[i]``, which the batch sampler applies.
+    The empty-prompt embedding (caption dropout) is the main dataset's.
+    """
+
+    def __init__(self, sources: Sequence[tuple[str | Path, int]]):
+        if not sources:
+            raise UserError("the recipe names no dataset: set data.path=FOLDER (a folder written by 'pixart-tune prepare')")
+        self.parts = [CachedDataset(path) for path, _ in sources]
+        self.part_repeats = [repeats for _, repeats in sources]
+        check_compatible(self.parts)
+        self.offsets = list(itertools.accumulate((len(part) for part in self.parts), initial=0))
+
+    @property
+    def main(self) -> CachedDataset:
+        return self.parts[0]
+
+    @property
+    def empty_embeds(self) -> torch.Tensor:
+        return self.main.empty_embeds
+
+    @property
+    def empty_mask(self) -> torch.Tensor:
+        return self.main.empty_mask
+
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        return [bucket for part in self.parts for bucket in part.buckets]
+
+    @property
+    def repeats(self) -> list[int]:
+        """Per item: times it appears in one epoch."""
+        return [repeats for part, repeats in zip(self.parts, self.part_repeats) for _ in range(len(part))]
+
+    @property
+    def epoch_size(self) -> int:
+        """Samples in one epoch (all ranks together, before ``drop_last``)."""
+        return sum(len(part) * repeats for part, repeats in zip(self.parts, self.part_repeats))
+
+    def describe(self) -> str:
+        """One line per dataset: where, how many images, how often each."""
+        return "; ".join(
+            f"{part.cache.root}: {len(part)} images x {repeats} = {len(part) * repeats} "
+            f"({part.manifest.resolution} px)"
+            for part, repeats in zip(self.parts, self.part_repeats)
+        )
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        part = bisect.bisect_right(self.offsets, index) - 1
+        return self.parts[part][index - self.offsets[part]]
+
+
+def check_compatible(parts: Sequence[CachedDataset]) -> None:
+    """Refuses datasets whose features cannot be mixed with the main dataset's.
+
+    Latents must come from one VAE space (channels, scaling factor) and text from
+    one encoder: the empty-prompt key is a content key over the T5 weights,
+    tokenizer and encoding settings, so equal keys mean the same text space.
+    Resolution may differ (buckets keep shapes apart).
+    """
+    main = parts[0].manifest
+    for part in parts[1:]:
+        other = part.manifest
+        problems = [
+            f"{what}: {mine} vs {theirs}"
+            for what, mine, theirs in (
+                ("latent channels", main.latent_channels, other.latent_channels),
+                ("caption channels", main.caption_channels, other.caption_channels),
+                ("VAE scaling factor", main.vae_scaling_factor, other.vae_scaling_factor),
+                ("max tokens", main.max_tokens, other.max_tokens),
+            )
+            if mine != theirs
+        ]
+        if main.empty_text_key != other.empty_text_key:
+            problems.append("text encoder: the empty prompt encodes differently (another T5, tokenizer, or T5 dtype / 8-bit setting)")
+        if problems:
+            raise UserError(
+                f"dataset {part.cache.root} does not fit the main dataset {parts[0].cache.root} "
+                f"({'; '.join(problems)}); they were prepared with {other.model} and {main.model}: "
+                f"re-run 'pixart-tune prepare' on {part.cache.root}'s images with the --model (and text settings) of the main dataset"
+            )
+
+
 def collate(items: Sequence[dict[str, torch.Tensor]]) -> Batch:
     """Stacks one bucket's items; pads the text to the longest caption of the batch.
 
@@ -114,9 +208,12 @@ def collate(items: Sequence[dict[str, torch.Tensor]]) -> Batch:
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of indices that share a bucket, in an order fixed by seed and epoch.
 
-    Call :meth:`set_epoch` before iterating; ``start`` skips the batches a resumed
-    run has already trained on. With ``num_replicas`` > 1 the epoch's batches are
-    dealt round-robin to the ranks after trimming (or cycling, for tiny sets) to a
+    ``repeats[i]`` (default 1) lists index ``i`` that many times per epoch; the
+    copies are shuffled within their bucket like any other item, so they spread
+    over the epoch (two copies can meet in one batch, as in kohya's repeats). Call
+    :meth:`set_epoch` before iterating; ``start`` skips the batches a resumed run
+    has already trained on. With ``num_replicas`` > 1 the epoch's batches are dealt
+    round-robin to the ranks after trimming (or cycling, for tiny sets) to a
     multiple of the rank count, so every rank runs the same number of steps.
     """
 
@@ -128,12 +225,17 @@ class BucketBatchSampler(Sampler[list[int]]):
         drop_last: bool = False,
         num_replicas: int = 1,
         rank: int = 0,
+        repeats: Sequence[int] | None = None,
     ):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        if repeats is not None and len(repeats) != len(buckets):
+            raise ValueError(f"{len(repeats)} repeats for {len(buckets)} items")
         self.groups: dict[tuple[int, int], list[int]] = {}
         for index, bucket in enumerate(buckets):
-            self.groups.setdefault(tuple(bucket), []).append(index)
+            # With every repeat 1 this is the single-dataset order, so a recipe
+            # without extra datasets keeps its batches.
+            self.groups.setdefault(tuple(bucket), []).extend([index] * (repeats[index] if repeats else 1))
         self.batch_size = batch_size
         self.seed = seed
         self.drop_last = drop_last

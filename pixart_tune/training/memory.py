@@ -9,12 +9,13 @@ The method (docs/training.md explains it in full):
   LoRA weights and gradients fp32, optimizer bytes per weight from
   ``optim.STATE_BYTES_PER_PARAM``).
 * **Activations** are measured, not guessed: one forward of that meta model at the
-  recipe's largest bucket and batch runs under ``saved_tensors_hooks``, which sees
-  every tensor autograd keeps for backward (deduplicated by storage, parameters
-  excluded). Attention is traced as the fused kernels CUDA runs (flash /
-  memory-efficient SDPA keep q, k, v, the output and the log-sum-exp, never the
-  N x N matrix). With gradient checkpointing only each block's input is kept,
-  plus one block's activations while it is recomputed.
+  recipe's largest bucket (over all its datasets, see :func:`resolution_of`) and
+  batch runs under ``saved_tensors_hooks``, which sees every tensor autograd keeps
+  for backward (deduplicated by storage, parameters excluded). Attention is traced
+  as the fused kernels CUDA runs (flash / memory-efficient SDPA keep q, k, v, the
+  output and the log-sum-exp, never the N x N matrix). With gradient checkpointing
+  only each block's input is kept, plus one block's activations while it is
+  recomputed.
 * **Backward working set** (gradients in flight inside one block) is estimated as
   one block's activations, and a fixed CUDA context + allocator reserve is added.
 """
@@ -233,13 +234,25 @@ def _fused_attention():
 
 
 def resolution_of(config: TrainConfig) -> int:
-    if config.resolution is not None:
-        return config.resolution
-    if config.data.path is not None and (Path(config.data.path) / "dataset.json").is_file():
-        from pixart_tune.data.cache import FeatureCache
+    """The bucket table with the largest buckets over all of the recipe's datasets.
 
-        return FeatureCache(config.data.path).read_manifest().resolution
-    raise UserError("the recipe sets no resolution and names no prepared dataset: pass resolution=1024 (or 256, 512, 2048)")
+    The main dataset is at ``resolution`` (or, unset, what its manifest says); an
+    extra dataset counts at its manifest's resolution once prepared, and at the
+    main one's before (``plan`` usually runs before ``prepare``).
+    """
+    main = config.resolution if config.resolution is not None else _prepared_resolution(config.data.path)
+    if main is None:
+        raise UserError("the recipe sets no resolution and names no prepared dataset: pass resolution=1024 (or 256, 512, 2048)")
+    extras = [_prepared_resolution(extra.path) for extra in config.data.extra]
+    return max([main, *(resolution for resolution in extras if resolution is not None)])
+
+
+def _prepared_resolution(path: Path | None) -> int | None:
+    if path is None or not (Path(path) / "dataset.json").is_file():
+        return None
+    from pixart_tune.data.cache import FeatureCache
+
+    return FeatureCache(path).read_manifest().resolution
 
 
 def cli(argv: list[str]) -> int:

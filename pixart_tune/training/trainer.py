@@ -34,7 +34,7 @@ from pixart_tune.models import load_noise_scheduler, load_transformer, load_vae,
 from pixart_tune.training import checkpoint as ckpt
 from pixart_tune.training import diffusion
 from pixart_tune.training.config import TrainConfig, load_train_config
-from pixart_tune.training.dataset import Batch, BucketBatchSampler, CachedDataset, collate
+from pixart_tune.training.dataset import Batch, BucketBatchSampler, TrainingSet, collate
 from pixart_tune.training.optim import build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class Trainer:
         config = self.config
         if config.data.path is None:
             raise UserError("the recipe names no dataset: set data.path=FOLDER (a folder written by 'pixart-tune prepare')")
-        self.dataset = CachedDataset(config.data.path)
+        self.dataset = TrainingSet(config.data.sources())
         self.sampler = BucketBatchSampler(
             self.dataset.buckets,
             config.data.batch_size,
@@ -101,6 +101,7 @@ class Trainer:
             drop_last=config.data.drop_last,
             num_replicas=self.accelerator.num_processes,
             rank=self.accelerator.process_index,
+            repeats=self.dataset.repeats,
         )
         self.loader = torch.utils.data.DataLoader(
             self.dataset,
@@ -113,20 +114,27 @@ class Trainer:
             # would shift LoRA dropout after a resume.
             generator=torch.Generator().manual_seed(config.seed),
         )
-        manifest = self.dataset.manifest
         self.empty_embeds = self.dataset.empty_embeds.to(self.device, self.dtype)
         self.empty_mask = self.dataset.empty_mask.to(self.device)
-        keys = sorted(f"{i.latent_key}:{i.text_key}" for i in manifest.items)
-        self.dataset_fingerprint = content_key(*keys, manifest.empty_text_key)
+        self.dataset_fingerprint = dataset_fingerprint(self.dataset)
+        if self.is_main:
+            logger.info(
+                "training on %s; epoch: %d samples in %d batches (all processes)",
+                self.dataset.describe(), self.dataset.epoch_size, len(self.sampler.epoch_batches(0)),
+            )
 
     def _setup_model(self) -> None:
-        config, manifest = self.config, self.dataset.manifest
+        config, manifest = self.config, self.dataset.main.manifest
         try:
             transformer = load_transformer(config.model, self.dtype)
             self.noise_scheduler = load_noise_scheduler(config.model)
         except (OSError, ValueError) as error:
             raise UserError(f"cannot load model {config.model!r} ({error}); set model= to a PixArt-Sigma folder or hub id") from None
-        _check_fits(transformer.config, manifest, config.data.path)
+        for part in self.dataset.parts:
+            _check_fits(transformer.config, part.manifest, part.cache.root)
+        # `resolution` is the main dataset's (validation renders at it, the adapter
+        # records it). Extra datasets may come from other bucket tables: that is
+        # multi-resolution training, and a batch still holds one shape.
         if config.resolution is not None and config.resolution != manifest.resolution:
             raise UserError(
                 f"the recipe trains at {config.resolution} px but {config.data.path} was prepared at {manifest.resolution} px; "
@@ -177,7 +185,7 @@ class Trainer:
 
         from pixart_tune.data.encode import TextEncoder
 
-        encoder = TextEncoder(self.config.model, self.device, self.dtype, max_tokens=self.dataset.manifest.max_tokens)
+        encoder = TextEncoder(self.config.model, self.device, self.dtype, max_tokens=self.dataset.main.manifest.max_tokens)
         self.val_embeds, self.val_mask = encoder.encode(validation.prompts)
         encoder.close()
         # The pipeline decodes latents of the transformer's dtype, so the VAE loads in
@@ -371,8 +379,8 @@ class Trainer:
         from pixart_tune.sampling import generate, image_grid
 
         validation = self.config.validation
-        height = validation.height or self.dataset.manifest.resolution
-        width = validation.width or self.dataset.manifest.resolution
+        height = validation.height or self.dataset.main.manifest.resolution
+        width = validation.width or self.dataset.main.manifest.resolution
         seeds = list(validation.seeds)
         count = len(seeds)
         self.transformer.eval()
@@ -406,7 +414,7 @@ class Trainer:
         return {
             "base_model": self.config.model,
             "steps": self.state.step,
-            "resolution": self.dataset.manifest.resolution,
+            "resolution": self.dataset.main.manifest.resolution,
             "trigger_words": list(self.config.trigger_words),
             "dataset_fingerprint": self.dataset_fingerprint,
             "pixart_tune_version": __version__,
@@ -478,6 +486,23 @@ class _Window:
         self.count = 0
         self.samples = 0
         self.start = time.perf_counter()
+
+
+def dataset_fingerprint(dataset: TrainingSet) -> str:
+    """A hash of what was trained on: every dataset's cache keys and its repeats.
+
+    One dataset at repeats 1 keeps the single-dataset value (same images + captions
+    + encoders give the same fingerprint); otherwise the datasets' own fingerprints
+    and repeats, in order, are hashed together.
+    """
+    parts = []
+    for part, repeats in zip(dataset.parts, dataset.part_repeats):
+        manifest = part.manifest
+        keys = sorted(f"{i.latent_key}:{i.text_key}" for i in manifest.items)
+        parts.append((content_key(*keys, manifest.empty_text_key), repeats))
+    if len(parts) == 1 and parts[0][1] == 1:
+        return parts[0][0]
+    return content_key("datasets", *(f"{key}x{repeats}" for key, repeats in parts))
 
 
 def _check_fits(transformer_config, manifest, data_path) -> None:
