@@ -87,7 +87,8 @@ def find_samples(adapter: Path) -> list[Path]:
     run = adapter if adapter.is_dir() else adapter.parent
     for folder in (run / "samples", run.parent / "samples"):
         if folder.is_dir():
-            images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            # step-NNNNNN.png sort by step; base.png is the base model, not the adapter.
+            images = sorted(p for p in folder.glob("step-*") if p.suffix.lower() in IMAGE_SUFFIXES)
             if images:
                 return images[-1:]
     return []

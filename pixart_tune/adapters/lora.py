@@ -12,10 +12,11 @@ training metadata as strings in the safetensors header.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from peft import LoraConfig
@@ -232,6 +233,29 @@ def activate(transformer: torch.nn.Module, adapter_names: list[str]) -> None:
     set_adapter(transformer, adapter_names)
     for parameter in transformer.parameters():
         parameter.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def disabled_adapters(transformer: torch.nn.Module) -> Iterator[None]:
+    """Runs the base model inside the block, then restores the adapters exactly.
+
+    PEFT's switch clears ``requires_grad`` of the LoRA weights on the way off and
+    sets it again by its own rule (the active adapters' weights) on the way back; a
+    training run must get back exactly the trainable set its optimizer holds, so
+    the flags are restored as they were rather than left to that rule.
+    """
+    layers = list(lora_layers(transformer).values())
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    enabled = [not layer.disable_adapters for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer, on in zip(layers, enabled):
+            layer.enable_adapters(on)
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
 
 
 def remove(transformer: torch.nn.Module, adapter_name: str) -> None:

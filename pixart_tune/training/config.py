@@ -187,6 +187,9 @@ class ValidationSection:
     height: int | None = None
     """Image height in pixels; null = the dataset's resolution."""
     width: int | None = None
+    base: bool = True
+    """Also render the same prompts and seeds once without the adapter, to
+    samples/base.png, so each step's grid can be held against the base model."""
 
     def __post_init__(self) -> None:
         _at_least("validation", 0, every=self.every)

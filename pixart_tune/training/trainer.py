@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pixart_tune import __version__
-from pixart_tune.adapters.lora import inject_lora, load_weights, read_adapter, save_adapter, trainable_parameters
+from pixart_tune.adapters.lora import disabled_adapters, inject_lora, load_weights, read_adapter, save_adapter, trainable_parameters
 from pixart_tune.config import save_yaml, to_dict
 from pixart_tune.data.cache import content_key
 from pixart_tune.errors import UserError
@@ -179,6 +179,7 @@ class Trainer:
         """Encodes the validation prompts once, then frees T5; loads the VAE on the CPU."""
         validation = self.config.validation
         self.pipe = None
+        self._base_rendered = False
         if not validation.prompts or not self.is_main:
             return
         from diffusers import PixArtSigmaPipeline
@@ -373,9 +374,31 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> Path | None:
-        """Renders the fixed prompts x seeds grid to samples/step-NNNNNN.png (main process)."""
+        """Renders the fixed prompts x seeds grid to samples/step-NNNNNN.png (main process).
+
+        The first call of a run (or of a resumed run) also renders the base model,
+        adapter off, to samples/base.png: the same prompts and seeds, to compare.
+        """
         if self.pipe is None:
             return None
+        samples = Path(self.config.output_dir) / "samples"
+        self.transformer.eval()
+        self.pipe.vae.to(self.device)
+        # Validation must not move the training RNG streams (LoRA dropout).
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            if self.config.validation.base and not self._base_rendered:
+                with disabled_adapters(self.transformer):
+                    self._save_grid(self._render_grid(), samples / "base.png", "validation/base")
+                self._base_rendered = True
+            grid = self._render_grid()
+        self.pipe.vae.to("cpu")
+        self.transformer.train()
+        path = samples / f"step-{self.state.step:06d}.png"
+        self._save_grid(grid, path, "validation")
+        return path
+
+    def _render_grid(self):
+        """One row per validation prompt, one column per seed, from the cached prompt embeddings."""
         from pixart_tune.sampling import generate, image_grid
 
         validation = self.config.validation
@@ -383,31 +406,25 @@ class Trainer:
         width = validation.width or self.dataset.main.manifest.resolution
         seeds = list(validation.seeds)
         count = len(seeds)
-        self.transformer.eval()
-        self.pipe.vae.to(self.device)
         images = []
-        # Validation must not move the training RNG streams (LoRA dropout).
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            for i in range(len(validation.prompts)):
-                images += generate(
-                    self.pipe, None, seeds, height=height, width=width, steps=validation.steps, guidance=validation.guidance,
-                    prompt_embeds=self.val_embeds[i : i + 1].expand(count, -1, -1).to(self.dtype),
-                    prompt_attention_mask=self.val_mask[i : i + 1].expand(count, -1),
-                    negative_prompt_embeds=self.empty_embeds[None],
-                    negative_prompt_attention_mask=self.empty_mask[None],
-                )
-        self.pipe.vae.to("cpu")
-        self.transformer.train()
+        for i in range(len(validation.prompts)):
+            images += generate(
+                self.pipe, None, seeds, height=height, width=width, steps=validation.steps, guidance=validation.guidance,
+                prompt_embeds=self.val_embeds[i : i + 1].expand(count, -1, -1).to(self.dtype),
+                prompt_attention_mask=self.val_mask[i : i + 1].expand(count, -1),
+                negative_prompt_embeds=self.empty_embeds[None],
+                negative_prompt_attention_mask=self.empty_mask[None],
+            )
         labels = [p if len(p) <= 24 else p[:23] + "…" for p in validation.prompts]
-        grid = image_grid(images, cols=count, row_labels=labels, col_labels=[f"seed {s}" for s in seeds])
-        path = Path(self.config.output_dir) / "samples" / f"step-{self.state.step:06d}.png"
+        return image_grid(images, cols=count, row_labels=labels, col_labels=[f"seed {s}" for s in seeds])
+
+    def _save_grid(self, grid, path: Path, tag: str) -> None:
         with atomic_path(path) as tmp:
             grid.save(tmp, format="PNG")
         if self.writer is not None:
             import numpy as np
 
-            self.writer.add_image("validation", np.asarray(grid), self.state.step, dataformats="HWC")
-        return path
+            self.writer.add_image(tag, np.asarray(grid), self.state.step, dataformats="HWC")
 
     def metadata(self) -> dict[str, object]:
         """What the adapter's safetensors header records about this training."""
