@@ -111,6 +111,15 @@ def load_text_encoder(model: str, dtype: torch.dtype = torch.float32, load_in_8b
     return T5EncoderModel.from_pretrained(model, subfolder="text_encoder", **kwargs)
 
 
+def quiet_loading() -> None:
+    """No loading bars from transformers and diffusers: for runs asked to show no progress."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def load_noise_scheduler(model: str):
     """The DDPM training schedule, built from the model folder's scheduler config."""
     from diffusers import DDPMScheduler

@@ -389,6 +389,8 @@ def _refuse_foreign_out(out: Path) -> None:
 def prepare_dataset(config: PrepareConfig) -> dict[str, Any]:
     """Prepares ``config.source`` into ``config.out``; returns the report also written as report.json."""
     source, out = config.source, Path(config.out)
+    if not config.progress:
+        models.quiet_loading()
     if Path(source).exists():
         real_source, real_out = Path(source).resolve(), out.resolve()
         if real_out == real_source or real_source in real_out.parents:

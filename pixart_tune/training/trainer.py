@@ -30,7 +30,7 @@ from pixart_tune.config import save_yaml, to_dict
 from pixart_tune.data.cache import content_key
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
-from pixart_tune.models import load_noise_scheduler, load_transformer, load_vae, resolve_dtype
+from pixart_tune.models import load_noise_scheduler, load_transformer, load_vae, quiet_loading, resolve_dtype
 from pixart_tune.training import checkpoint as ckpt
 from pixart_tune.training import diffusion
 from pixart_tune.training.config import TrainConfig, load_train_config
@@ -545,6 +545,8 @@ def _peak_memory_gb(device: torch.device) -> float:
 
 def run(config: TrainConfig, resume: str | None = None, progress: bool = True) -> Path:
     """Sets up, trains and cleans up; returns the final adapter folder."""
+    if not progress:
+        quiet_loading()
     trainer = Trainer(config, resume=resume, progress=progress)
     trainer.setup()
     try:
