@@ -252,3 +252,28 @@ def test_a_missing_extra_dataset_is_named(tiny_model, red_dataset, tmp_path):
     config = tiny_config(tiny_model, red_dataset, tmp_path / "out", _extra((tmp_path / "class", 1)))
     with pytest.raises(UserError, match=f"{tmp_path / 'class'} is not a prepared dataset"):
         Trainer(config, progress=False).setup()
+
+
+def test_epochs_set_the_steps_from_the_data(tiny_model, red_dataset, blue_dataset, tmp_path):  # noqa: F811
+    """schedule.epochs: every batch of every epoch once, accumulation included; config.yaml records the steps."""
+    import yaml
+
+    from pixart_tune.training.trainer import epochs_to_steps
+
+    assert epochs_to_steps(3, 4, 1) == 12 and epochs_to_steps(3, 5, 2) == 8 and epochs_to_steps(1, 1, 4) == 1
+    out = tmp_path / "epochs"
+    config = tiny_config(tiny_model, red_dataset, out, "schedule.epochs=2", "schedule.grad_accum=2", "schedule.warmup_steps=0",
+                         "checkpoint.every=0", f"data.extra=[{{path: {blue_dataset}, repeats: 2}}]")
+    recipe_steps = config.schedule.steps
+    trainer = Trainer(config, progress=False)
+    trainer.setup()
+    try:
+        batches = len(trainer.sampler)
+        assert trainer.config.schedule.steps == epochs_to_steps(2, batches, 2) != recipe_steps
+        assert config.schedule.steps == recipe_steps, "the caller's config was changed"
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    assert yaml.safe_load((out / "config.yaml").read_text())["schedule"]["steps"] == trainer.config.schedule.steps
+    with pytest.raises(ConfigError, match="epochs must be at least 1"):
+        tiny_config(tiny_model, red_dataset, out, "schedule.epochs=0")

@@ -146,6 +146,10 @@ class OptimSection:
 class ScheduleSection:
     steps: int = 1000
     """Optimizer steps to train (each of grad_accum micro-steps)."""
+    epochs: int | None = None
+    """Train this many passes over the data instead: ``steps`` becomes epochs x
+    batches per epoch (per process, repeats included) / grad_accum, rounded up,
+    and the run's saved config.yaml records the steps it came to."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
     lr_scheduler: str = "constant_with_warmup"
@@ -156,6 +160,8 @@ class ScheduleSection:
 
     def __post_init__(self) -> None:
         _at_least("schedule", 1, steps=self.steps, grad_accum=self.grad_accum)
+        if self.epochs is not None:
+            _at_least("schedule", 1, epochs=self.epochs)
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"schedule.lr_scheduler {self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
         if not 0 <= self.warmup_steps <= self.steps:

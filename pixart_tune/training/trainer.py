@@ -13,6 +13,7 @@ on a CPU, one GPU, or ``accelerate launch`` over several.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import logging
 import math
@@ -122,6 +123,18 @@ class Trainer:
                 "training on %s; epoch: %d samples in %d batches (all processes)",
                 self.dataset.describe(), self.dataset.epoch_size, len(self.sampler.epoch_batches(0)),
             )
+        schedule = config.schedule
+        if schedule.epochs is not None:
+            # Every epoch has the same batches per rank (same buckets, same sizes).
+            steps = epochs_to_steps(schedule.epochs, len(self.sampler), schedule.grad_accum)
+            try:
+                resolved = dataclasses.replace(schedule, steps=steps)
+            except ValueError as error:
+                raise UserError(f"schedule.epochs={schedule.epochs} comes to {steps} steps: {error}") from None
+            self.config = dataclasses.replace(config, schedule=resolved)
+            if self.is_main:
+                logger.info("%d epochs = %d optimizer steps", schedule.epochs, steps)
+                save_yaml(self.config, Path(self.config.output_dir) / "config.yaml")
 
     def _setup_model(self) -> None:
         config, manifest = self.config, self.dataset.main.manifest
@@ -503,6 +516,11 @@ class _Window:
         self.count = 0
         self.samples = 0
         self.start = time.perf_counter()
+
+
+def epochs_to_steps(epochs: int, batches_per_epoch: int, grad_accum: int) -> int:
+    """Optimizer steps that see every batch of ``epochs`` epochs at least once."""
+    return max(1, math.ceil(epochs * batches_per_epoch / grad_accum))
 
 
 def dataset_fingerprint(dataset: TrainingSet) -> str:
