@@ -26,17 +26,17 @@ import torch
 from tqdm.auto import tqdm
 
 from pixart_tune import __version__
-from pixart_tune.adapters.lora import disabled_adapters, inject_lora, load_weights, read_adapter, save_adapter, trainable_parameters
+from pixart_tune.adapters.lora import inject_lora, load_weights, read_adapter, save_adapter, trainable_parameters
 from pixart_tune.config import save_yaml, to_dict
 from pixart_tune.data.cache import content_key
 from pixart_tune.errors import UserError
-from pixart_tune.fsutil import atomic_path
-from pixart_tune.models import load_noise_scheduler, load_transformer, load_vae, quiet_loading, resolve_dtype
+from pixart_tune.models import load_noise_scheduler, load_transformer, quiet_loading, resolve_dtype
 from pixart_tune.training import checkpoint as ckpt
 from pixart_tune.training import diffusion
 from pixart_tune.training.config import TrainConfig, load_train_config
 from pixart_tune.training.dataset import Batch, BucketBatchSampler, TrainingSet, collate
 from pixart_tune.training.optim import build_lr_scheduler, build_optimizer
+from pixart_tune.training.validation import BASE_GRID, Validator, save_grid
 
 logger = logging.getLogger(__name__)
 
@@ -190,24 +190,13 @@ class Trainer:
 
     def _setup_validation(self) -> None:
         """Encodes the validation prompts once, then frees T5; loads the VAE on the CPU."""
-        validation = self.config.validation
-        self.pipe = None
-        self._base_rendered = False
-        if not validation.prompts or not self.is_main:
+        self.validator = None
+        if not self.config.validation.prompts or not self.is_main:
             return
-        from diffusers import PixArtSigmaPipeline
-
-        from pixart_tune.data.encode import TextEncoder
-
-        encoder = TextEncoder(self.config.model, self.device, self.dtype, max_tokens=self.dataset.main.manifest.max_tokens)
-        self.val_embeds, self.val_mask = encoder.encode(validation.prompts)
-        encoder.close()
-        # The pipeline decodes latents of the transformer's dtype, so the VAE loads in
-        # that dtype (and waits on the CPU between validations). No pipeline-wide dtype:
-        # it would cast the passed transformer's fp32 LoRA weights too.
-        vae = load_vae(self.config.model, self.dtype)
-        self.pipe = PixArtSigmaPipeline.from_pretrained(
-            self.config.model, transformer=self.transformer, vae=vae, text_encoder=None, tokenizer=None
+        manifest = self.dataset.main.manifest
+        self.validator = Validator(
+            self.config.validation, self.config.model, self.transformer, self.device, self.dtype,
+            max_tokens=manifest.max_tokens, resolution=manifest.resolution, negative=(self.empty_embeds, self.empty_mask),
         )
 
     def _setup_output(self) -> None:
@@ -267,7 +256,7 @@ class Trainer:
                 self.validate()
         self._check_finite(window)
         adapter = self.save_adapter()
-        if self.pipe is not None and (not config.validation.every or total % config.validation.every):
+        if self.validator is not None and (not config.validation.every or total % config.validation.every):
             self.validate()
         bar.close()
         return adapter
@@ -385,59 +374,21 @@ class Trainer:
             "(a NaN latent); then run again (with --resume latest to continue from the checkpoint)"
         )
 
-    @torch.no_grad()
     def validate(self) -> Path | None:
-        """Renders the fixed prompts x seeds grid to samples/step-NNNNNN.png (main process).
+        """Renders the validation grid to samples/step-NNNNNN.png (main process).
 
         The first call of a run (or of a resumed run) also renders the base model,
         adapter off, to samples/base.png: the same prompts and seeds, to compare.
         """
-        if self.pipe is None:
+        if self.validator is None:
             return None
         samples = Path(self.config.output_dir) / "samples"
-        self.transformer.eval()
-        self.pipe.vae.to(self.device)
-        # Validation must not move the training RNG streams (LoRA dropout).
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            if self.config.validation.base and not self._base_rendered:
-                with disabled_adapters(self.transformer):
-                    self._save_grid(self._render_grid(), samples / "base.png", "validation/base")
-                self._base_rendered = True
-            grid = self._render_grid()
-        self.pipe.vae.to("cpu")
-        self.transformer.train()
         path = samples / f"step-{self.state.step:06d}.png"
-        self._save_grid(grid, path, "validation")
+        grid, base = self.validator.grids()
+        if base is not None:
+            save_grid(base, samples / BASE_GRID, self.writer, "validation/base", self.state.step)
+        save_grid(grid, path, self.writer, "validation", self.state.step)
         return path
-
-    def _render_grid(self):
-        """One row per validation prompt, one column per seed, from the cached prompt embeddings."""
-        from pixart_tune.sampling import generate, image_grid
-
-        validation = self.config.validation
-        height = validation.height or self.dataset.main.manifest.resolution
-        width = validation.width or self.dataset.main.manifest.resolution
-        seeds = list(validation.seeds)
-        count = len(seeds)
-        images = []
-        for i in range(len(validation.prompts)):
-            images += generate(
-                self.pipe, None, seeds, height=height, width=width, steps=validation.steps, guidance=validation.guidance,
-                prompt_embeds=self.val_embeds[i : i + 1].expand(count, -1, -1).to(self.dtype),
-                prompt_attention_mask=self.val_mask[i : i + 1].expand(count, -1),
-                negative_prompt_embeds=self.empty_embeds[None],
-                negative_prompt_attention_mask=self.empty_mask[None],
-            )
-        labels = [p if len(p) <= 24 else p[:23] + "…" for p in validation.prompts]
-        return image_grid(images, cols=count, row_labels=labels, col_labels=[f"seed {s}" for s in seeds])
-
-    def _save_grid(self, grid, path: Path, tag: str) -> None:
-        with atomic_path(path) as tmp:
-            grid.save(tmp, format="PNG")
-        if self.writer is not None:
-            import numpy as np
-
-            self.writer.add_image(tag, np.asarray(grid), self.state.step, dataformats="HWC")
 
     def metadata(self) -> dict[str, object]:
         """What the adapter's safetensors header records about this training."""
@@ -495,7 +446,7 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-        self.pipe = None
+        self.validator = None
         self.accelerator.end_training()
 
 
