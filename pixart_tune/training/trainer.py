@@ -92,8 +92,6 @@ class Trainer:
 
     def _setup_data(self) -> None:
         config = self.config
-        if config.data.path is None:
-            raise UserError("the recipe names no dataset: set data.path=FOLDER (a folder written by 'pixart-tune prepare')")
         self.dataset = TrainingSet(config.data.sources())
         self.sampler = BucketBatchSampler(
             self.dataset.buckets,
@@ -123,18 +121,22 @@ class Trainer:
                 "training on %s; epoch: %d samples in %d batches (all processes)",
                 self.dataset.describe(), self.dataset.epoch_size, len(self.sampler.epoch_batches(0)),
             )
-        schedule = config.schedule
-        if schedule.epochs is not None:
-            # Every epoch has the same batches per rank (same buckets, same sizes).
-            steps = epochs_to_steps(schedule.epochs, len(self.sampler), schedule.grad_accum)
-            try:
-                resolved = dataclasses.replace(schedule, steps=steps)
-            except ValueError as error:
-                raise UserError(f"schedule.epochs={schedule.epochs} comes to {steps} steps: {error}") from None
-            self.config = dataclasses.replace(config, schedule=resolved)
-            if self.is_main:
-                logger.info("%d epochs = %d optimizer steps", schedule.epochs, steps)
-                save_yaml(self.config, Path(self.config.output_dir) / "config.yaml")
+        if config.schedule.epochs is not None:
+            self._resolve_epochs()
+
+    def _resolve_epochs(self) -> None:
+        """``schedule.epochs`` -> ``schedule.steps``, in a new config (the caller's is left as it was)."""
+        config, schedule = self.config, self.config.schedule
+        # Every epoch has the same batches per rank (same buckets, same sizes).
+        steps = epochs_to_steps(schedule.epochs, len(self.sampler), schedule.grad_accum)
+        try:
+            resolved = dataclasses.replace(schedule, steps=steps)
+        except ValueError as error:
+            raise UserError(f"schedule.epochs={schedule.epochs} comes to {steps} steps: {error}") from None
+        self.config = dataclasses.replace(config, schedule=resolved)
+        if self.is_main:
+            logger.info("%d epochs = %d optimizer steps", schedule.epochs, steps)
+            save_yaml(self.config, Path(self.config.output_dir) / "config.yaml")
 
     def _setup_model(self) -> None:
         config, manifest = self.config, self.dataset.main.manifest
