@@ -9,7 +9,18 @@ Configured by environment variables (see ``pixart_tune.app.settings_from_env``):
     PIXART_TUNE_MODEL=demo/tiny PIXART_TUNE_RUNS=demo/runs python app.py
 """
 
+import sys
+
 from pixart_tune.app import launch, settings_from_env
+from pixart_tune.cli import configure_logging
+from pixart_tune.errors import UserError
 
 if __name__ == "__main__":
-    launch(settings_from_env())
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__.strip() + "\n\nWith flags instead of variables: pixart-tune app --help")
+        raise SystemExit(0)
+    configure_logging()
+    try:
+        launch(settings_from_env())
+    except UserError as error:
+        raise SystemExit(f"app.py: error: {error}") from None

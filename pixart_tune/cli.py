@@ -34,6 +34,14 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def configure_logging() -> None:
+    """INFO lines from the toolkit and its libraries, one per line."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # bitsandbytes' CPU backend warns at import that an optional package for its
+    # 4-bit CPU kernel is missing; nothing here runs 4-bit on a CPU.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -46,10 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"pixart-tune: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # bitsandbytes' CPU backend warns at import that an optional package for its
-    # 4-bit CPU kernel is missing; nothing here runs 4-bit on a CPU.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    configure_logging()
     module = importlib.import_module(VERBS[verb][0])
     try:
         return int(module.cli(rest) or 0)

@@ -163,7 +163,10 @@ class Sampler:
         try:
             self.pipe = load_pipeline(self.model, self.dtype).to(self.device)
         except (OSError, ValueError) as error:
-            raise UserError(f"cannot load a PixArt-Sigma pipeline from {self.model!r}: {error}") from error
+            raise UserError(
+                f"cannot load a PixArt-Sigma pipeline from {self.model!r}: {error}. Give a pipeline folder in the "
+                "diffusers layout (pixart-tune init-tiny makes a tiny one), or a hub id with the network reachable"
+            ) from error
         self._loaded: dict[str, tuple[tuple[int, int], str]] = {}
         self._counter = 0
         self.lock = threading.RLock()
