@@ -7,6 +7,7 @@ escapes that matter: absolute paths, ``..``, and symlinks.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -233,3 +234,18 @@ def test_settings_from_the_environment(tmp_path, tiny_model):
     assert settings.models == [tiny_model, "org/other"]
     assert settings.runs == (tmp_path / "runs").resolve() and settings.outputs == settings.runs / "merged"
     assert settings.host == "127.0.0.1" and settings.share is False
+
+
+def test_app_py_launcher_explains_itself_and_refuses_a_missing_model(tmp_path):
+    """The Spaces-style launcher: --help prints its variables; a bad model is a message, not a traceback."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), HF_HUB_OFFLINE="1")
+    shown = subprocess.run([sys.executable, str(repo / "app.py"), "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert shown.returncode == 0 and "PIXART_TUNE_MODEL" in shown.stdout
+    env.update(PIXART_TUNE_MODEL=str(tmp_path / "no_model"), PIXART_TUNE_RUNS=str(tmp_path / "runs"))
+    refused = subprocess.run([sys.executable, str(repo / "app.py")], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    assert "app.py: error:" in refused.stderr and "Traceback" not in refused.stderr
