@@ -2,7 +2,7 @@
 
 Layout of a prepared dataset folder::
 
-    dataset.json                 the manifest (model facts + one entry per accepted image)
+    dataset.json                 the manifest (model facts + one entry per accepted image, with its caption variants)
     report.json                  what prepare accepted, skipped and found duplicated
     latents/<key>.safetensors    {"latent": [C, H/8, W/8]}, already times the VAE scaling factor
     text/<key>.safetensors       {"embeds": [n, D]}: the n valid T5 tokens only
@@ -31,7 +31,11 @@ from pixart_tune.fsutil import atomic_path
 
 MANIFEST = "dataset.json"
 REPORT = "report.json"
-FORMAT_VERSION = 1
+# 2: an item lists every caption variant (``captions``, ``text_keys``). Format 1
+# (one ``caption`` / ``text_key``) is still read; a version that reads only 1 refuses
+# a format-2 manifest with its "re-run prepare" message instead of misreading it.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 
 
 def content_key(*parts: str | bytes) -> str:
@@ -48,11 +52,35 @@ def content_key(*parts: str | bytes) -> str:
 class CacheItem:
     source: str
     """Path of the image relative to the source folder (or a dataset row id)."""
-    caption: str
+    captions: tuple[str, ...]
+    """The final captions (trigger, prefix and suffix applied), distinct, in the order found; most items have one."""
     bucket: tuple[int, int]
     """(height, width) in pixels, a value of the diffusers aspect-ratio table."""
     latent_key: str
-    text_key: str
+    text_keys: tuple[str, ...]
+    """Text entry of each caption, in the order of ``captions``."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "captions", tuple(self.captions))
+        object.__setattr__(self, "text_keys", tuple(self.text_keys))
+        if not self.captions or len(self.captions) != len(self.text_keys):
+            raise ValueError(f"{self.source}: {len(self.captions)} captions for {len(self.text_keys)} text keys; need at least one of each, as many")
+
+    @property
+    def caption(self) -> str:
+        """The first caption: the only one unless prepare ran with caption variants."""
+        return self.captions[0]
+
+    @property
+    def text_key(self) -> str:
+        return self.text_keys[0]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "CacheItem":
+        data = dict(data, bucket=tuple(data["bucket"]))
+        if "text_key" in data:  # format 1: one caption per item
+            data["captions"], data["text_keys"] = [data.pop("caption")], [data.pop("text_key")]
+        return cls(**data)
 
 
 @dataclasses.dataclass
@@ -71,13 +99,16 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["items"] = [dict(dataclasses.asdict(i), bucket=list(i.bucket)) for i in self.items]
+        data["items"] = [
+            dict(dataclasses.asdict(i), bucket=list(i.bucket), captions=list(i.captions), text_keys=list(i.text_keys)) for i in self.items
+        ]
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Manifest":
-        items = [CacheItem(**dict(i, bucket=tuple(i["bucket"]))) for i in data["items"]]
-        return cls(**dict(data, items=items))
+        """A manifest of any readable format, as the current format."""
+        items = [CacheItem.from_json(i) for i in data["items"]]
+        return cls(**dict(data, items=items, format=FORMAT_VERSION))
 
 
 class FeatureCache:
@@ -135,8 +166,9 @@ class FeatureCache:
         if not path.is_file():
             raise UserError(f"{self.root} is not a prepared dataset (no {MANIFEST}); run 'pixart-tune prepare' first")
         data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("format") != FORMAT_VERSION:
-            raise UserError(f"{path} has cache format {data.get('format')}, this version reads {FORMAT_VERSION}; re-run prepare")
+        if data.get("format") not in READABLE_FORMATS:
+            readable = " or ".join(map(str, READABLE_FORMATS))
+            raise UserError(f"{path} has cache format {data.get('format')}, this version reads {readable}; re-run prepare")
         return Manifest.from_json(data)
 
 

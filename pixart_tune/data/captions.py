@@ -12,6 +12,10 @@ Order (the first that gives a non-empty caption wins; ``caption_order`` changes 
 Then a trigger word is put first (unless the caption already has it), and a
 prefix and a suffix are added verbatim, as kohya-ss does with its caption_prefix /
 caption_suffix: include your own spaces or commas.
+
+With caption variants on, an image may have several captions: one per non-empty
+line of its sidecar, or one per string of a list-valued metadata column. Each is
+composed the same way, and training draws one of them each time it sees the image.
 """
 
 from __future__ import annotations
@@ -49,8 +53,24 @@ def clean(text: str) -> str:
     return " ".join(text.split())
 
 
+def distinct(captions: list[str]) -> list[str]:
+    """Non-empty captions, each once, in their first order."""
+    return list(dict.fromkeys(c for c in captions if c))
+
+
+def split_variants(text: str) -> list[str]:
+    """Each non-empty line of a caption file as one caption (caption variants); repeated lines once."""
+    return distinct([clean(line) for line in text.splitlines()])
+
+
 def read_sidecar(image_path: Path, root: Path | None = None) -> str | None:
-    """The caption in a ``.txt`` or ``.caption`` file beside ``image_path``, if any.
+    """The caption in a ``.txt`` or ``.caption`` file beside ``image_path``, if any: all its lines as one."""
+    text = sidecar_text(image_path, root)
+    return clean(text) if text is not None else None
+
+
+def sidecar_text(image_path: Path, root: Path | None = None) -> str | None:
+    """Text of the first ``.txt`` / ``.caption`` file beside ``image_path`` that is not blank (a blank ``.txt`` lets a ``.caption`` speak).
 
     With ``root``, a sidecar that is a symlink leading outside ``root`` is ignored, as
     images are: prepare reads nothing outside the source folder.
@@ -63,9 +83,9 @@ def read_sidecar(image_path: Path, root: Path | None = None) -> str | None:
             if target != real_root and real_root not in target.parents:
                 continue
         if sidecar.is_file():
-            caption = clean(decode_text(sidecar.read_bytes()))
-            if caption:
-                return caption
+            text = decode_text(sidecar.read_bytes())
+            if text.strip():
+                return text
     return None
 
 

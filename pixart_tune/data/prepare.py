@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from pixart_tune import models
 from pixart_tune.data.buckets import BUCKET_TABLES, CROPS
 from pixart_tune.data.cache import REPORT, CacheItem, FeatureCache, Manifest, content_key
-from pixart_tune.data.captions import CAPTION_SOURCES, clean, compose, filename_caption, read_sidecar
+from pixart_tune.data.captions import CAPTION_SOURCES, clean, compose, distinct, filename_caption, sidecar_text, split_variants
 from pixart_tune.data.captioner import MAX_NEW_TOKENS, Captioner
 from pixart_tune.data.duplicates import DuplicateFinder
 from pixart_tune.data.encode import LatentEncoder, TextEncoder, component_fingerprint, resolve_component
@@ -71,6 +71,10 @@ class PrepareConfig:
     """Added verbatim before every caption (include your own space or comma)."""
     suffix: str = ""
     """Added verbatim after every caption."""
+    caption_variants: bool = False
+    """Several captions per image: each non-empty line of a sidecar, each string of a list-valued metadata column,
+    is one caption, all encoded; training draws one each time it sees the image. Off: a sidecar's lines are joined
+    into one caption, a list gives its first string."""
     crop: str = "center"
     """center, top, or random (seeded by the image content, so stable across runs)."""
     max_upscale: float = 2.0
@@ -159,7 +163,9 @@ class _Accepted:
     source: str
     size: tuple[int, int]
     bucket: tuple[int, int]
-    caption: str | None
+    captions: list[str] | None
+    """Found captions (one unless caption variants are on); None while the captioner has yet to write one;
+    after ``encode_texts``, the final captions."""
     caption_source: str
     latent_key: str
     caption_key: str = ""
@@ -229,16 +235,17 @@ class _Run:
             self.duplicates.append([first, entry.source])
             if not config.keep_duplicates:
                 return
-        caption, caption_source = self.find_caption(entry)
+        captions, caption_source = self.find_caption(entry)
         bucket = outcome.bucket
-        item = _Accepted(len(self.accepted), entry.source, outcome.size, bucket, caption, caption_source, self.latent_key(outcome.pixel_hash, bucket))
+        item = _Accepted(len(self.accepted), entry.source, outcome.size, bucket, captions, caption_source, self.latent_key(outcome.pixel_hash, bucket))
         self.accepted.append(item)
         need_latent = not self.cache.has_latent(item.latent_key) and item.latent_key not in {k for k, _ in self.pending[bucket]}
         need_caption = False
-        if caption is None:  # the captioner's turn: reuse what it wrote for these pixels before
+        if captions is None:  # the captioner's turn: reuse what it wrote for these pixels before
             item.caption_key = self.caption_key(outcome.pixel_hash, bucket)
-            item.caption = self.read_caption(item.caption_key)
-            need_caption = item.caption is None
+            caption = self.read_caption(item.caption_key)
+            item.captions = None if caption is None else [caption]
+            need_caption = caption is None
             self.counts["captions_reused" if not need_caption else "captions_generated"] += 1
         if not (need_latent or need_caption):
             self.counts["latents_reused"] += 1
@@ -279,21 +286,33 @@ class _Run:
     def captioner_enabled(self) -> bool:
         return self.config.captioner is not None and "captioner" in self.config.caption_order
 
-    def find_caption(self, entry: Entry) -> tuple[str | None, str]:
+    def find_caption(self, entry: Entry) -> tuple[list[str] | None, str]:
+        """(captions, where from): one caption, or with caption variants every one the source holds."""
+        variants = self.config.caption_variants
+        found: tuple[list[str] | None, str] = ([""], "none")
+        several_unused = False  # sidecar lines or a metadata list left out: the summary points at --caption-variants
         for where in self.config.caption_order:
+            several: list[str] = []
             if where == "sidecar" and entry.path is not None:
-                caption = read_sidecar(entry.path, Path(self.config.source))
+                text = sidecar_text(entry.path, Path(self.config.source))
+                several = split_variants(text) if text else []
+                captions = several if variants else distinct([clean(text or "")])
             elif where == "metadata":
-                caption = clean(entry.metadata_caption) if entry.metadata_caption else None
+                several = distinct([clean(c) for c in entry.metadata_captions])
+                captions = several if variants else distinct([clean(entry.metadata_caption or "")])
             elif where == "filename" and entry.name:
-                caption = filename_caption(entry.name)
+                captions = distinct([filename_caption(entry.name) or ""])
             elif where == "captioner" and self.captioner_enabled:
-                return None, "captioner"  # filled in by flush_captions
+                found = (None, "captioner")  # filled in by flush_captions
+                break
             else:
-                caption = None
-            if caption:
-                return caption, where
-        return "", "none"
+                captions = []
+            several_unused |= not variants and len(several) > 1
+            if captions:
+                found = (captions, where)
+                break
+        self.counts["variants_unused"] += several_unused
+        return found
 
     def flush_bucket(self, bucket: tuple[int, int]) -> None:
         batch = self.pending.pop(bucket, [])
@@ -312,9 +331,9 @@ class _Run:
             self.captioner = Captioner(config.captioner, self.device, prompt=config.captioner_prompt, max_new_tokens=config.caption_max_new_tokens)
         captions = self.captioner.caption([pixels for _, pixels in self.to_caption])
         for (item, _), caption in zip(self.to_caption, captions):
-            item.caption = clean(caption)
+            item.captions = [clean(caption)]
             with atomic_path(self.caption_path(item.caption_key)) as tmp:
-                tmp.write_text(item.caption, encoding="utf-8")
+                tmp.write_text(item.captions[0], encoding="utf-8")
         self.to_caption = []
 
     def finish_images(self) -> None:
@@ -332,13 +351,14 @@ class _Run:
 
     # pass 2: text ------------------------------------------------------------------
     def encode_texts(self) -> tuple[dict[str, str], str, list[dict[str, Any]]]:
-        """(text key by final caption, key of the empty prompt, overlong captions); sets each item's final caption."""
+        """(text key by final caption, key of the empty prompt, overlong captions); sets each item's final captions."""
         config = self.config
         dtype = self.config.text_torch_dtype(self.device)
         text = TextEncoder(config.model, self.device, dtype, config.text_8bit, config.max_tokens)
         fingerprint = content_key(component_fingerprint(config.model, "text_encoder"), component_fingerprint(config.model, "tokenizer"), str(dtype), f"8bit={config.text_8bit and self.device.type == 'cuda'}", str(config.max_tokens))
-        finals = {item.index: compose(item.caption or "", config.trigger, config.prefix, config.suffix) for item in self.accepted}
-        unique = sorted(set(finals.values()) | {""})
+        # Composing can make two variants equal ("dog" and "sks, dog" under trigger sks): keep one.
+        finals = {item.index: distinct([compose(c, config.trigger, config.prefix, config.suffix) for c in item.captions or [""]]) or [""] for item in self.accepted}
+        unique = sorted({c for captions in finals.values() for c in captions} | {""})
         keys = {caption: content_key("text", caption, fingerprint) for caption in unique}
         overlong = []
         lengths: dict[str, int] = {}
@@ -346,9 +366,11 @@ class _Run:
             chunk = unique[start : start + 256]
             lengths.update(zip(chunk, text.count_tokens(chunk)))
         for item in self.accepted:
-            tokens = lengths[finals[item.index]]
-            if tokens > config.max_tokens:
-                overlong.append({"source": item.source, "tokens": tokens, "limit": config.max_tokens})
+            captions = finals[item.index]
+            for variant, caption in enumerate(captions):
+                if lengths[caption] > config.max_tokens:
+                    where = {"variant": variant, "variants": len(captions)} if len(captions) > 1 else {}
+                    overlong.append({"source": item.source, "tokens": lengths[caption], "limit": config.max_tokens, **where})
         todo = [c for c in unique if not self.cache.has_text(keys[c])]
         self.counts["texts_reused"] = len(unique) - len(todo)
         bar = tqdm(total=len(todo), desc="encode captions (T5)", unit="caption", disable=not config.progress or not todo)
@@ -364,7 +386,7 @@ class _Run:
             self.models_loaded.append("text_encoder")
         text.close()
         for item in self.accepted:
-            item.caption = finals[item.index]
+            item.captions = finals[item.index]
         return keys, keys[""], overlong
 
 
@@ -407,7 +429,7 @@ def prepare_dataset(config: PrepareConfig) -> dict[str, Any]:
     # neither T5 (gigabytes, for the empty prompt alone) nor a manifest is needed.
     if run.accepted:
         text_keys, empty_key, overlong = run.encode_texts()
-        items = [CacheItem(a.source, a.caption or "", a.bucket, a.latent_key, text_keys[a.caption or ""]) for a in run.accepted]
+        items = [CacheItem(a.source, tuple(a.captions), a.bucket, a.latent_key, tuple(text_keys[c] for c in a.captions)) for a in run.accepted]
         run.cache.write_manifest(
             Manifest(
                 model=config.model,
@@ -427,7 +449,7 @@ def prepare_dataset(config: PrepareConfig) -> dict[str, Any]:
         "model": config.model,
         "resolution": config.resolution,
         "accepted": [
-            {"source": a.source, "caption": a.caption, "caption_from": a.caption_source, "bucket": list(a.bucket), "size": list(a.size)}
+            {"source": a.source, "caption": a.captions[0], "captions": a.captions, "caption_from": a.caption_source, "bucket": list(a.bucket), "size": list(a.size)}
             for a in run.accepted
         ],
         "skipped": run.skipped,
@@ -444,6 +466,9 @@ def prepare_dataset(config: PrepareConfig) -> dict[str, Any]:
             "latents_reused": run.counts["latents_reused"],
             "texts_encoded": run.counts["texts_encoded"],
             "texts_reused": run.counts["texts_reused"],
+            "captions": sum(len(a.captions) for a in run.accepted),
+            "images_with_variants": sum(len(a.captions) > 1 for a in run.accepted),
+            "images_with_unused_variants": run.counts["variants_unused"],
             "captions_generated": run.counts["captions_generated"],
             "captions_reused": run.counts["captions_reused"],
             "images_decoded": run.stage.decoded,
@@ -480,12 +505,22 @@ def summary(report: dict[str, Any], out: str, limit: int = 20) -> str:
         lines += [f"  {b} = {a}" for a, b in report["duplicates"][:limit]]
     if report["overlong_captions"]:
         lines.append(f"captions over {report['overlong_captions'][0]['limit']} T5 tokens (truncated when encoded; shorten them): {len(report['overlong_captions'])}")
-        lines += [f"  {o['source']}: {o['tokens']} tokens" for o in report["overlong_captions"][:limit]]
+        lines += [
+            f"  {o['source']}: {o['tokens']} tokens" + (f" (caption {o['variant'] + 1} of {o['variants']})" if "variant" in o else "")
+            for o in report["overlong_captions"][:limit]
+        ]
     if report["buckets"]:
         lines.append("images per bucket (height x width): " + ", ".join(f"{b}: {n}" for b, n in report["buckets"].items()))
     lines.append("captions from: " + (", ".join(f"{k} {v}" for k, v in report["caption_sources"].items()) or "-"))
     if report["caption_sources"].get("none"):
         lines.append(f"  {report['caption_sources']['none']} images have no caption (only trigger/prefix/suffix); add .txt files or --captioner")
+    if report["config"].get("caption_variants"):
+        lines.append(f"caption variants: {counts['images_with_variants']} images have several captions; {counts['captions']} captions in all")
+    elif counts.get("images_with_unused_variants"):
+        lines.append(
+            f"  {counts['images_with_unused_variants']} images have several captions (sidecar lines joined into one, or the first "
+            "of a metadata list taken); --caption-variants trains on each of them in turn"
+        )
     lines.append(
         f"cache: {counts['latents_encoded']} latents encoded, {counts['latents_reused']} reused; "
         f"{counts['texts_encoded']} captions encoded, {counts['texts_reused']} reused; "
@@ -511,6 +546,7 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--trigger", "trigger", {"help": "trigger word put first in every caption"}),
     ("--prefix", "prefix", {"help": "text added verbatim before every caption"}),
     ("--suffix", "suffix", {"help": "text added verbatim after every caption"}),
+    ("--caption-variants", "caption_variants", {"action": "store_true", "help": "several captions per image: one per sidecar line or metadata list entry; training draws one each time"}),
     ("--crop", "crop", {"choices": CROPS, "help": "where to crop to the bucket (default center)"}),
     ("--max-upscale", "max_upscale", {"type": float, "help": "skip images needing more upscaling than this (default 2)"}),
     ("--max-pixels", "max_pixels", {"type": int, "help": "skip images claiming more pixels (decompression bombs)"}),

@@ -33,6 +33,8 @@ class Entry:
     path: Path | None = None
     """The file on disk, for sidecar captions (folders only)."""
     metadata_caption: str | None = None
+    metadata_captions: tuple[str, ...] = ()
+    """Every caption of the metadata column, for caption variants: a list value gives all its strings."""
     skip: str | None = None
     rereadable: bool = True
     """``read`` can be called again later without this entry holding the bytes (files, saved datasets);
@@ -92,6 +94,7 @@ def folder_entries(root: str | Path, caption_column: str | None = None) -> Itera
             read=None if found.skip else found.path.read_bytes,
             path=found.path,
             metadata_caption=pick_caption(row, caption_column),
+            metadata_captions=pick_captions(row, caption_column),
             skip=found.skip,
         )
 
@@ -135,6 +138,23 @@ def pick_caption(row: dict, column: str | None) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def pick_captions(row: dict, column: str | None) -> tuple[str, ...]:
+    """Every caption of the row's caption column: a string gives one, a list its strings (caption variants).
+
+    Unlike :func:`pick_caption`, the default column may hold a list (COCO-style
+    ``captions``): with variants that is the point, without them the first-string
+    rule of ``pick_caption`` stands unchanged.
+    """
+    def strings(value) -> tuple[str, ...]:
+        if isinstance(value, str):
+            return (value,)
+        return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
+
+    if column is not None:
+        return strings(row.get(column))
+    return next((found for c in CAPTION_COLUMNS if (found := strings(row.get(c)))), ())
+
+
 def dataset_entries(data, split: str, image_column: str | None, caption_column: str | None) -> Iterator[Entry]:
     import datasets
 
@@ -162,7 +182,8 @@ def dataset_entries(data, split: str, image_column: str | None, caption_column: 
         else:
             yield Entry(source, name, None, skip="row has no image bytes")
             continue
-        yield Entry(source, name, read, metadata_caption=pick_caption(row, caption_column), rereadable=rereadable)
+        yield Entry(source, name, read, metadata_caption=pick_caption(row, caption_column),
+                    metadata_captions=pick_captions(row, caption_column), rereadable=rereadable)
 
 
 def _image_bytes(value) -> bytes:

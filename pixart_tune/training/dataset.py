@@ -8,7 +8,10 @@ all latents of a batch have one shape (datasets prepared at different resolution
 share a batch only where their buckets coincide), and orders the batches from
 ``seed`` and the epoch alone: the order is the same on every run, a resumed run
 can skip to the batch it stopped at, and under DDP each rank takes distinct
-batches, the same number on every rank.
+batches, the same number on every rank. An item with several captions (caption
+variants) is drawn as ``(index, variant)``, the variant chosen by the sampler from
+the seed, the item and how often it was drawn before (:func:`choose_variant`), so
+the caption is as reproducible as the order.
 """
 
 from __future__ import annotations
@@ -18,13 +21,17 @@ import dataclasses
 import itertools
 import random
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, Union
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from pixart_tune.data.cache import FeatureCache, Manifest
 from pixart_tune.errors import UserError
+
+# What a batch sampler yields per sample: an item index, or (index, caption variant)
+# for an item with several captions.
+Draw = Union[int, tuple[int, int]]
 
 
 @dataclasses.dataclass
@@ -67,7 +74,7 @@ class CachedDataset(Dataset):
         missing = [
             path
             for item in self.manifest.items
-            for path in (self.cache.latent_path(item.latent_key), self.cache.text_path(item.text_key))
+            for path in (self.cache.latent_path(item.latent_key), *(self.cache.text_path(key) for key in item.text_keys))
             if not path.is_file()
         ]
         if not self.cache.has_text(self.manifest.empty_text_key):
@@ -82,18 +89,25 @@ class CachedDataset(Dataset):
     def buckets(self) -> list[tuple[int, int]]:
         return [tuple(item.bucket) for item in self.manifest.items]
 
+    @property
+    def variants(self) -> list[int]:
+        """Per item: how many captions it has."""
+        return [len(item.text_keys) for item in self.manifest.items]
+
     def __len__(self) -> int:
         return len(self.manifest.items)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, draw: Draw) -> dict[str, torch.Tensor]:
         """``latent`` [C, h, w] and ``embeds`` [T, D]: the caption's T valid tokens only.
 
-        The cache stores only the valid tokens; padding each item to ``max_tokens``
-        here (4.9 MB per fp32 item at T5-XXL width) would cost more time than reading
-        it, only for :func:`collate` to cut most of it off again.
+        ``draw`` is an index (its first caption) or ``(index, variant)``. The cache
+        stores only the valid tokens; padding each item to ``max_tokens`` here (4.9 MB
+        per fp32 item at T5-XXL width) would cost more time than reading it, only for
+        :func:`collate` to cut most of it off again.
         """
+        index, variant = draw if isinstance(draw, tuple) else (draw, 0)
         item = self.manifest.items[index]
-        embeds = self.cache.read_embeds(item.text_key)[: self.manifest.max_tokens]
+        embeds = self.cache.read_embeds(item.text_keys[variant])[: self.manifest.max_tokens]
         return {"latent": self.cache.read_latent(item.latent_key), "embeds": embeds}
 
 
@@ -135,6 +149,11 @@ class TrainingSet(Dataset):
         return [repeats for part, repeats in zip(self.parts, self.part_repeats) for _ in range(len(part))]
 
     @property
+    def variants(self) -> list[int]:
+        """Per item: how many captions it has (one, unless prepared with caption variants)."""
+        return [count for part in self.parts for count in part.variants]
+
+    @property
     def epoch_size(self) -> int:
         """Samples in one epoch (all ranks together, before ``drop_last``)."""
         return sum(len(part) * repeats for part, repeats in zip(self.parts, self.part_repeats))
@@ -143,16 +162,23 @@ class TrainingSet(Dataset):
         """One line per dataset: where, how many images, how often each."""
         return "; ".join(
             f"{part.cache.root}: {len(part)} images x {repeats} = {len(part) * repeats} "
-            f"({part.manifest.resolution} px)"
+            f"({part.manifest.resolution} px{_several_captions(part.variants)})"
             for part, repeats in zip(self.parts, self.part_repeats)
         )
 
     def __len__(self) -> int:
         return self.offsets[-1]
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, draw: Draw) -> dict[str, torch.Tensor]:
+        index, variant = draw if isinstance(draw, tuple) else (draw, None)
         part = bisect.bisect_right(self.offsets, index) - 1
-        return self.parts[part][index - self.offsets[part]]
+        local = index - self.offsets[part]
+        return self.parts[part][local if variant is None else (local, variant)]
+
+
+def _several_captions(variants: list[int]) -> str:
+    several = sum(count > 1 for count in variants)
+    return f", {several} with several captions, {sum(variants)} captions in all" if several else ""
 
 
 def check_compatible(parts: Sequence[CachedDataset]) -> None:
@@ -205,7 +231,24 @@ def collate(items: Sequence[dict[str, torch.Tensor]]) -> Batch:
     return Batch(latents=torch.stack([item["latent"] for item in items]), embeds=embeds, mask=mask)
 
 
-class BucketBatchSampler(Sampler[list[int]]):
+def choose_variant(seed: int, index: int, draw: int, count: int) -> int:
+    """Which of item ``index``'s ``count`` captions its ``draw``-th draw of the run uses (draws counted from 0).
+
+    Draws go in rounds of ``count``: each round uses every caption once, in an order
+    shuffled from (seed, item, round). So captions take turns evenly (a random pick
+    could leave one unseen for many epochs), the order is not the same every round,
+    and it depends on nothing but its arguments: not on the process, the rank, or
+    where a run was resumed.
+    """
+    if count == 1:
+        return 0
+    round_, position = divmod(draw, count)
+    order = list(range(count))
+    random.Random(f"caption:{seed}:{index}:{round_}").shuffle(order)
+    return order[position]
+
+
+class BucketBatchSampler(Sampler[list[Draw]]):
     """Batches of indices that share a bucket, in an order fixed by seed and epoch.
 
     ``repeats[i]`` (default 1) lists index ``i`` that many times per epoch; the
@@ -215,6 +258,15 @@ class BucketBatchSampler(Sampler[list[int]]):
     has already trained on. With ``num_replicas`` > 1 the epoch's batches are dealt
     round-robin to the ranks after trimming (or cycling, for tiny sets) to a
     multiple of the rank count, so every rank runs the same number of steps.
+
+    ``variants[i]`` (default 1) is how many captions item ``i`` has. An item with
+    several is yielded as ``(i, variant)``: its k-th copy in the epoch's order is its
+    draw ``epoch * repeats[i] + k`` of the run, and :func:`choose_variant` maps that
+    draw to a caption. The choice is made on the whole epoch before it is dealt to
+    the ranks, so ranks agree and a resumed run skips to the same captions; it
+    draws nothing from the order's generator, so the batches stay those of the same
+    data without variants, and items with one caption are yielded as plain indices,
+    exactly as before.
     """
 
     def __init__(
@@ -226,11 +278,16 @@ class BucketBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
         repeats: Sequence[int] | None = None,
+        variants: Sequence[int] | None = None,
     ):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
         if repeats is not None and len(repeats) != len(buckets):
             raise ValueError(f"{len(repeats)} repeats for {len(buckets)} items")
+        if variants is not None and (len(variants) != len(buckets) or min(variants, default=1) < 1):
+            raise ValueError(f"variants must give each of the {len(buckets)} items at least one caption, got {list(variants)}")
+        self.repeats = list(repeats) if repeats is not None else [1] * len(buckets)
+        self.variants = list(variants) if variants is not None and max(variants, default=1) > 1 else None
         self.groups: dict[tuple[int, int], list[int]] = {}
         for index, bucket in enumerate(buckets):
             # With every repeat 1 this is the single-dataset order, so a recipe
@@ -252,7 +309,7 @@ class BucketBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
+    def epoch_batches(self, epoch: int) -> list[list[Draw]]:
         """All ranks' batches of ``epoch``, in training order."""
         rng = random.Random(f"{self.seed}:{epoch}")
         batches = []
@@ -264,9 +321,25 @@ class BucketBatchSampler(Sampler[list[int]]):
                 if len(batch) == self.batch_size or not self.drop_last:
                     batches.append(batch)
         rng.shuffle(batches)
-        return batches
+        return batches if self.variants is None else self._with_variants(batches, epoch)
 
-    def rank_batches(self, epoch: int) -> list[list[int]]:
+    def _with_variants(self, batches: list[list[int]], epoch: int) -> list[list[Draw]]:
+        """The epoch's batches with each copy of a several-caption item as ``(index, variant)``."""
+        copies: dict[int, int] = {}
+        chosen = []
+        for batch in batches:
+            draws: list[Draw] = []
+            for index in batch:
+                count = self.variants[index]
+                if count > 1:
+                    copy = copies[index] = copies.get(index, -1) + 1
+                    draws.append((index, choose_variant(self.seed, index, epoch * self.repeats[index] + copy, count)))
+                else:
+                    draws.append(index)
+            chosen.append(draws)
+        return chosen
+
+    def rank_batches(self, epoch: int) -> list[list[Draw]]:
         batches = self.epoch_batches(epoch)
         world = self.num_replicas
         if world > 1:
@@ -278,5 +351,5 @@ class BucketBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return len(self.rank_batches(self.epoch))
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[Draw]]:
         yield from self.rank_batches(self.epoch)[self.start :]

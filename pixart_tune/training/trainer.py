@@ -101,6 +101,7 @@ class Trainer:
             num_replicas=self.accelerator.num_processes,
             rank=self.accelerator.process_index,
             repeats=self.dataset.repeats,
+            variants=self.dataset.variants,
         )
         self.loader = torch.utils.data.DataLoader(
             self.dataset,
@@ -481,12 +482,13 @@ def dataset_fingerprint(dataset: TrainingSet) -> str:
 
     One dataset at repeats 1 keeps the single-dataset value (same images + captions
     + encoders give the same fingerprint); otherwise the datasets' own fingerprints
-    and repeats, in order, are hashed together.
+    and repeats, in order, are hashed together. An item's entry lists every caption
+    variant's key in order; with one caption it is what it was before variants.
     """
     parts = []
     for part, repeats in zip(dataset.parts, dataset.part_repeats):
         manifest = part.manifest
-        keys = sorted(f"{i.latent_key}:{i.text_key}" for i in manifest.items)
+        keys = sorted(":".join((i.latent_key, *i.text_keys)) for i in manifest.items)
         parts.append((content_key(*keys, manifest.empty_text_key), repeats))
     if len(parts) == 1 and parts[0][1] == 1:
         return parts[0][0]
