@@ -95,20 +95,27 @@ def load_tokenizer(model: str):
     return AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
 
 
-def load_text_encoder(model: str, dtype: torch.dtype = torch.float32, load_in_8bit: bool = False):
-    """T5 encoder; ``load_in_8bit`` (CUDA + bitsandbytes) roughly halves T5-XXL's 9.5 GB in bf16."""
+def text_encoder_in_8bit(load_in_8bit: bool, device: torch.device | str) -> bool:
+    """Whether T5 really loads in 8-bit: bitsandbytes' int8 matmuls need the CUDA device it runs on."""
+    return load_in_8bit and torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+def load_text_encoder(model: str, dtype: torch.dtype = torch.float32, load_in_8bit: bool = False, device: torch.device | str = "cpu"):
+    """T5 encoder on ``device``; ``load_in_8bit`` (CUDA + bitsandbytes) roughly halves T5-XXL's 9.5 GB in bf16."""
     from transformers import T5EncoderModel
 
+    device = torch.device(device)
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if load_in_8bit:
-        if not torch.cuda.is_available():
-            logger.warning("8-bit T5 needs a CUDA GPU; loading the text encoder in %s instead", dtype)
-        else:
-            from transformers import BitsAndBytesConfig
+    if text_encoder_in_8bit(load_in_8bit, device):
+        from transformers import BitsAndBytesConfig
 
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
-    return T5EncoderModel.from_pretrained(model, subfolder="text_encoder", **kwargs)
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        # Placed by bitsandbytes on the very device the prompts go to (not the current one).
+        kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+        return T5EncoderModel.from_pretrained(model, subfolder="text_encoder", **kwargs)
+    if load_in_8bit:
+        logger.warning("8-bit T5 needs a CUDA device; loading the text encoder in %s on %s instead", dtype, device)
+    return T5EncoderModel.from_pretrained(model, subfolder="text_encoder", **kwargs).to(device)
 
 
 def quiet_loading() -> None:

@@ -217,6 +217,9 @@ class Sampler:
             name = self.adapter_name(spec)
             # The same file twice adds up, as two copies of it would.
             scales[name] = scales.get(name, 0.0) + spec.scale
+        # Scale 0 means off: not "scaled to nothing", which a DoRA adapter is not (its
+        # magnitude still rescales the weights at scaling 0).
+        scales = {name: scale for name, scale in scales.items() if scale != 0}
         lora.activate(self.transformer, list(scales))
         for name, scale in scales.items():
             lora.set_scale(self.transformer, name, scale)

@@ -137,3 +137,17 @@ def test_an_fp16_vae_that_asks_for_it_decodes_in_fp32(tiny_model):
     upcast = _pixels(decode_latents(pipe, latents.half())[0])
     assert np.abs(upcast - reference).max() <= 2
     assert pipe.vae.dtype == torch.float16, "the VAE is left in the dtype it had"
+
+
+def test_scale_zero_is_the_base_model_even_for_dora(sampler, tiny_model, tmp_path):
+    """A DoRA adapter at scaling 0 still rescales the weights by its magnitudes; scale 0 must mean off."""
+    from pixart_tune.adapters import lora
+    from tests.adapter_fixtures import filled_transformer
+
+    settings = lora.LoraSettings(rank=4, alpha=8.0, dora=True)
+    dora = lora.save_adapter(filled_transformer(tiny_model, settings, seed=5), tmp_path / "dora", settings)
+    base = _pixels(sampler.generate(["a photo of a cat"], [3], steps=STEPS)[0])
+    off = _pixels(sampler.generate(["a photo of a cat"], [3], [AdapterSpec(str(dora), 0.0)], steps=STEPS)[0])
+    on = _pixels(sampler.generate(["a photo of a cat"], [3], [AdapterSpec(str(dora), 1.0)], steps=STEPS)[0])
+    assert np.abs(on - base).mean() > 2.0, "the DoRA adapter does not change the image: the test shows nothing"
+    assert np.array_equal(off, base)

@@ -57,3 +57,12 @@ def test_validating_does_not_change_the_training(validated, tiny_model, red_data
     actual = load_file(validated / "adapter" / "adapter_model.safetensors")
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_validation_sizes_come_in_sixteens():
+    """8 pixels per latent, 2x2 latents per patch: a 264 px grid would fail mid-run, so the recipe is refused."""
+    from pixart_tune.training.config import ValidationSection
+
+    assert ValidationSection(every=1, prompts=["a cat"], height=272, width=256).height == 272
+    with pytest.raises(ValueError, match="multiples of 16"):
+        ValidationSection(every=1, prompts=["a cat"], height=264)

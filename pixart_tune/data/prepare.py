@@ -355,7 +355,7 @@ class _Run:
         config = self.config
         dtype = self.config.text_torch_dtype(self.device)
         text = TextEncoder(config.model, self.device, dtype, config.text_8bit, config.max_tokens)
-        fingerprint = content_key(component_fingerprint(config.model, "text_encoder"), component_fingerprint(config.model, "tokenizer"), str(dtype), f"8bit={config.text_8bit and self.device.type == 'cuda'}", str(config.max_tokens))
+        fingerprint = content_key(component_fingerprint(config.model, "text_encoder"), component_fingerprint(config.model, "tokenizer"), str(dtype), f"8bit={models.text_encoder_in_8bit(config.text_8bit, self.device)}", str(config.max_tokens))
         # Composing can make two variants equal ("dog" and "sks, dog" under trigger sks): keep one.
         finals = {item.index: distinct([compose(c, config.trigger, config.prefix, config.suffix) for c in item.captions or [""]]) or [""] for item in self.accepted}
         unique = sorted({c for captions in finals.values() for c in captions} | {""})

@@ -204,8 +204,9 @@ class ValidationSection:
         if not self.seeds:
             raise ValueError("validation.seeds needs at least one seed")
         for side in (self.height, self.width):
-            if side is not None and (side < 64 or side % 8):
-                raise ValueError(f"validation height/width must be multiples of 8 and >= 64, got {side}")
+            # 8 pixels per latent, 2x2 latents per PixArt-Sigma patch.
+            if side is not None and (side < 64 or side % 16):
+                raise ValueError(f"validation height/width must be multiples of 16 and >= 64, got {side}")
 
 
 @dataclasses.dataclass

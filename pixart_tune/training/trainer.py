@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import hashlib
 import logging
 import math
@@ -72,7 +73,7 @@ class Trainer:
 
     def _setup_accelerator(self) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import InitProcessGroupKwargs, set_seed
 
         config = self.config
         # bf16 / fp32 bases need no autocast: the base runs in its own dtype and PEFT
@@ -81,13 +82,20 @@ class Trainer:
         self.accelerator = Accelerator(
             gradient_accumulation_steps=config.schedule.grad_accum,
             mixed_precision="fp16" if config.dtype == "fp16" else "no",
+            # Only the main process renders validation grids (and fetches T5 for their
+            # prompts on a first run) while the others wait in a collective: the
+            # default 10 minutes can run out at 2048 px.
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(hours=1))],
         )
         self.device = self.accelerator.device
         self.dtype = resolve_dtype(config.dtype)
         if self.dtype == torch.float16 and self.device.type == "cpu":
             raise UserError("dtype=fp16 needs a GPU; use dtype=fp32 (or bf16) on CPU")
         self.is_main = self.accelerator.is_main_process
-        set_seed(config.seed)
+        # Each rank its own stream (seed + rank), so LoRA dropout masks differ between
+        # ranks; rank 0 keeps the single-process stream. DDP broadcasts rank 0's
+        # initial weights, so the ranks still start from one adapter.
+        set_seed(config.seed, device_specific=True)
         self._noise_generator = torch.Generator(device=self.device)
 
     def _setup_data(self) -> None:
