@@ -132,8 +132,29 @@ def test_checkpoints_keep_the_last_k_and_carry_the_config(tiny_model, red_datase
     assert [p.name for p in kept] == ["step-000003", "step-000004"]
     assert (kept[-1] / "config.yaml").read_text().startswith("model:")
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
-    state = ckpt.load_checkpoint(kept[-1]).state
-    assert state.step == 4 and state.batch_in_epoch + state.epoch > 0
+    checkpoint = ckpt.load_checkpoint(kept[-1])
+    assert checkpoint.state.step == 4 and checkpoint.state.batch_in_epoch + checkpoint.state.epoch > 0
+    assert checkpoint.grad_scaler is None and not (kept[-1] / "grad_scaler.pt").exists(), "no loss scaler outside fp16"
+
+
+def test_the_fp16_loss_scale_travels_with_the_checkpoint(tiny_model, red_dataset, tmp_path):
+    """fp16 needs a GPU here, so the scaler's state is checked at the checkpoint's level, with a real GradScaler."""
+    trainer = Trainer(tiny_config(tiny_model, red_dataset, tmp_path / "out"), progress=False)
+    trainer.setup()
+    try:
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        scaler.scale(torch.ones(()))  # the scale is made lazily, on first use
+        scaler.update(2.0**11)  # the scale a run has settled on
+        path = ckpt.save_checkpoint(
+            tmp_path / "out", transformer=trainer.transformer, lora=trainer.lora, metadata=trainer.metadata(), optimizer=trainer.optimizer,
+            lr_scheduler=trainer.lr_scheduler, state=trainer.state, rng=[ckpt.rng_state()], config=trainer.config, keep_last=1,
+            grad_scaler=scaler.state_dict(),
+        )
+    finally:
+        trainer.cleanup()
+    restored = torch.amp.GradScaler("cpu")
+    restored.load_state_dict(ckpt.load_checkpoint(path).grad_scaler)
+    assert restored.get_scale() == 2.0**11
 
 
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny_model, red_dataset, tmp_path, monkeypatch):

@@ -7,6 +7,8 @@ A checkpoint is the folder ``OUTPUT_DIR/checkpoints/step-NNNNNN/``::
     lr_scheduler.pt     LR schedule state
     rng.pt              torch / CUDA / numpy / python RNG states of every rank
     state.json          step, epoch and batch position in the epoch (data order)
+    grad_scaler.pt      fp16 runs only: the loss scale, so a resumed run does not
+                        start again from 65536 and skip its first steps
     config.yaml         the resolved recipe
 
 The folder is written under a temporary name and renamed into place once complete
@@ -56,6 +58,7 @@ class Checkpoint:
     optimizer: dict[str, Any]
     lr_scheduler: dict[str, Any]
     rng: list[dict[str, Any]]
+    grad_scaler: dict[str, Any] | None = None
 
 
 def rng_state() -> dict[str, Any]:
@@ -109,6 +112,7 @@ def save_checkpoint(
     rng: list[dict[str, Any]],
     config: Any,
     keep_last: int,
+    grad_scaler: dict[str, Any] | None = None,
 ) -> Path:
     """Writes ``step-NNNNNN`` atomically, then prunes to the newest ``keep_last``."""
     target = checkpoint_root(output_dir) / f"step-{state.step:06d}"
@@ -119,6 +123,8 @@ def save_checkpoint(
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
             torch.save(rng, tmp / "rng.pt")
+            if grad_scaler is not None:
+                torch.save(grad_scaler, tmp / "grad_scaler.pt")
             save_yaml(config, tmp / "config.yaml")
             (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=1), encoding="utf-8")
     except Exception as error:
@@ -173,6 +179,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         optimizer=torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
         lr_scheduler=torch.load(path / "lr_scheduler.pt", map_location="cpu", weights_only=True),
         rng=torch.load(path / "rng.pt", map_location="cpu", weights_only=True),
+        grad_scaler=torch.load(path / "grad_scaler.pt", weights_only=True) if (path / "grad_scaler.pt").is_file() else None,
     )
 
 

@@ -236,6 +236,8 @@ class Trainer:
         load_weights(self.transformer, checkpoint.adapter)
         self.optimizer.load_state_dict(checkpoint.optimizer)
         self.lr_scheduler.load_state_dict(checkpoint.lr_scheduler)
+        if checkpoint.grad_scaler is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(checkpoint.grad_scaler)
         self.state = checkpoint.state
         ckpt.restore_rng(checkpoint.rng[self.accelerator.process_index])
         if self.is_main:
@@ -286,7 +288,10 @@ class Trainer:
                 if self.config.optim.max_grad_norm is not None:
                     self.grad_norm = self.accelerator.clip_grad_norm_(self.params, self.config.optim.max_grad_norm)
                 self.optimizer.step()
-                self.lr_scheduler.step()
+                # fp16: a step the loss scaler skipped (inf/NaN gradients while it
+                # finds its scale) changed no weight, so the LR schedule waits too.
+                if not self.optimizer.step_was_skipped:
+                    self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
         if self.accelerator.sync_gradients:
             self.state.step += 1
@@ -431,6 +436,7 @@ class Trainer:
                 rng=rng,
                 config=self.config,
                 keep_last=self.config.checkpoint.keep_last,
+                grad_scaler=self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
             )
         self.accelerator.wait_for_everyone()
         return path
