@@ -56,3 +56,14 @@ def test_plan_cli_prints_the_table_and_fails_an_impossible_budget(capsys):
     assert "predicted peak" in out and "budget 24 GiB: fits" in out and "610.9 M parameters" in out
     assert cli([recipe, "data.batch_size=2", "--budget-gb", "1"]) == 3
     assert "does NOT fit" in capsys.readouterr().out
+
+
+def test_validation_prompts_add_a_start_up_peak_for_t5():
+    """T5-XXL (4.76 B parameters) loads alone in bf16 before training when there are validation prompts."""
+    with_prompts = plan_memory(load_train_config(REPO / "recipes" / "style_lora_1024_24gb.yaml"), 1024)
+    assert with_prompts.startup is not None and with_prompts.startup[1] / 2**30 == pytest.approx(4.762e9 * 2 / 2**30 + 1.0, rel=0.01)
+    assert with_prompts.peak_gib == pytest.approx(with_prompts.startup[1] / 2**30)
+    assert "T5 in bf16 for the validation prompts" in with_prompts.table()
+    without = plan_memory(load_train_config(REPO / "recipes" / "lowmem_lora_1024_8gb.yaml"), 1024)
+    assert without.startup is None and without.peak_gib == without.total_gib
+    assert not plan_memory(load_train_config(REPO / "recipes" / "style_lora_1024_24gb.yaml"), 1024, budget_gib=8).fits

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from pixart_tune.adapters.lora import inject_lora, trainable_parameters
 from pixart_tune.errors import UserError
-from pixart_tune.models import MAX_TOKENS, XL2_TRANSFORMER_CONFIG, meta_transformer, resolve_dtype
+from pixart_tune.models import MAX_TOKENS, T5_XXL_CONFIG, XL2_TRANSFORMER_CONFIG, meta_transformer, resolve_dtype
 from pixart_tune.training.config import TrainConfig, load_train_config
 from pixart_tune.training.optim import STATE_BYTES_PER_PARAM
 
@@ -51,8 +51,11 @@ class MemoryPlan:
     description: list[str]
     """Lines saying what was planned (model, bucket, batch, options)."""
     rows: list[tuple[str, float]]
-    """(component, bytes) in table order."""
+    """(component, bytes) in table order: the training peak."""
     budget_gib: float
+    startup: tuple[str, float] | None = None
+    """(what, bytes) of a start-up phase with its own peak: T5 encoding the
+    validation prompts, alone on the device before the transformer loads."""
 
     @property
     def total_bytes(self) -> float:
@@ -63,16 +66,23 @@ class MemoryPlan:
         return self.total_bytes / GIB
 
     @property
+    def peak_gib(self) -> float:
+        """The higher of the training peak and the start-up peak."""
+        return max(self.total_bytes, self.startup[1] if self.startup else 0.0) / GIB
+
+    @property
     def fits(self) -> bool:
-        return self.total_gib <= self.budget_gib
+        return self.peak_gib <= self.budget_gib
 
     def table(self) -> str:
         width = max(len(name) for name, _ in self.rows)
         lines = list(self.description) + ["", f"{'component':<{width}}  {'GiB':>7}"]
         lines += [f"{name:<{width}}  {size / GIB:7.2f}" for name, size in self.rows]
         lines += [f"{'-' * width}  {'-' * 7}", f"{'predicted peak':<{width}}  {self.total_gib:7.2f}"]
+        if self.startup:
+            lines.append(f"start-up, before training: {self.startup[0]}: {self.startup[1] / GIB:.2f} GiB")
         verdict = "fits" if self.fits else "does NOT fit"
-        lines.append(f"budget {self.budget_gib:g} GiB: {verdict} (margin {self.budget_gib - self.total_gib:+.2f} GiB)")
+        lines.append(f"budget {self.budget_gib:g} GiB: {verdict} (margin {self.budget_gib - self.peak_gib:+.2f} GiB)")
         return "\n".join(lines)
 
 
@@ -143,7 +153,22 @@ def plan_memory(
         f"largest {resolution} px bucket {height}x{width} ({tokens} image tokens), batch {batch}, "
         f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}",
     ]
-    return MemoryPlan(description, rows, budget_gib if budget_gib is not None else config.memory_budget_gb)
+    startup = None
+    if config.validation.prompts:
+        # validation.encode_prompts: T5 in bf16, alone, before the transformer loads.
+        startup = ("T5 in bf16 for the validation prompts, alone", text_encoder_params(config.model) * 2 + CONTEXT_RESERVE_GIB * GIB)
+    return MemoryPlan(description, rows, budget_gib if budget_gib is not None else config.memory_budget_gb, startup)
+
+
+def text_encoder_params(model: str) -> int:
+    """Parameters of the model folder's T5 encoder (T5-XXL's for a hub id), counted on the meta device."""
+    from transformers import T5Config, T5EncoderModel
+
+    config_file = Path(model) / "text_encoder" / "config.json"
+    config = T5Config.from_json_file(config_file) if config_file.is_file() else T5Config(**T5_XXL_CONFIG)
+    with torch.device("meta"):
+        encoder = T5EncoderModel(config)
+    return sum(p.numel() for p in encoder.parameters())
 
 
 @dataclasses.dataclass

@@ -37,7 +37,7 @@ from pixart_tune.training import diffusion
 from pixart_tune.training.config import TrainConfig, load_train_config
 from pixart_tune.training.dataset import Batch, BucketBatchSampler, TrainingSet, collate
 from pixart_tune.training.optim import build_lr_scheduler, build_optimizer
-from pixart_tune.training.validation import BASE_GRID, Validator, save_grid
+from pixart_tune.training.validation import BASE_GRID, Validator, encode_prompts, save_grid
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class Trainer:
         self._setup_accelerator()
         self._setup_output()
         self._setup_data()
+        self._encode_validation_prompts()
         self._setup_model()
         self._setup_optimizer()
         self._setup_validation()
@@ -199,15 +200,22 @@ class Trainer:
         # wrapper would step it once per process.
         self.model, self.optimizer = self.accelerator.prepare(self.transformer, optimizer)
 
+    def _encode_validation_prompts(self) -> None:
+        """T5 for the validation prompts, alone on the device: before the transformer loads."""
+        self._validation_prompts = None
+        if self.config.validation.prompts and self.is_main:
+            self._validation_prompts = encode_prompts(
+                self.config.model, self.config.validation.prompts, self.device, self.dataset.main.manifest.max_tokens
+            )
+
     def _setup_validation(self) -> None:
-        """Encodes the validation prompts once, then frees T5; loads the VAE on the CPU."""
+        """The validation pipeline around the trained transformer; its VAE waits on the CPU."""
         self.validator = None
-        if not self.config.validation.prompts or not self.is_main:
+        if self._validation_prompts is None:
             return
-        manifest = self.dataset.main.manifest
         self.validator = Validator(
-            self.config.validation, self.config.model, self.transformer, self.device, self.dtype,
-            max_tokens=manifest.max_tokens, resolution=manifest.resolution, negative=(self.empty_embeds, self.empty_mask),
+            self.config.validation, self.config.model, self.transformer, self.device, self.dtype, prompts=self._validation_prompts,
+            resolution=self.dataset.main.manifest.resolution, negative=(self.empty_embeds, self.empty_mask),
         )
 
     def _setup_output(self) -> None:

@@ -1,7 +1,9 @@
 """Validation grids of a training run: fixed prompts and seeds, drawn by the model being trained.
 
-The prompts are encoded once at start-up (T5 is then freed) and drawn from those
-cached embeddings; the VAE waits on the CPU between validations. The first grid of
+The prompts are encoded once at start-up, before the transformer is loaded, so T5
+never shares the device with it, and in the dtype ``prepare`` encodes captions in
+by default (bf16 on CUDA, fp32 on a CPU), so they read like the training captions.
+Grids are drawn from those embeddings; the VAE waits on the CPU between validations. The first grid of
 a run (or of a resumed run) has a companion drawn with the adapter off, so each
 step's grid can be held against the base model.
 """
@@ -21,6 +23,23 @@ from pixart_tune.training.config import ValidationSection
 BASE_GRID = "base.png"
 
 
+def text_dtype(device: torch.device) -> torch.dtype:
+    """``prepare``'s default T5 dtype on ``device``."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def encode_prompts(model: str, prompts: list[str], device: torch.device, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 embeddings and masks of ``prompts``, on the CPU; T5 is freed before returning."""
+    from pixart_tune.data.encode import TextEncoder
+
+    encoder = TextEncoder(model, device, text_dtype(device), max_tokens=max_tokens)
+    try:
+        embeds, mask = encoder.encode(prompts)
+        return embeds.cpu(), mask.cpu()
+    finally:
+        encoder.close()
+
+
 class Validator:
     """Renders ``samples/step-NNNNNN.png`` (and ``samples/base.png`` once) for one run."""
 
@@ -31,21 +50,19 @@ class Validator:
         transformer: torch.nn.Module,
         device: torch.device,
         dtype: torch.dtype,
-        max_tokens: int,
+        prompts: tuple[torch.Tensor, torch.Tensor],
         resolution: int,
         negative: tuple[torch.Tensor, torch.Tensor],
     ):
+        """``prompts`` and ``negative``: (embeddings, mask) of the prompts (from
+        :func:`encode_prompts`) and of the empty prompt."""
         from diffusers import PixArtSigmaPipeline
-
-        from pixart_tune.data.encode import TextEncoder
 
         self.config, self.transformer, self.device, self.dtype = config, transformer, device, dtype
         self.height = config.height or resolution
         self.width = config.width or resolution
+        self.embeds, self.mask = prompts
         self.negative = negative
-        encoder = TextEncoder(model, device, dtype, max_tokens=max_tokens)
-        self.embeds, self.mask = encoder.encode(config.prompts)
-        encoder.close()
         # The pipeline decodes latents of the transformer's dtype, so the VAE loads in
         # that dtype. No pipeline-wide dtype: it would cast the passed transformer's
         # fp32 LoRA weights too.
