@@ -240,3 +240,27 @@ def test_adapters_load_in_fp32_onto_a_bf16_model(tiny_model, adapters):  # noqa:
         down = transformer.get_submodule(name).lora_A["default"].weight
         assert down.dtype == torch.float32
         assert torch.equal(down, module.down.float())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(use_rslora=True), dict(alpha_pattern={"attn2.to_q": 16.0}, rank_pattern={"attn1.to_v": 2})],
+    ids=["rslora", "patterns"],
+)
+def test_a_folder_peft_itself_saved_loads_at_peft_strength(config, tiny_model, tmp_path):
+    """PEFT's save_pretrained writes base_model.model. keys; rsLoRA and per-module patterns must still apply."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(load_transformer(tiny_model), LoraConfig(r=4, lora_alpha=8.0, target_modules=["to_q", "to_k", "to_v"], **config))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    model.save_pretrained(tmp_path / "peft")
+    expected = output(model.base_model.model.eval())
+    base = output(load_transformer(tiny_model))
+    for path in (tmp_path / "peft", tmp_path / "peft" / "adapter_model.safetensors"):  # the folder, or its weights file
+        transformer = load_transformer(tiny_model)
+        load_adapters(transformer, [AdapterSpec(str(path))])
+        assert_close(output(transformer), expected, base)

@@ -71,6 +71,9 @@ def read_lora(path: str | Path, allow_pickle: bool = False) -> LoraWeights:
         return _read_pickle(path, allow_pickle)
     if path.suffix.lower() != ".safetensors":
         raise UserError(f"{path}: unsupported adapter file type {path.suffix!r}; use a .safetensors file or an adapter folder")
+    if path.name == lora.WEIGHTS_NAME and (path.parent / lora.CONFIG_NAME).is_file():
+        # The weights of a PEFT folder: its config holds what scales them (rsLoRA, patterns).
+        return _read_folder(path.parent, allow_pickle)
     state, metadata = _read_safetensors(path)
     return _from_flat(state, metadata, _sidecar_alpha(path))
 
@@ -81,8 +84,10 @@ def _read_folder(path: Path, allow_pickle: bool) -> LoraWeights:
     if config_file.is_file() and weights.is_file():
         config = json.loads(config_file.read_text(encoding="utf-8"))
         state, metadata = _read_safetensors(weights)
-        if any(k.startswith(("base_model.model.", "transformer.")) for k in state):
-            return _from_flat(state, metadata, float(config.get("lora_alpha", 0)) or None)
+        # PEFT's save_pretrained writes base_model.model.<module>; older PixArt scripts
+        # unet.base_model.model.; diffusers-style tools transformer. The config
+        # (rsLoRA, rank and alpha patterns) applies to the module names behind them.
+        state = {_strip_prefix(key): tensor for key, tensor in state.items()}
         modules = from_peft_state(state, config)
         dora = {k.rsplit(".lora_magnitude_vector", 1)[0]: v for k, v in state.items() if "lora_magnitude_vector" in k}
         if not modules:
@@ -97,6 +102,16 @@ def _read_folder(path: Path, allow_pickle: bool) -> LoraWeights:
         f"{path} is not an adapter folder: it needs {lora.WEIGHTS_NAME} + {lora.CONFIG_NAME}, or exactly one .safetensors file "
         f"(found {len(files)}); pass the file itself"
     )
+
+
+_PEFT_PREFIXES = ("unet.base_model.model.", "base_model.model.", "transformer.")
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in _PEFT_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
