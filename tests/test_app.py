@@ -249,3 +249,17 @@ def test_app_py_launcher_explains_itself_and_refuses_a_missing_model(tmp_path):
     refused = subprocess.run([sys.executable, str(repo / "app.py")], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert refused.returncode == 1, refused.stderr[-2000:]
     assert "app.py: error:" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_an_adapter_folder_whose_files_lead_outside_is_refused(tmp_path, tiny_model, adapter_source):
+    """The folder is inside the runs folder, but its weights are a link to a file outside."""
+    runs, outside = tmp_path / "runs", tmp_path / "outside"
+    _copy(adapter_source, outside)
+    planted = runs / "planted"
+    planted.mkdir(parents=True)
+    (planted / "adapter_config.json").write_bytes((outside / "adapter_config.json").read_bytes())
+    (planted / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+    app = PreviewApp(AppSettings(models=[tiny_model], runs=runs))
+    with pytest.raises(UserError, match="outside the folders"):
+        app.check_adapter("planted")
+    assert app.check_adapter(_copy(adapter_source, runs / "fine")) == (runs / "fine").resolve()

@@ -274,6 +274,12 @@ def test_out_inside_source_is_refused(tmp_path, tiny_model):
     with pytest.raises(UserError, match="inside the source"):
         prepare_dataset(PrepareConfig(source=str(src), out=str(src / "prepared"), model=tiny_model, resolution=256))
     assert sorted(p.name for p in src.iterdir()) == ["a.png"]
+    # A source named like prepare's own text/ folder, with --out around it.
+    text = tmp_path / "data" / "text"
+    write(text / "a.png", encode(photo(256, 256), "PNG"))
+    with pytest.raises(UserError, match="is inside --out"):
+        prepare_dataset(PrepareConfig(source=str(text), out=str(tmp_path / "data"), model=tiny_model, resolution=256))
+    assert sorted(p.name for p in text.iterdir()) == ["a.png"]
 
 
 def test_out_holding_the_users_files_is_refused(tmp_path, tiny_model):

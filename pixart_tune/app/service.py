@@ -208,6 +208,9 @@ class PreviewApp:
         if resolved.is_dir():
             if not (resolved / WEIGHTS_NAME).is_file() or not (resolved / CONFIG_NAME).is_file():
                 raise UserError(f"{resolved} is not an adapter folder (needs {WEIGHTS_NAME} and {CONFIG_NAME})")
+            # The folder is inside; its files may still be links that lead out of it.
+            for name in (WEIGHTS_NAME, CONFIG_NAME):
+                self.guard.check(resolved / name, "adapter file")
         elif resolved.suffix != ".safetensors":
             raise UserError(f"{resolved.name}: the app reads only .safetensors adapters (pickle files can run code)")
         return resolved

@@ -417,6 +417,9 @@ def prepare_dataset(config: PrepareConfig) -> dict[str, Any]:
         real_source, real_out = Path(source).resolve(), out.resolve()
         if real_out == real_source or real_source in real_out.parents:
             raise UserError(f"--out {out} is inside the source {source}; prepare never writes into the source, choose a folder outside it")
+        if real_out in real_source.parents:
+            # The source could be one of prepare's own subfolders (text/, latents/) of --out.
+            raise UserError(f"the source {source} is inside --out {out}; choose an --out folder beside the source, not around it")
     _refuse_foreign_out(out)
     start = time.perf_counter()
     run = _Run(config)
