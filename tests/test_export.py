@@ -151,3 +151,15 @@ def test_publish_uses_prompts_stored_in_sample_pngs_and_push_needs_a_login(adapt
         cli([str(adapters["a"]), "--publish", str(out), "--samples", str(sample), "--push-to-hub", "me/my-lora"])
     matter = parse_front_matter((out / "README.md").read_text())
     assert matter["widget"][0]["text"] == "sks cat on a table"
+
+
+def test_only_hub_ids_become_the_cards_base_model(tmp_path):
+    from pixart_tune.adapters.card import CardInfo, render
+    from pixart_tune.adapters.export import looks_like_hub_id
+
+    (tmp_path / "owner").mkdir()
+    assert looks_like_hub_id("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS")
+    for local in ("models/pixart-sigma-local/x", "./tiny", "/abs/model", "~/model", "tiny", str(tmp_path / "owner"), "bad//name"):
+        assert not looks_like_hub_id(local), local
+    card = render(CardInfo(name="x", base_model="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", repo_id="me/my-lora"))
+    assert 'snapshot_download("me/my-lora")' in card and "AdapterSpec(adapter" in card

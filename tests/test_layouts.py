@@ -264,3 +264,16 @@ def test_a_folder_peft_itself_saved_loads_at_peft_strength(config, tiny_model, t
         transformer = load_transformer(tiny_model)
         load_adapters(transformer, [AdapterSpec(str(path))])
         assert_close(output(transformer), expected, base)
+
+
+def test_a_onetrainer_file_that_also_trained_t5_applies_its_transformer_part(tiny_model, reference, tmp_path, caplog):
+    state, expected, base = reference
+    text_encoder = "lora_te_encoder_block_0_layer_0_SelfAttention_q"
+    path = tmp_path / "with_te.safetensors"
+    save_file(_onetrainer(state) | {f"{text_encoder}.lora_down.weight": torch.zeros(2, 32), f"{text_encoder}.lora_up.weight": torch.zeros(32, 2),
+                                    f"{text_encoder}.alpha": torch.tensor(2.0)}, str(path))
+    transformer = load_transformer(tiny_model)
+    with caplog.at_level("WARNING"):
+        load_adapters(transformer, [AdapterSpec(str(path))])
+    assert_close(output(transformer), expected, base)
+    assert "skipping 3 text-encoder LoRA tensors" in caplog.text

@@ -119,7 +119,11 @@ def render(info: CardInfo) -> str:
         "from pixart_tune.adapters.loader import AdapterSpec, load_adapters",
         "",
         f'pipe = PixArtSigmaPipeline.from_pretrained("{info.base_model}", torch_dtype=torch.bfloat16).to("cuda")',
-        f'load_adapters(pipe.transformer, [AdapterSpec("{info.repo_id or "path/to/this/folder"}", scale=1.0)])',
+        *(
+            ["from huggingface_hub import snapshot_download", f'adapter = snapshot_download("{info.repo_id}")']
+            if info.repo_id else ['adapter = "path/to/this/folder"']
+        ),
+        "load_adapters(pipe.transformer, [AdapterSpec(adapter, scale=1.0)])",
         'image = pipe("' + (info.samples[0].prompt if info.samples else "a photo") + '").images[0]',
         "```",
         "",

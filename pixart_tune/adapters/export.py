@@ -2,9 +2,9 @@
 
 One file per target, because no single file serves every loader (see
 ``docs/adapters.md``): ComfyUI's core loader reads the original fused-qkv names or
-``transformer.``-prefixed diffusers names; city96's ComfyUI_ExtraModels reads the
-original names without prefix and ignores ``.alpha`` in PEFT-looking files. Every
-file stores alpha as a one-element ``<module>.alpha`` tensor, which all of them read.
+``transformer.``-prefixed diffusers names; the original PixArt code (and city96's
+ComfyUI_ExtraModels loader before its PEFT/OneTrainer rework) the original names
+without prefix. Every file stores alpha as a one-element ``<module>.alpha`` tensor.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pixart_tune.models import REAL_MODEL_ID
 FORMATS: dict[str, tuple[str, str]] = {
     "diffusers": ("diffusers", "diffusers-style keys (`transformer.` prefix, lora_A/lora_B + alpha): ComfyUI core 'Load LoRA', diffusers-style scripts, pixart-tune"),
     "comfyui": ("comfyui", "ComfyUI core 'Load LoRA' in the original checkpoint names (`diffusion_model.blocks.N.attn.qkv`, fused q/k/v)"),
-    "pixart": ("pixart", "city96's ComfyUI_ExtraModels PixArt LoRA loader and the original PixArt code (`blocks.N.attn.qkv`, fused q/k/v)"),
+    "pixart": ("pixart", "the original PixArt code's names (`blocks.N.attn.qkv`, fused q/k/v), as city96's ComfyUI_ExtraModels PixArt loader read them up to its PEFT/OneTrainer rework; for ComfyUI today use `comfyui`"),
     "onetrainer": ("onetrainer", "OneTrainer and kohya-style tools (`lora_transformer_*`, lora_down/lora_up + alpha)"),
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -80,6 +80,19 @@ def _stem(path: Path) -> str:
 
 
 # --- the publish folder ------------------------------------------------------------------
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``owner/name`` that is not a folder here: a recorded local path (even one gone since) is not."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def find_samples(adapter: Path) -> list[Path]:
@@ -151,7 +164,7 @@ def publish(
     recorded = values.get("base_model")
     if base_model is None:
         # A local folder (such as a test model) means nothing on the Hub.
-        base_model = recorded if isinstance(recorded, str) and recorded and not Path(recorded).exists() else REAL_MODEL_ID
+        base_model = recorded if isinstance(recorded, str) and looks_like_hub_id(recorded) else REAL_MODEL_ID
         if base_model != recorded:
             logger.warning(
                 "the adapter was trained on %r, which is not a Hub id; the model card names %s as its base "

@@ -14,7 +14,7 @@ layout          keys                                                            
 ``peft-unet``   ``unet.base_model.model.<name>.lora_A.weight``                              the old PixArt LoRA script
 ``onetrainer``  ``lora_transformer_transformer_blocks_0_attn1_to_q.lora_down.weight``       OneTrainer, kohya-style
 ``comfyui``     ``diffusion_model.blocks.0.attn.qkv.lora_down.weight`` (fused q/k/v)         ComfyUI core
-``pixart``      ``blocks.0.attn.qkv.lora_down.weight`` (fused q/k/v, original names)       city96's ComfyUI_ExtraModels
+``pixart``      ``blocks.0.attn.qkv.lora_down.weight`` (fused q/k/v, original names)       original PixArt, older city96
 ==============  ==========================================================================  =========================
 
 Reading also accepts any of these prefixes with either suffix pair
@@ -28,6 +28,7 @@ block-diagonal B, and a fused LoRA reads back as one LoRA per part.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from typing import Iterable
@@ -35,6 +36,8 @@ from typing import Iterable
 import torch
 
 from pixart_tune.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 LAYOUTS = ("peft", "diffusers", "peft-model", "peft-unet", "onetrainer", "comfyui", "pixart")
 
@@ -254,6 +257,26 @@ def _refuse_foreign_family(names: list[str]) -> None:
             )
 
 
+_TEXT_ENCODER_KEY = re.compile(r"^lora_te\d?_")
+
+
+def _without_text_encoder(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drops the text-encoder part of a kohya / OneTrainer file that also trained T5.
+
+    The transformer part still applies (as ComfyUI's PixArt loaders do it); a file
+    with nothing but text-encoder weights is left whole, for detect_layout to refuse.
+    """
+    text = [key for key in state if _TEXT_ENCODER_KEY.match(key)]
+    if not text or len(text) == len(state):
+        return state
+    logger.warning(
+        "skipping %d text-encoder LoRA tensors (e.g. %s): only the transformer's LoRA is applied; "
+        "the prompts are encoded by the base T5", len(text), text[0],
+    )
+    skipped = set(text)
+    return {key: tensor for key, tensor in state.items() if key not in skipped}
+
+
 def from_state_dict(
     state: dict[str, torch.Tensor],
     module_names: Iterable[str],
@@ -266,6 +289,7 @@ def from_state_dict(
     undo underscored names). ``default_alpha`` applies to modules without an alpha
     tensor; None means alpha = rank (scale 1), as ComfyUI assumes.
     """
+    state = _without_text_encoder(state)
     layout = detect_layout(state)
     known = list(module_names)
     lookup = _name_lookup(layout, known)
