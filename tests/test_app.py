@@ -263,3 +263,29 @@ def test_an_adapter_folder_whose_files_lead_outside_is_refused(tmp_path, tiny_mo
     with pytest.raises(UserError, match="outside the folders"):
         app.check_adapter("planted")
     assert app.check_adapter(_copy(adapter_source, runs / "fine")) == (runs / "fine").resolve()
+
+
+def test_two_tabs_merging_to_one_name_keep_the_first(tmp_path, tiny_model, adapter_source):
+    """Started together: one merge is written, the other is refused, none replaces the other."""
+    import threading
+
+    runs = tmp_path / "runs"
+    a = _copy(adapter_source, runs / "a")
+    b = make_adapter(tiny_model, runs / "b", seed=2)
+    app = PreviewApp(AppSettings(models=[tiny_model], runs=runs))
+    start, results = threading.Barrier(2), []
+
+    def merge(weight: float) -> None:
+        start.wait()
+        try:
+            results.append(app.merge(tiny_model, [str(a), str(b)], [weight, 1.0], "cat", 8, "mix"))
+        except UserError as error:
+            results.append(error)
+
+    threads = [threading.Thread(target=merge, args=(w,)) for w in (0.5, 0.7)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(type(r).__name__ for r in results) == ["PosixPath", "UserError"]
+    assert "already exists" in str(next(r for r in results if isinstance(r, UserError)))

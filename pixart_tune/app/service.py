@@ -162,6 +162,9 @@ class PreviewApp:
         self.settings = settings
         self.guard = PathGuard(settings.roots)
         self.holder = ModelHolder(settings.device, settings.dtype)
+        # Two browser tabs merging to one name: the second must find the first's
+        # output and be refused, not replace it between the check and the write.
+        self._writing = threading.Lock()
 
     def label(self, path: str | Path) -> str:
         return label_for(path, self.guard.roots)
@@ -282,14 +285,15 @@ class PreviewApp:
         if method == "svd" and (rank is None or int(rank) < 1):
             raise UserError("svd needs a rank of at least 1 for the merged adapter")
         specs = self.specs(paths, weights)
-        out = output_path(self.settings.outputs, name)
-        if method == "fuse":
-            progress(0.1, desc="fusing into the base model")
-            # Fusing loads a second copy of the transformer: keep it from running beside a generation.
-            with self.holder.lock:
-                written = fuse_adapters(self.check_model(model), specs, out)
-        else:
-            progress(0.1, desc=f"merging ({method})")
-            written = merge_adapters(specs, out, method=method, rank=int(rank) if method == "svd" else None)
+        with self._writing:
+            out = output_path(self.settings.outputs, name)
+            if method == "fuse":
+                progress(0.1, desc="fusing into the base model")
+                # Fusing loads a second copy of the transformer: keep it from running beside a generation.
+                with self.holder.lock:
+                    written = fuse_adapters(self.check_model(model), specs, out)
+            else:
+                progress(0.1, desc=f"merging ({method})")
+                written = merge_adapters(specs, out, method=method, rank=int(rank) if method == "svd" else None)
         progress(1.0, desc="done")
         return Path(written)
