@@ -289,3 +289,19 @@ def test_two_tabs_merging_to_one_name_keep_the_first(tmp_path, tiny_model, adapt
         thread.join(timeout=120)
     assert sorted(type(r).__name__ for r in results) == ["PosixPath", "UserError"]
     assert "already exists" in str(next(r for r in results if isinstance(r, UserError)))
+
+
+def test_a_model_folder_with_a_link_leading_outside_is_refused(tmp_path, tiny_model):
+    """Fusing copies the model folder's files into the served outputs folder: no file may come from outside."""
+    import shutil
+
+    runs, outside = tmp_path / "runs", tmp_path / "outside"
+    shutil.copytree(tiny_model, runs / "model")
+    outside.mkdir()
+    (outside / "secret.txt").write_text("private")
+    (runs / "model" / "scheduler" / "notes.txt").symlink_to(outside / "secret.txt")
+    app = PreviewApp(AppSettings(models=[tiny_model], runs=runs))
+    with pytest.raises(UserError, match="outside the folders"):
+        app.check_model(str(runs / "model"))
+    (runs / "model" / "scheduler" / "notes.txt").unlink()
+    assert app.check_model(str(runs / "model")) == str((runs / "model").resolve())

@@ -197,6 +197,11 @@ class PreviewApp:
             folder = self.guard.check(model, "model folder")
             if not (folder / "model_index.json").is_file():
                 raise UserError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+            # Its files are read, and fusing copies them into the outputs folder, which
+            # the page serves: a link inside it must not lead out of the allowed folders.
+            for file in folder.rglob("*"):
+                if file.is_symlink():
+                    self.guard.check(file, "file of the model folder")
             return str(folder)
         if not self.settings.allow_hub:
             raise UserError(
