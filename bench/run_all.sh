@@ -4,7 +4,7 @@
 #   bash bench/run_all.sh [RESULTS_DIR]      # default RESULTS_DIR: bench/results
 #
 # Each benchmark's full output (its markdown table and final figure) is also written
-# to RESULTS_DIR/<name>.txt. About 10 minutes on 2 CPU cores; run it on an otherwise
+# to RESULTS_DIR/<name>.txt. 5-10 minutes on 2 CPU cores; run it on an otherwise
 # idle machine, since other work on the cores moves the timings. The GPU check runs
 # in full when PyTorch sees a CUDA device (report in RESULTS_DIR/gpu_check.md);
 # without one it runs its --tiny mode, which checks its code path only.

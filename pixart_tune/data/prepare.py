@@ -96,7 +96,7 @@ class PrepareConfig:
     text_dtype: str = "auto"
     """fp32, bf16, or auto: bf16 on CUDA, fp32 on CPU."""
     text_8bit: bool = False
-    """Load T5 in 8-bit with bitsandbytes (CUDA only): T5-XXL fits in about 6 GB."""
+    """Load T5 in 8-bit with bitsandbytes (CUDA only): T5-XXL fits in about 5 GB."""
     max_tokens: int = models.MAX_TOKENS
     """T5 sequence length; PixArt-Sigma reads 300 tokens."""
     workers: int = 0
@@ -543,7 +543,7 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--image-column", "image_column", {"help": "dataset column with the images"}),
     ("--caption-column", "caption_column", {"help": "metadata/dataset column with the captions"}),
     ("--caption-order", "caption_order", {"type": lambda s: tuple(p.strip() for p in s.split(",") if p.strip()), "help": "comma list of sidecar,metadata,filename,captioner (default in that order)"}),
-    ("--captioner", "captioner", {"help": "vision-language model (hub id or folder) for images without captions, e.g. microsoft/Florence-2-large or Salesforce/blip-image-captioning-large"}),
+    ("--captioner", "captioner", {"help": "vision-language model (hub id or folder) for images without captions, e.g. florence-community/Florence-2-large or Salesforce/blip-image-captioning-large"}),
     ("--captioner-prompt", "captioner_prompt", {"help": "task prompt for the captioner"}),
     ("--captioner-batch-size", "captioner_batch_size", {"type": int}),
     ("--trigger", "trigger", {"help": "trigger word put first in every caption"}),
