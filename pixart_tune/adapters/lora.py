@@ -58,6 +58,7 @@ class LoraSettings:
     alpha: float = 16.0
     """LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with rslora)."""
     dropout: float = 0.0
+    """Dropout on the LoRA branch's input while training (0 = none)."""
     targets: str = "attention"
     """A preset (attention, attention_ff, all_linear) or a regex over module names."""
     rslora: bool = False

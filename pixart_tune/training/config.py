@@ -121,8 +121,11 @@ class OptimSection:
     lr: float = 1e-4
     """Peak learning rate."""
     weight_decay: float = 1e-2
+    """Decoupled weight decay on the LoRA weights (AdamW / Lion style)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """Adam / Lion (beta1, beta2)."""
     eps: float = 1e-8
+    """Adam epsilon."""
     max_grad_norm: float | None = 1.0
     """Gradient clipping norm. PixArt's full fine-tunes clip at 0.01, which on a
     LoRA (few, freshly initialised weights whose gradient norm is far above that)
@@ -189,10 +192,13 @@ class ValidationSection:
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
     """One column per seed; the same seeds every time so grids compare across steps."""
     steps: int = 20
+    """Sampling steps per image, with the model folder's sampling scheduler."""
     guidance: float = 4.5
+    """Classifier-free guidance scale."""
     height: int | None = None
     """Image height in pixels; null = the dataset's resolution."""
     width: int | None = None
+    """Image width in pixels; null = the dataset's resolution."""
     base: bool = True
     """Also render the same prompts and seeds once without the adapter, to
     samples/base.png, so each step's grid can be held against the base model."""
@@ -229,6 +235,7 @@ class TrainConfig:
     output_dir: Path = Path("runs/lora")
     """Where checkpoints/, samples/, logs/, config.yaml and the final adapter/ go."""
     seed: int = 0
+    """Seeds the LoRA's initial weights, the data order, noise, timesteps and caption dropout."""
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Precision of the frozen base model; the LoRA weights are always fp32."""
     gradient_checkpointing: bool = True
