@@ -33,3 +33,22 @@ def test_two_stage_recipes_continue_one_adapter():
     assert stage2.init_adapter == stage1.output_dir / "adapter"
     assert stage1.lora == stage2.lora and stage1.model == stage2.model
     assert (stage1.resolution, stage2.resolution) == (512, 1024)
+
+
+def test_every_recipe_key_is_documented():
+    """docs/training.md lists every key of the typed config, so none is only discoverable in the code."""
+    import dataclasses
+
+    from pixart_tune.training.config import TrainConfig
+
+    def keys(config, prefix=""):
+        for field in dataclasses.fields(config):
+            value = getattr(config, field.name)
+            if dataclasses.is_dataclass(value):
+                yield from keys(value, f"{prefix}{field.name}.")
+            else:
+                yield f"{prefix}{field.name}"
+
+    text = (REPO / "docs" / "training.md").read_text(encoding="utf-8")
+    missing = [key for key in keys(TrainConfig()) if f"| `{key}` |" not in text]
+    assert not missing, f"keys missing from docs/training.md's key table: {missing}"
