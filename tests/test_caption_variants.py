@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from pixart_tune.data.cache import FeatureCache, content_key
 from pixart_tune.data.captions import clean, compose
@@ -19,7 +18,7 @@ from pixart_tune.errors import UserError
 from pixart_tune.training.dataset import BucketBatchSampler, TrainingSet, choose_variant
 from pixart_tune.training.trainer import Trainer, dataset_fingerprint, run
 from tests.prepare_fixtures import encode, photo, write
-from tests.training_fixtures import red_dataset, tiny_config  # noqa: F401  (fixture)
+from tests.training_fixtures import assert_same_adapter, interrupt_then_resume, red_dataset, tiny_config  # noqa: F401  (fixture)
 
 LONG = "a red fox standing in deep snow at the edge of a pine forest, soft morning light"
 # Windows line ends, a blank line, the long line again with other spacing, and a line
@@ -196,10 +195,6 @@ def test_a_single_caption_dataset_draws_and_fingerprints_as_before(red_dataset):
     assert dataset_fingerprint(data) == before
 
 
-class _Interrupted(Exception):
-    pass
-
-
 def test_training_draws_the_variants_and_resumes_exactly(tiny_model, prepared, tmp_path, monkeypatch):
     data = TrainingSet([(prepared["out"], 1)])
     items = data.main.manifest.items
@@ -226,18 +221,10 @@ def test_training_draws_the_variants_and_resumes_exactly(tiny_model, prepared, t
     # 16 micro-batches over 8 epochs: the fox was trained with each of its three captions.
     assert all(any(e.shape == c.shape and torch.equal(e, c) for e in fed) for c in (cache.read_embeds(k) for k in items[fox].text_keys))
 
-    def stop_at_step_6(self, batch):
-        if self.state.step == 6:  # two optimizer steps past the checkpoint at 4: they are lost
-            raise _Interrupted
-        return original_step(self, batch)
-
-    monkeypatch.setattr(Trainer, "train_step", stop_at_step_6)
-    with pytest.raises(_Interrupted):
-        run(tiny_config(tiny_model, prepared["out"], tmp_path / "resumed", *overrides), progress=False)
     monkeypatch.undo()
-    resumed = run(tiny_config(tiny_model, prepared["out"], tmp_path / "resumed", *overrides), resume="latest", progress=False)
-    expected, actual = load_file(straight / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
-    assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
+    # Step 6 is two optimizer steps past the checkpoint at 4: those two are lost.
+    resumed = interrupt_then_resume(tiny_config(tiny_model, prepared["out"], tmp_path / "resumed", *overrides), monkeypatch, at_step=6)
+    assert_same_adapter(straight, resumed)
 
 
 def _first_captions_only(prepared_out: Path, out: Path) -> Path:

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from pixart_tune.config import ConfigError
 from pixart_tune.errors import UserError
@@ -22,7 +21,9 @@ from pixart_tune.training.trainer import Trainer, dataset_fingerprint, run
 from tests.training_fixtures import (  # noqa: F401  (fixtures)
     BLUE,
     TINY_RECIPE,
+    assert_same_adapter,
     blue_dataset,
+    interrupt_then_resume,
     prepare,
     red_dataset,
     tiny_config,
@@ -173,33 +174,15 @@ def test_extra_datasets_may_come_from_another_bucket_table(tiny_model, red_datas
     assert resolution_of(tiny_config(tiny_model, red_dataset, tmp_path / "o", _extra((tmp_path / "later", 1)))) == 256
 
 
-class _Interrupted(Exception):
-    pass
-
-
 def test_resume_with_extra_datasets_ends_with_the_uninterrupted_adapter(tiny_model, red_dataset, blue_dataset, tmp_path, monkeypatch):
     # Accumulation, LoRA and caption dropout on: the resume must restore the data
     # position within the repeated, concatenated epoch and every RNG stream.
     overrides = ["schedule.steps=10", "schedule.grad_accum=2", "lora.dropout=0.1", "data.caption_dropout=0.3",
                  "checkpoint.every=4", "logging.every=5", "data.repeats=2", _extra((blue_dataset, 3))]
     straight = run(tiny_config(tiny_model, red_dataset, tmp_path / "straight", *overrides), progress=False)
-
-    original = Trainer.train_step
-
-    def stop_at_step_6(self, batch):
-        if self.state.step == 6:  # two optimizer steps past the checkpoint at 4: they are lost
-            raise _Interrupted
-        return original(self, batch)
-
-    monkeypatch.setattr(Trainer, "train_step", stop_at_step_6)
-    with pytest.raises(_Interrupted):
-        run(tiny_config(tiny_model, red_dataset, tmp_path / "resumed", *overrides), progress=False)
-    monkeypatch.undo()
-    resumed = run(tiny_config(tiny_model, red_dataset, tmp_path / "resumed", *overrides), resume="latest", progress=False)
-
-    expected, actual = load_file(straight / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
-    assert expected.keys() == actual.keys()
-    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    # Step 6 is two optimizer steps past the checkpoint at 4: those two are lost.
+    resumed = interrupt_then_resume(tiny_config(tiny_model, red_dataset, tmp_path / "resumed", *overrides), monkeypatch, at_step=6)
+    assert_same_adapter(straight, resumed)
     # Epochs of 9 batches (square 2 + 3 copies -> 3, portrait 2 -> 1, landscape 9 -> 5):
     # 10 steps x 2 micro-batches crossed two epoch boundaries, the interrupt was mid-epoch.
     assert _adapter_header(straight)["dataset_fingerprint"] == _adapter_header(resumed)["dataset_fingerprint"]

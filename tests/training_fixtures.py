@@ -82,3 +82,37 @@ def cli_env() -> dict[str, str]:
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     env["PYTHONPATH"] = str(REPO)
     return env
+
+
+class Interrupted(Exception):
+    """Stands for a crash in the middle of training."""
+
+
+def interrupt_then_resume(config: TrainConfig, monkeypatch, at_step: int) -> Path:
+    """Runs ``config`` until optimizer step ``at_step`` (a crash there), then ``--resume latest``; the resumed run's adapter.
+
+    Every patch of ``monkeypatch`` is undone before the resumed run.
+    """
+    from pixart_tune.training.trainer import Trainer, run
+
+    original = Trainer.train_step
+
+    def crash(self, batch):
+        if self.state.step == at_step:
+            raise Interrupted
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", crash)
+    with pytest.raises(Interrupted):
+        run(config, progress=False)
+    monkeypatch.undo()
+    return run(config, resume="latest", progress=False)
+
+
+def assert_same_adapter(expected: Path, actual: Path) -> None:
+    """Bit-identical LoRA weights in two adapter folders."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(expected / "adapter_model.safetensors"), load_file(actual / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
