@@ -126,20 +126,20 @@ def test_caption_encodings_and_whitespace():
 
 def test_sidecar_order(tmp_path):
     image = write(tmp_path / "a.png", encode(photo(8, 8), "PNG"))
-    assert captions.read_sidecar(image) is None
+    assert captions.sidecar_text(image) is None
     (tmp_path / "a.caption").write_text("from caption file")
-    assert captions.read_sidecar(image) == "from caption file"
+    assert captions.clean(captions.sidecar_text(image)) == "from caption file"
     (tmp_path / "a.txt").write_text("  from txt file \n")
-    assert captions.read_sidecar(image) == "from txt file"
+    assert captions.clean(captions.sidecar_text(image)) == "from txt file"
     (tmp_path / "a.txt").write_text("   ")  # blank sidecar: the next one counts
-    assert captions.read_sidecar(image) == "from caption file"
+    assert captions.clean(captions.sidecar_text(image)) == "from caption file"
     # a sidecar linking outside the source folder is not read
     src = tmp_path / "src"
     inside = write(src / "b.png", encode(photo(8, 8), "PNG"))
     write(tmp_path / "secret.txt", b"private text")
     os.symlink(tmp_path / "secret.txt", src / "b.txt")
-    assert captions.read_sidecar(inside, root=src) is None
-    assert captions.read_sidecar(inside) == "private text"  # without a root there is nothing to guard
+    assert captions.sidecar_text(inside, root=src) is None
+    assert captions.clean(captions.sidecar_text(inside)) == "private text"  # without a root there is nothing to guard
 
 
 def test_filename_captions():

@@ -63,12 +63,6 @@ def split_variants(text: str) -> list[str]:
     return distinct([clean(line) for line in text.splitlines()])
 
 
-def read_sidecar(image_path: Path, root: Path | None = None) -> str | None:
-    """The caption in a ``.txt`` or ``.caption`` file beside ``image_path``, if any: all its lines as one."""
-    text = sidecar_text(image_path, root)
-    return clean(text) if text is not None else None
-
-
 def sidecar_text(image_path: Path, root: Path | None = None) -> str | None:
     """Text of the first ``.txt`` / ``.caption`` file beside ``image_path`` that is not blank (a blank ``.txt`` lets a ``.caption`` speak).
 
