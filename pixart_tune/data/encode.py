@@ -115,6 +115,11 @@ class LatentEncoder:
             free_memory()
 
 
+def default_text_dtype(device: torch.device) -> torch.dtype:
+    """T5's dtype unless told otherwise: bf16 on CUDA, fp32 on a CPU (slow bf16 matmuls there)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 class TextEncoder:
     """T5 embeddings and masks of prompts, through the pipeline's own ``encode_prompt``."""
 

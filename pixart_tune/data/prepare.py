@@ -29,7 +29,7 @@ from pixart_tune.data.cache import REPORT, CacheItem, FeatureCache, Manifest, co
 from pixart_tune.data.captions import CAPTION_SOURCES, clean, compose, distinct, filename_caption, sidecar_text, split_variants
 from pixart_tune.data.captioner import MAX_NEW_TOKENS, Captioner
 from pixart_tune.data.duplicates import DuplicateFinder
-from pixart_tune.data.encode import LatentEncoder, TextEncoder, component_fingerprint, resolve_component
+from pixart_tune.data.encode import LatentEncoder, TextEncoder, component_fingerprint, default_text_dtype, resolve_component
 from pixart_tune.data.images import DEFAULT_MAX_PIXELS, ImageSkip
 from pixart_tune.data.scanindex import ScanIndex
 from pixart_tune.data.sources import SOURCE_KINDS, Entry, open_source
@@ -139,7 +139,7 @@ class PrepareConfig:
 
     def text_torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.text_dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
+            return default_text_dtype(device)
         return models.resolve_dtype(self.text_dtype)
 
     def stage_settings(self) -> StageSettings:

@@ -170,10 +170,9 @@ class TrainingSet(Dataset):
         return self.offsets[-1]
 
     def __getitem__(self, draw: Draw) -> dict[str, torch.Tensor]:
-        index, variant = draw if isinstance(draw, tuple) else (draw, None)
+        index, variant = draw if isinstance(draw, tuple) else (draw, 0)
         part = bisect.bisect_right(self.offsets, index) - 1
-        local = index - self.offsets[part]
-        return self.parts[part][local if variant is None else (local, variant)]
+        return self.parts[part][(index - self.offsets[part], variant)]
 
 
 def _several_captions(variants: list[int]) -> str:

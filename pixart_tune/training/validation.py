@@ -23,16 +23,12 @@ from pixart_tune.training.config import ValidationSection
 BASE_GRID = "base.png"
 
 
-def text_dtype(device: torch.device) -> torch.dtype:
-    """``prepare``'s default T5 dtype on ``device``."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def encode_prompts(model: str, prompts: list[str], device: torch.device, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """T5 embeddings and masks of ``prompts``, on the CPU; T5 is freed before returning."""
-    from pixart_tune.data.encode import TextEncoder
+    from pixart_tune.data.encode import TextEncoder, default_text_dtype
 
-    encoder = TextEncoder(model, device, text_dtype(device), max_tokens=max_tokens)
+    # prepare's default, so the prompts read like the training captions.
+    encoder = TextEncoder(model, device, default_text_dtype(device), max_tokens=max_tokens)
     try:
         embeds, mask = encoder.encode(prompts)
         return embeds.cpu(), mask.cpu()
