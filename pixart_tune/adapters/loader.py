@@ -27,7 +27,7 @@ from peft.functional import cast_adapter_dtype, inject_adapter_in_model, set_pef
 from safetensors import safe_open
 
 from pixart_tune.adapters import lora
-from pixart_tune.adapters.layouts import LoraWeights, from_peft_state, from_state_dict, pixart_module_names
+from pixart_tune.adapters.layouts import PREFIXES, LoraWeights, from_peft_state, from_state_dict, pixart_module_names
 from pixart_tune.errors import UserError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -104,7 +104,8 @@ def _read_folder(path: Path, allow_pickle: bool) -> LoraWeights:
     )
 
 
-_PEFT_PREFIXES = ("unet.base_model.model.", "base_model.model.", "transformer.")
+# The prefixes a PEFT folder's keys carry, by the tool that saved it.
+_PEFT_PREFIXES = tuple(PREFIXES[layout] for layout in ("peft-unet", "peft-model", "diffusers"))
 
 
 def _strip_prefix(key: str) -> str:
