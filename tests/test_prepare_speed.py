@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from pixart_tune.data import images
+from tests.conftest import REPO
 from pixart_tune.data.duplicates import DuplicateFinder
 from pixart_tune.data.prepare import PrepareConfig, bucketed_images, prepare_dataset
 from pixart_tune.data.scanindex import INDEX
@@ -44,11 +45,10 @@ def test_big_jpeg_decodes_reduced_and_keeps_its_full_size():
 
 def test_reduced_decode_crops_the_same_region_as_a_full_decode():
     """The bucket geometry comes from the full size, so a reduced decode differs only by its filter."""
-    from skimage.data import chelsea
-
     from pixart_tune.data.buckets import nearest_bucket, resize_to_bucket
 
-    big = Image.fromarray(chelsea()).resize((1353, 900), Image.Resampling.LANCZOS)  # a real photo, 3x its bucket
+    chelsea = Image.open(REPO / "datasets" / "samples" / "chelsea.jpg").convert("RGB")  # scikit-image's public-domain photo, shipped here
+    big = chelsea.resize((1353, 900), Image.Resampling.LANCZOS)  # a real photo, 3x its bucket
     data = encode(big, "JPEG", quality=92)
     full = images.load_image(data)
     reduced = images.load_image(data, needed=needed_at(256))
