@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
+. scripts/env.sh  # the environment install.sh used: its pixart-tune
 out=${1:-work/demo}
 mkdir -p "$out"
 [ -f "$out/tiny/model_index.json" ] || pixart-tune init-tiny "$out/tiny"
