@@ -221,6 +221,7 @@ def test_dataset_that_does_not_fit_the_model_is_refused(tiny_model, red_dataset,
     data = _edit_manifest(red_dataset, tmp_path / "data", **change)
     with pytest.raises(UserError, match=message):
         Trainer(tiny_config(tiny_model, data, tmp_path / "out"), progress=False).setup()
+    assert not (tmp_path / "out").exists(), "a refused run wrote its output_dir"
 
 
 def test_missing_cache_and_missing_resume_are_clear_errors(tiny_model, red_dataset, tmp_path):
@@ -235,6 +236,8 @@ def test_missing_cache_and_missing_resume_are_clear_errors(tiny_model, red_datas
         Trainer(tiny_config(tiny_model, red_dataset, tmp_path / "c"), resume="latest", progress=False).setup()
     with pytest.raises(UserError, match="no such checkpoint folder"):
         Trainer(tiny_config(tiny_model, red_dataset, tmp_path / "c"), resume=str(tmp_path / "step-000009"), progress=False).setup()
+    for refused in "abc":
+        assert not (tmp_path / refused).exists(), f"the refused run {refused} wrote its output_dir"
 
 
 def test_a_finished_run_is_not_overwritten_and_init_adapter_must_match(tiny_model, red_dataset, tmp_path):
@@ -248,6 +251,7 @@ def test_a_finished_run_is_not_overwritten_and_init_adapter_must_match(tiny_mode
         Trainer(tiny_config(tiny_model, red_dataset, out), progress=False).setup()
     with pytest.raises(UserError, match="does not match the lora section: rank=4 \\(recipe: 8\\)"):
         Trainer(tiny_config(tiny_model, red_dataset, tmp_path / "two", f"init_adapter={out / 'adapter'}", "lora.rank=8"), progress=False).setup()
+    assert not (tmp_path / "two").exists()
     # A matching stage 2 starts from stage 1's weights.
     stage2 = Trainer(tiny_config(tiny_model, red_dataset, tmp_path / "two", f"init_adapter={out / 'adapter'}"), progress=False)
     stage2.setup()

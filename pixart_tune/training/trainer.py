@@ -63,7 +63,7 @@ class Trainer:
     def setup(self) -> None:
         """Loads data, model, optimizer and logging; restores a checkpoint when resuming."""
         self._setup_accelerator()
-        self._setup_output()
+        self._check_output()
         self._setup_data()
         self._encode_validation_prompts()
         self._setup_model()
@@ -71,6 +71,8 @@ class Trainer:
         self._setup_validation()
         if self.resume:
             self._restore(ckpt.resolve_resume(self.resume, self.config.output_dir))
+        # Only a run that could start writes anything: a refused recipe leaves no trace.
+        self._create_output()
 
     def _setup_accelerator(self) -> None:
         from accelerate import Accelerator
@@ -146,7 +148,6 @@ class Trainer:
         self.config = dataclasses.replace(config, schedule=resolved)
         if self.is_main:
             logger.info("%d epochs = %d optimizer steps", schedule.epochs, steps)
-            save_yaml(self.config, Path(self.config.output_dir) / "config.yaml")
 
     def _setup_model(self) -> None:
         config, manifest = self.config, self.dataset.main.manifest
@@ -218,7 +219,8 @@ class Trainer:
             resolution=self.dataset.main.manifest.resolution, negative=(self.empty_embeds, self.empty_mask),
         )
 
-    def _setup_output(self) -> None:
+    def _check_output(self) -> None:
+        """Refuses an output_dir that holds a run, before anything loads."""
         out = Path(self.config.output_dir)
         if not self.resume and ckpt.list_checkpoints(out):
             raise UserError(f"{out} already holds checkpoints of a run; continue it with --resume latest, or choose another output_dir")
@@ -228,6 +230,10 @@ class Trainer:
                 f"{out} already holds a finished run's {ADAPTER_DIR}/; choose another output_dir, or move it away "
                 f"(to continue from it, set init_adapter={out / ADAPTER_DIR} with a new output_dir)"
             )
+
+    def _create_output(self) -> None:
+        """output_dir with the resolved recipe (config.yaml) and the TensorBoard log."""
+        out = Path(self.config.output_dir)
         if self.is_main:
             out.mkdir(parents=True, exist_ok=True)
             save_yaml(self.config, out / "config.yaml")
