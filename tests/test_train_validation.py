@@ -66,3 +66,23 @@ def test_validation_sizes_come_in_sixteens():
     assert ValidationSection(every=1, prompts=["a cat"], height=272, width=256).height == 272
     with pytest.raises(ValueError, match="multiples of 16"):
         ValidationSection(every=1, prompts=["a cat"], height=264)
+
+
+def test_the_end_of_training_says_what_it_draws_and_lists_its_files(tiny_model, red_dataset, tmp_path, capsys, caplog):  # noqa: F811
+    from pixart_tune.training.trainer import cli
+    from tests.training_fixtures import TINY_RECIPE
+
+    out = tmp_path / "run"
+    overrides = [f"model={tiny_model}", f"data.path={red_dataset}", f"output_dir={out}", "logging.tensorboard=false",
+                 f"validation.prompts={PROMPTS}", f"validation.seeds={SEEDS}", "validation.steps=2", "validation.every=0",
+                 "schedule.steps=2", "schedule.warmup_steps=0", "checkpoint.every=1"]
+    with caplog.at_level("INFO", logger="pixart_tune"):
+        assert cli([str(TINY_RECIPE), *overrides, "--no-progress"]) == 0
+    # 2 prompts x 2 seeds, for the adapter and, the first time, the base model
+    assert f"drawing 8 validation images into {out / 'samples'}" in caplog.text
+    printed = capsys.readouterr().out
+    assert f"the run's files are in {out}/" in printed
+    assert "adapter/" in printed
+    assert "base.png, step-000002.png" in printed
+    assert "step-000001 (continue with --resume latest)" in printed
+    assert len(printed.splitlines()) <= 8

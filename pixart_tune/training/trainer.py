@@ -25,6 +25,7 @@ from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pixart_tune import __version__
 from pixart_tune.adapters.lora import inject_lora, load_weights, read_adapter, save_adapter, trainable_parameters
@@ -266,6 +267,18 @@ class Trainer:
         bar = tqdm(total=total, initial=self.state.step, desc="train", unit="step", disable=not (self.progress and self.is_main), dynamic_ncols=True)
         batches = self._batches()
         window = _Window(self.device)
+        # Lines logged mid-run (validation) print above the bar instead of through it.
+        with logging_redirect_tqdm():
+            self._loop(bar, batches, window, total)
+        bar.close()
+        self._check_finite(window)
+        adapter = self.save_adapter()
+        if self.validator is not None and (not config.validation.every or total % config.validation.every):
+            self.validate()
+        return adapter
+
+    def _loop(self, bar, batches: Iterator[Batch], window: "_Window", total: int) -> None:
+        config = self.config
         while self.state.step < total:
             batch = next(batches)
             loss = self.train_step(batch)
@@ -281,12 +294,6 @@ class Trainer:
                 self.save_checkpoint()
             if config.validation.every and step % config.validation.every == 0:
                 self.validate()
-        self._check_finite(window)
-        adapter = self.save_adapter()
-        if self.validator is not None and (not config.validation.every or total % config.validation.every):
-            self.validate()
-        bar.close()
-        return adapter
 
     def train_step(self, batch: Batch) -> torch.Tensor:
         """One micro-step on a device batch; returns the (detached) loss tensor.
@@ -414,6 +421,8 @@ class Trainer:
             return None
         samples = Path(self.config.output_dir) / "samples"
         path = samples / f"step-{self.state.step:06d}.png"
+        count = self.validator.images_due()
+        logger.info("drawing %d validation image%s into %s", count, "s" * (count != 1), samples)
         grid, base = self.validator.grids()
         if base is not None:
             save_grid(base, samples / BASE_GRID, self.writer, "validation/base", self.state.step)
@@ -572,5 +581,21 @@ def cli(argv: list[str]) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        print(f"adapter written to {adapter}")
+        print("\n".join(describe_outputs(Path(config.output_dir), adapter)))
     return 0
+
+
+def describe_outputs(output_dir: Path, adapter: Path) -> list[str]:
+    """What a finished run left in ``output_dir``, one line a kind, for the end of ``train``."""
+    lines = [f"trained; the run's files are in {output_dir}/:", f"  {adapter.relative_to(output_dir)}/  the LoRA (sample, merge or export it)"]
+    grids = sorted(p.name for p in (output_dir / "samples").glob("*.png"))
+    if grids:
+        lines.append(f"  samples/  validation grids: {', '.join(grids)}")
+    for picture in sorted(output_dir.glob("*.png")):
+        lines.append(f"  {picture.name}")
+    kept = ckpt.list_checkpoints(output_dir)
+    if kept:
+        lines.append(f"  checkpoints/  {', '.join(p.name for p in kept)} (continue with --resume latest)")
+    if (output_dir / "logs").is_dir():
+        lines.append(f"  logs/  TensorBoard (tensorboard --logdir {output_dir / 'logs'})")
+    return lines

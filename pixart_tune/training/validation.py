@@ -67,6 +67,11 @@ class Validator:
         )
         self.base_rendered = False
 
+    def images_due(self) -> int:
+        """How many images the next :meth:`grids` call draws (the base model's too, the first time)."""
+        per_grid = len(self.config.prompts) * len(self.config.seeds)
+        return per_grid * (2 if self.config.base and not self.base_rendered else 1)
+
     @torch.no_grad()
     def grids(self) -> tuple[Image.Image, Image.Image | None]:
         """The grid of the model as it is now, and the base model's when it is due (once)."""
