@@ -50,6 +50,17 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
         raise ConfigError(f"{where or cls.__name__}: {error}") from None
 
 
+def field_defaults(cls: type) -> dict[str, Any]:
+    """Each field of a config dataclass that has a default -> that default (factories called)."""
+    defaults = {}
+    for field in dataclasses.fields(cls):
+        if field.default is not dataclasses.MISSING:
+            defaults[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            defaults[field.name] = field.default_factory()
+    return defaults
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain data (for YAML and safetensors metadata) from a config dataclass."""
     return _plain(dataclasses.asdict(config))

@@ -283,14 +283,14 @@ def init_tiny(out: str | Path, seed: int = 0) -> Path:
 
 
 def cli(argv: list[str]) -> int:
-    import argparse
+    from pixart_tune.commands.parsing import verb_parser
 
-    parser = argparse.ArgumentParser(
+    parser = verb_parser(
         prog="pixart-tune init-tiny",
         description="Write a tiny, randomly initialised PixArt-Sigma pipeline (diffusers layout) for offline tests and demos.",
     )
     parser.add_argument("out", help="folder to create")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args(argv)
     path = init_tiny(args.out, args.seed)
     print(f"wrote a tiny PixArt-Sigma pipeline to {path}")

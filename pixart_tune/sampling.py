@@ -24,6 +24,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from pixart_tune.adapters import lora
 from pixart_tune.adapters.loader import AdapterSpec, apply_lora, parse_spec, read_lora
+from pixart_tune.commands.parsing import verb_parser
 from pixart_tune.errors import UserError
 from pixart_tune.models import MAX_TOKENS, default_device, load_pipeline, resolve_dtype
 
@@ -329,7 +330,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = verb_parser(
         prog="pixart-tune sample",
         description="Generate images with any number of adapters, save them as PNGs with their parameters, "
         "and write a comparison grid (base vs adapters with the same seeds, or a sweep of one adapter's scale).",
@@ -337,20 +338,20 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--model", required=True, help="base model: a diffusers PixArt-Sigma folder or hub id")
     parser.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     parser.add_argument("--prompts-file", help="a text file with one prompt per line")
-    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--negative-prompt", default="", help="what the images should not show (default: nothing)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; every prompt is drawn with every seed")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=4.5)
-    parser.add_argument("--aspect", type=float, help="height / width; the nearest aspect bucket of the model is used (default 1.0)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps per image")
+    parser.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale")
+    parser.add_argument("--aspect", type=float, help="height / width; the nearest aspect bucket of the model is used (default: 1.0)")
     parser.add_argument("--size", help="HEIGHTxWIDTH used as given instead of a bucket")
     parser.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE]",
                         help="an adapter folder or .safetensors file in any supported layout, with an optional scale (repeat for several)")
     parser.add_argument("--sweep", help="comma-separated scales of the first adapter, one grid row each, e.g. 0,0.5,1")
     parser.add_argument("--no-base", action="store_true", help="leave out the base model row")
     parser.add_argument("--separately", action="store_true", help="also a row for each adapter alone")
-    parser.add_argument("--out", default="samples", help="output folder (default: samples)")
+    parser.add_argument("--out", default="samples", help="output folder")
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weight dtype (auto: bf16 on a GPU, fp32 on a CPU)")
     parser.add_argument("--allow-pickle-runs-code", action="store_true",
                         help="also read .bin/.pt/.ckpt adapters; unpickling can run any code in the file")
     args = parser.parse_args(argv)

@@ -9,9 +9,8 @@ without prefix. Every file stores alpha as a one-element ``<module>.alpha`` tens
 
 from __future__ import annotations
 
-import argparse
-import logging
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +23,7 @@ from pixart_tune.adapters import lora
 from pixart_tune.adapters.layouts import LoraWeights, to_state_dict
 from pixart_tune.adapters.loader import read_lora
 from pixart_tune.adapters.merge import refuse_overwriting_inputs, write_weights
+from pixart_tune.commands.parsing import verb_parser
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
 from pixart_tune.models import REAL_MODEL_ID
@@ -219,7 +219,7 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = verb_parser(
         prog="pixart-tune export",
         description="Export an adapter to the layouts other tools load (one file per loader), or write a publish "
         "folder with a model card and samples, optionally uploading it to the Hugging Face Hub.",
@@ -227,7 +227,7 @@ def cli(argv: list[str]) -> int:
         "  pixart-tune export runs/lora/adapter --format comfyui --out my_lora_comfyui.safetensors\n"
         "  pixart-tune export runs/lora/adapter --format all --out exported/\n"
         "  pixart-tune export runs/lora/adapter --publish publish/ --trigger sks --push-to-hub me/my-lora",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        raw=True,
     )
     parser.add_argument("adapter", help="adapter folder or .safetensors file, any supported layout")
     parser.add_argument("--format", choices=[*FORMATS, "all"], help="export format (all: one file per format)")
@@ -236,7 +236,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--name", help="name of the adapter in file names and the card")
     parser.add_argument("--base-model", help=f"Hub id of the base model for the card (default: recorded in the adapter, else {REAL_MODEL_ID})")
     parser.add_argument("--trigger", action="append", default=[], help="trigger word (repeat; default: recorded in the adapter)")
-    parser.add_argument("--license", default="openrail++")
+    parser.add_argument("--license", default="openrail++", help="license id for the model card (PixArt-Sigma's own license)")
     parser.add_argument("--tag", action="append", default=[], help="extra card tag (repeat)")
     parser.add_argument("--samples", nargs="+", help="images or folders for the card (default: the newest validation grid of the run)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the publish folder to this Hub repository (needs 'hf auth login')")

@@ -17,7 +17,6 @@ The SVD never forms the out x in update: with up = Q_B R_B and down^T = Q_A R_A,
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -33,6 +32,7 @@ from peft.utils.merge_utils import task_arithmetic
 from pixart_tune.adapters import lora
 from pixart_tune.adapters.layouts import LoraModule, LoraWeights, uniform
 from pixart_tune.adapters.loader import AdapterSpec, apply_lora, parse_spec, read_lora
+from pixart_tune.commands.parsing import verb_parser
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
 
@@ -291,18 +291,18 @@ def _trigger_words(metadata: dict[str, str]) -> list[str]:
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = verb_parser(
         prog="pixart-tune merge",
         description="Merge adapters into one, resize one to a lower rank by SVD, or fuse adapters into the base model.",
         epilog="examples:\n"
         "  pixart-tune merge a/ b:0.5 --method svd --rank 16 --out merged/\n"
         "  pixart-tune merge a/ --resize 8 --out a-r8/\n"
         "  pixart-tune merge a/:0.8 --fuse PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --out fused-model/",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        raw=True,
     )
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help="adapter folders or .safetensors files, any supported layout")
     parser.add_argument("--out", required=True, help="output folder (an adapter folder, or a pipeline folder with --fuse)")
-    parser.add_argument("--method", choices=METHODS, default="linear", help="how to merge several adapters (default: linear)")
+    parser.add_argument("--method", choices=METHODS, default="linear", help="how to merge several adapters")
     parser.add_argument("--rank", type=int, help="rank of an svd merge (default: the largest input rank)")
     parser.add_argument("--resize", type=int, metavar="RANK", help="resize the one adapter given to this rank by SVD")
     parser.add_argument("--fuse", metavar="MODEL", help="fuse the adapters into this base model and write a full pipeline folder")

@@ -16,7 +16,6 @@ models are written into the outputs folder only.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 from pixart_tune.app.files import PathGuard, discover_adapters, discover_models, output_path
 from pixart_tune.app.service import DEFAULT_HOST, DEFAULT_PORT, AppSettings, PreviewApp
 from pixart_tune.app.ui import build_app, launch_kwargs
+from pixart_tune.commands.parsing import verb_parser
 
 __all__ = ["AppSettings", "PathGuard", "PreviewApp", "build_app", "cli", "discover_adapters", "discover_models",
            "launch", "launch_kwargs", "output_path", "settings_from_env"]
@@ -69,22 +69,22 @@ def settings_from_env(environ: dict[str, str] | None = None) -> AppSettings:
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = verb_parser(
         prog="pixart-tune app",
         description="Open the preview and merge app in a browser: compare adapters with the base model, sweep scales, "
         "merge and fuse. It binds to 127.0.0.1 and reads and writes files only under the folders given here.",
     )
     parser.add_argument("--model", action="append", required=True,
                         help="base model folder or hub id (repeat to offer several; the first loads at start)")
-    parser.add_argument("--runs", default="runs", help="folder searched for adapters (default: runs)")
+    parser.add_argument("--runs", default="runs", help="folder searched for adapters")
     parser.add_argument("--outputs", default=None, help="folder for merged adapters and fused models (default: RUNS/merged)")
     parser.add_argument("--allow", action="append", default=[], help="another folder adapters and models may be read from (repeatable)")
-    parser.add_argument("--host", default=DEFAULT_HOST, help="interface to bind (default 127.0.0.1: this computer only)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--host", default=DEFAULT_HOST, help="interface to bind (127.0.0.1: this computer only)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to serve on (0: any free port)")
     parser.add_argument("--share", action="store_true", help="create a public Gradio share link (anyone with the link can use the app)")
     parser.add_argument("--allow-hub", action="store_true", help="accept hub ids typed into the base model menu")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weight dtype (auto: bf16 on a GPU, fp32 on a CPU)")
     args = parser.parse_args(argv)
     launch(
         AppSettings(

@@ -22,7 +22,6 @@ The method (docs/training.md explains it in full):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from pixart_tune.adapters.lora import inject_lora, trainable_parameters
+from pixart_tune.commands.parsing import verb_parser
 from pixart_tune.errors import UserError
 from pixart_tune.models import MAX_TOKENS, T5_XXL_CONFIG, XL2_TRANSFORMER_CONFIG, meta_transformer, resolve_dtype
 from pixart_tune.training.config import TrainConfig, load_train_config
@@ -281,7 +281,7 @@ def _prepared_resolution(path: Path | None) -> int | None:
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = verb_parser(
         prog="pixart-tune plan",
         description="Predict the peak GPU memory of a training recipe, without a GPU (see docs/training.md).",
     )

@@ -12,7 +12,6 @@ on a CPU, one GPU, or ``accelerate launch`` over several.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import hashlib
@@ -29,6 +28,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pixart_tune import __version__
 from pixart_tune.adapters.lora import inject_lora, load_weights, read_adapter, save_adapter, trainable_parameters
+from pixart_tune.commands.parsing import verb_parser
 from pixart_tune.config import save_yaml, to_dict
 from pixart_tune.data.cache import content_key
 from pixart_tune.errors import UserError
@@ -566,7 +566,7 @@ def run(config: TrainConfig, resume: str | None = None, progress: bool = True) -
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = verb_parser(
         prog="pixart-tune train",
         description="Train a PixArt-Sigma LoRA from a YAML recipe (see recipes/ and docs/training.md).",
         epilog="Example: pixart-tune train recipes/tiny_cpu.yaml data.path=prepared/ model=tiny/ output_dir=runs/tiny",

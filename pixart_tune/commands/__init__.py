@@ -1,0 +1,1 @@
+"""The command layer: how each verb of ``pixart-tune`` reads its arguments."""
