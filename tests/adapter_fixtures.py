@@ -30,6 +30,34 @@ def make_adapter(model: str, out: Path, seed: int, rank: int = 4, alpha: float =
     return lora.save_adapter(transformer, out, settings, metadata)
 
 
+def peft_state(folder: Path) -> dict[str, torch.Tensor]:
+    """The PEFT state dict an adapter folder holds, read as plain safetensors."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / lora.WEIGHTS_NAME))
+
+
+def peft_load(transformer, folder: Path, adapter_name: str = "default", scale: float = 1.0):
+    """Loads an adapter folder with PEFT's own code alone: the oracle the toolkit's loader is checked against.
+
+    PEFT's LoraConfig.from_pretrained reads the config (rank and alpha patterns,
+    rsLoRA, DoRA), inject_adapter_in_model builds the layers and
+    set_peft_model_state_dict fills them; nothing of pixart-tune runs.
+    """
+    from peft import LoraConfig
+    from peft.functional import inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    assert (Path(folder) / lora.CONFIG_NAME).is_file()
+    inject_adapter_in_model(LoraConfig.from_pretrained(str(folder)), transformer, adapter_name=adapter_name)
+    result = set_peft_model_state_dict(transformer, peft_state(folder), adapter_name=adapter_name)
+    assert not [k for k in result.unexpected_keys if "lora_" in k], result.unexpected_keys
+    for module in transformer.modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            module.set_scale(adapter_name, scale)
+    return transformer
+
+
 def model_inputs(transformer, seed: int = 0, size: int = 16) -> dict:
     generator = torch.Generator().manual_seed(seed)
     config = transformer.config

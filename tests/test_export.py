@@ -9,14 +9,13 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from pixart_tune.adapters import lora
 from pixart_tune.adapters.card import parse_front_matter
 from pixart_tune.adapters.export import FORMATS, cli, export_adapter
 from pixart_tune.adapters.loader import AdapterSpec, load_adapters, read_lora
 from pixart_tune.errors import UserError
 from pixart_tune.models import load_transformer
 from pixart_tune.sampling import save_png
-from tests.adapter_fixtures import adapters, assert_close, make_adapter, output  # noqa: F401  (adapters: a fixture)
+from tests.adapter_fixtures import adapters, assert_close, make_adapter, output, peft_load  # noqa: F401  (adapters: a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +24,7 @@ def everywhere(tiny_model, tmp_path_factory):
     path = make_adapter(tiny_model, tmp_path_factory.mktemp("everywhere") / "all", seed=11, rank=3, alpha=5.0, targets="all_linear")
     transformer = load_transformer(tiny_model)
     base = output(transformer)
-    lora.load_adapter(transformer, path)
+    peft_load(transformer, path)
     return path, output(transformer), base
 
 

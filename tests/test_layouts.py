@@ -14,10 +14,10 @@ from safetensors.torch import save_file
 
 from pixart_tune.adapters import lora
 from pixart_tune.adapters.layouts import detect_layout
-from pixart_tune.adapters.loader import AdapterSpec, apply_lora, load_adapters, read_lora
+from pixart_tune.adapters.loader import AdapterSpec, apply_lora, load_adapters, load_into, read_lora
 from pixart_tune.errors import UserError
 from pixart_tune.models import load_transformer, tiny_transformer_config
-from tests.adapter_fixtures import adapters, assert_close, filled_transformer, output  # noqa: F401  (adapters: a fixture)
+from tests.adapter_fixtures import adapters, assert_close, filled_transformer, output, peft_load, peft_state  # noqa: F401  (adapters: a fixture)
 
 RANK, ALPHA = 4, 8.0
 
@@ -25,10 +25,10 @@ RANK, ALPHA = 4, 8.0
 @pytest.fixture(scope="module")
 def reference(tiny_model, adapters):  # noqa: F811
     """(PEFT state dict of adapter a, its output, the base output)."""
-    _, state, _ = lora.read_adapter(adapters["a"])
+    state = peft_state(adapters["a"])
     transformer = load_transformer(tiny_model)
     base = output(transformer)
-    lora.load_adapter(transformer, adapters["a"])
+    peft_load(transformer, adapters["a"])
     return state, output(transformer), base
 
 
@@ -141,11 +141,9 @@ def test_several_adapters_at_once_with_their_own_scales(tiny_model, adapters):  
     load_adapters(together, [AdapterSpec(str(adapters["a"]), 0.5), AdapterSpec(str(adapters["c"]), -1.5)])
     # The same through PEFT's own path, one adapter after the other.
     expected = load_transformer(tiny_model)
-    lora.load_adapter(expected, adapters["a"], "x", scale=0.5)
-    lora.load_adapter(expected, adapters["c"], "y", scale=-1.5)
+    peft_load(expected, adapters["a"], "x", scale=0.5)
+    peft_load(expected, adapters["c"], "y", scale=-1.5)
     lora.activate(expected, ["x", "y"])
-    lora.set_scale(expected, "x", 0.5)
-    lora.set_scale(expected, "y", -1.5)
     assert_close(output(together), output(expected), output(load_transformer(tiny_model)))
 
 
@@ -164,9 +162,8 @@ def test_a_lora_for_another_width_is_refused_naming_the_shapes(tiny_model, tmp_p
         load_adapters(transformer, [AdapterSpec(str(path))])
     # The trainer's path (init_adapter, resume) into an injected adapter refuses it too.
     lora.inject_lora(transformer, settings)
-    _, state, _ = lora.read_adapter(path)
-    with pytest.raises(UserError, match=r"has shape \(2, 48\), this model needs \(2, 32\).*different base model"):
-        lora.load_weights(transformer, state)
+    with pytest.raises(UserError, match=r"maps 48 -> 48 features but this model's layer maps 32 -> 32.*different base"):
+        load_into(transformer, read_lora(path))
 
 
 def test_a_lora_for_a_deeper_model_is_refused_naming_the_missing_layer(tiny_model, reference, tmp_path):
@@ -225,8 +222,7 @@ def test_rslora_and_dora_folders_load_like_peft_loads_them(variant, tiny_model, 
     path = lora.save_adapter(trained, tmp_path / "adapter", settings)
     transformer = load_transformer(tiny_model)
     load_adapters(transformer, [AdapterSpec(str(path), 0.6)])
-    expected = load_transformer(tiny_model)
-    lora.load_adapter(expected, path, scale=0.6)
+    expected = peft_load(load_transformer(tiny_model), path, scale=0.6)
     assert_close(output(transformer), output(expected), output(load_transformer(tiny_model)))
 
 
@@ -234,7 +230,7 @@ def test_adapters_load_in_fp32_onto_a_bf16_model(tiny_model, adapters):  # noqa:
     """PEFT makes LoRA layers in the base dtype; the weights must reach them unrounded."""
     weights = read_lora(adapters["a"])
     name, module = next(iter(weights.modules.items()))
-    for load in (lambda t: apply_lora(t, weights, "default"), lambda t: lora.load_adapter(t, adapters["a"])):
+    for load in (lambda t: apply_lora(t, weights, "default"), lambda t: load_into(lora.inject_lora(t, lora.LoraSettings(rank=4, alpha=8.0, targets="attention_ff")), weights)):
         transformer = load_transformer(tiny_model, dtype=torch.bfloat16)
         load(transformer)
         down = transformer.get_submodule(name).lora_A["default"].weight

@@ -8,7 +8,6 @@ import shutil
 import pytest
 import torch
 
-from pixart_tune.adapters import lora
 from pixart_tune.adapters.layouts import LoraModule, LoraWeights
 from pixart_tune.adapters.loader import AdapterSpec, load_adapters, read_lora
 from pixart_tune.adapters.merge import (
@@ -23,7 +22,7 @@ from pixart_tune.adapters.merge import (
 )
 from pixart_tune.errors import UserError
 from pixart_tune.models import load_transformer
-from tests.adapter_fixtures import adapters, assert_close, output  # noqa: F401  (adapters: a fixture)
+from tests.adapter_fixtures import adapters, assert_close, output, peft_load, peft_state  # noqa: F401  (adapters: a fixture)
 
 WEIGHTS = (0.7, -0.4)
 
@@ -36,7 +35,7 @@ def _unmerged(model: str, specs: list[AdapterSpec]) -> torch.Tensor:
 
 def _merged(model: str, folder) -> torch.Tensor:
     transformer = load_transformer(model)
-    lora.load_adapter(transformer, folder)  # the plain PEFT path: the merged folder is a normal adapter
+    peft_load(transformer, folder)  # PEFT's own path: the merged folder is a normal adapter
     return output(transformer)
 
 
@@ -66,11 +65,12 @@ def test_linear_equals_peft_add_weighted_adapter(tiny_model, adapters):  # noqa:
     """Our pure linear merge against PEFT's own LoraModel.add_weighted_adapter on the real model."""
     from peft import LoraModel
 
-    a_settings, a_state, _ = lora.read_adapter(adapters["a"])
-    b_settings, b_state, _ = lora.read_adapter(adapters["b"])
+    from peft import LoraConfig
+
+    a_state, b_state = peft_state(adapters["a"]), peft_state(adapters["b"])
     transformer = load_transformer(tiny_model)
-    model = LoraModel(transformer, a_settings.peft_config(), "a")
-    model.peft_config["b"] = b_settings.peft_config()
+    model = LoraModel(transformer, LoraConfig.from_pretrained(str(adapters["a"])), "a")
+    model.peft_config["b"] = LoraConfig.from_pretrained(str(adapters["b"]))
     model.inject_adapter(model.model, "b")
     from peft.utils import set_peft_model_state_dict
 
@@ -99,9 +99,9 @@ def test_exact_merges_equal_the_unmerged_adapters(method, tiny_model, adapters, 
     specs = [AdapterSpec(str(adapters["a"]), WEIGHTS[0]), AdapterSpec(str(adapters["c"]), WEIGHTS[1])]
     rank = 6 if method == "svd" else None  # 4 + 2: the sum's full rank, so SVD loses nothing
     folder = merge_adapters(specs, tmp_path / method, method=method, rank=rank)
-    settings, _, metadata = lora.read_adapter(folder)
-    assert settings.rank == 6 and float(metadata["energy_kept"]) == pytest.approx(1.0)
-    assert json.loads(metadata["merged_from"])[1] == {"path": str(adapters["c"]), "weight": WEIGHTS[1]}
+    merged = read_lora(folder)
+    assert merged.ranks == {6} and float(merged.metadata["energy_kept"]) == pytest.approx(1.0)
+    assert json.loads(merged.metadata["merged_from"])[1] == {"path": str(adapters["c"]), "weight": WEIGHTS[1]}
     assert_close(_merged(tiny_model, folder), _unmerged(tiny_model, specs), output(load_transformer(tiny_model)))
 
 

@@ -12,12 +12,12 @@ import torch
 from safetensors import safe_open
 
 from pixart_tune import __version__
-from pixart_tune.adapters.lora import load_adapter
 from pixart_tune.data.cache import FeatureCache
 from pixart_tune.errors import UserError
 from pixart_tune.models import load_pipeline, load_transformer
 from pixart_tune.training import checkpoint as ckpt
 from pixart_tune.training.trainer import Trainer, run
+from tests.adapter_fixtures import peft_load
 from tests.training_fixtures import red_dataset, tiny_config  # noqa: F401  (fixture)
 
 # Strong enough to over-fit six flat images in a few dozen steps on the tiny model.
@@ -84,7 +84,7 @@ def test_training_lowers_the_loss_and_learns_the_colour(trained, tiny_model, red
     pipe = load_pipeline(tiny_model)
     pipe.set_progress_bar_config(disable=True)
     base = _sample_latents(pipe)
-    load_adapter(pipe.transformer, adapter)
+    peft_load(pipe.transformer, adapter)
     tuned = _sample_latents(pipe)
     base_distance = (base - target).pow(2).mean().item()
     tuned_distance = (tuned - target).pow(2).mean().item()
@@ -101,8 +101,7 @@ def _sample_latents(pipe) -> torch.Tensor:
 
 def test_saved_adapter_reproduces_the_trained_model_and_holds_metadata(trained, tiny_model):
     trainer, adapter, _, _ = trained
-    fresh = load_transformer(tiny_model)
-    load_adapter(fresh, adapter)
+    fresh = peft_load(load_transformer(tiny_model), adapter)
     generator = torch.Generator().manual_seed(5)
     inputs = dict(
         hidden_states=torch.randn(2, 4, 32, 32, generator=generator),
@@ -255,8 +254,7 @@ def test_a_finished_run_is_not_overwritten_and_init_adapter_must_match(tiny_mode
     # A matching stage 2 starts from stage 1's weights.
     stage2 = Trainer(tiny_config(tiny_model, red_dataset, tmp_path / "two", f"init_adapter={out / 'adapter'}"), progress=False)
     stage2.setup()
-    fresh = load_transformer(tiny_model)
-    load_adapter(fresh, out / "adapter")
+    fresh = peft_load(load_transformer(tiny_model), out / "adapter")
     assert torch.equal(
         stage2.transformer.transformer_blocks[0].attn1.to_q.lora_B["default"].weight,
         fresh.transformer_blocks[0].attn1.to_q.lora_B["default"].weight,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -212,14 +213,8 @@ def peft_config(weights: LoraWeights) -> LoraConfig:
 
 
 def apply_lora(transformer: torch.nn.Module, weights: LoraWeights, adapter_name: str, scale: float = 1.0, source: str = "adapter") -> None:
-    """Injects ``weights`` into ``transformer`` as ``adapter_name`` (fp32 LoRA weights)."""
+    """Injects ``weights`` into ``transformer`` as a new, frozen ``adapter_name`` (fp32 LoRA weights) at ``scale``."""
     check_fits(transformer, weights, source)
-    state = {}
-    for name, module in weights.modules.items():
-        state[f"{name}.lora_A.weight"] = module.down.float()
-        state[f"{name}.lora_B.weight"] = module.up.float()
-    for name, magnitude in weights.dora_magnitudes.items():
-        state[f"{name}.lora_magnitude_vector"] = magnitude.float()
     with warnings.catch_warnings():
         # Several adapters in one model is the point here, not an accident.
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
@@ -227,13 +222,64 @@ def apply_lora(transformer: torch.nn.Module, weights: LoraWeights, adapter_name:
     # PEFT makes the LoRA layers in the base layer's dtype and device; upcast before
     # loading, or fp32 weights copied into bf16 layers would be rounded.
     cast_adapter_dtype(transformer, adapter_name=adapter_name)
+    _load_state(transformer, weights, adapter_name, source)
+    for parameter in transformer.parameters():
+        parameter.requires_grad_(False)
+    lora.set_scale(transformer, adapter_name, scale)
+
+
+def mismatches(transformer: torch.nn.Module, weights: LoraWeights, adapter_name: str = "default") -> list[str]:
+    """How ``weights`` differ from the adapter ``adapter_name`` already injected: targets, rank, scale, DoRA.
+
+    Empty when :func:`load_into` can load them exactly. A training run's own LoRA
+    (resumed, or started from a stage-1 adapter) must be the same shape as the file.
+    """
+    layers = {name: layer for name, layer in lora.lora_layers(transformer).items() if adapter_name in layer.lora_A}
+    problems = []
+    outside = sorted(set(weights.modules) - set(layers))
+    lacking = sorted(set(layers) - set(weights.modules))
+    if outside:
+        problems.append(f"targets: {len(outside)} of its modules are not targeted here (e.g. {outside[0]})")
+    if lacking:
+        problems.append(f"targets: {len(lacking)} targeted modules are not in it (e.g. {lacking[0]})")
+    shared = [name for name in weights.modules if name in layers]
+    for have, want in sorted({(weights.modules[n].rank, layers[n].r[adapter_name]) for n in shared}):
+        if have != want:
+            problems.append(f"rank={have} (recipe: {want})")
+    for have, want in sorted({(weights.modules[n].scale, layers[n].scaling[adapter_name]) for n in shared}):
+        if not math.isclose(have, want, rel_tol=1e-6):
+            problems.append(f"alpha/rank scale={have:g} (recipe: {want:g})")
+    dora_here = any(layers[n].use_dora.get(adapter_name, False) for n in shared)
+    if bool(weights.dora_magnitudes) != dora_here:
+        problems.append(f"dora={bool(weights.dora_magnitudes)} (recipe: {dora_here})")
+    return list(dict.fromkeys(problems))
+
+
+def load_into(transformer: torch.nn.Module, weights: LoraWeights, adapter_name: str = "default", source: str = "adapter") -> None:
+    """Loads ``weights`` into the adapter ``adapter_name`` already injected, exactly and strictly.
+
+    For a training run's own LoRA (resume, ``init_adapter``): the layers, their
+    dtype and which parameters train stay as they are; only the values change.
+    """
+    check_fits(transformer, weights, source)
+    problems = mismatches(transformer, weights, adapter_name)
+    if problems:
+        raise UserError(f"{source} does not match the LoRA it is loaded into: {'; '.join(problems)}")
+    _load_state(transformer, weights, adapter_name, source)
+
+
+def _load_state(transformer: torch.nn.Module, weights: LoraWeights, adapter_name: str, source: str) -> None:
+    """``weights`` as PEFT keys into the injected ``adapter_name``; keys matching no layer are refused."""
+    state = {}
+    for name, module in weights.modules.items():
+        state[f"{name}.lora_A.weight"] = module.down.float()
+        state[f"{name}.lora_B.weight"] = module.up.float()
+    for name, magnitude in weights.dora_magnitudes.items():
+        state[f"{name}.lora_magnitude_vector"] = magnitude.float()
     result = set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]
     if unexpected:
         raise UserError(f"{source}: LoRA weights match no layer of this model: {', '.join(unexpected[:3])}")
-    for parameter in transformer.parameters():
-        parameter.requires_grad_(False)
-    lora.set_scale(transformer, adapter_name, scale)
 
 
 def load_adapters(

@@ -1,9 +1,9 @@
-"""LoRA for PixArt-Sigma through PEFT: inject, save, load, scale.
+"""LoRA for PixArt-Sigma through PEFT: inject a trainable one, save it, switch and scale adapters.
 
 diffusers has no LoRA support for ``PixArtTransformer2DModel`` (no ``add_adapter``,
 no ``load_lora_weights`` on the pipeline), so this module owns that path, using
-PEFT's public functional API on the plain diffusers model. The trainer, the
-sampler, the adapter tools and the app all go through here.
+PEFT's public functional API on the plain diffusers model. Reading an adapter back
+(any layout, this one included) is :mod:`pixart_tune.adapters.loader`'s job.
 
 The on-disk format is PEFT's: ``adapter_model.safetensors`` (keys such as
 ``transformer_blocks.0.attn1.to_q.lora_A.weight``) + ``adapter_config.json``, with
@@ -26,10 +26,8 @@ from peft.functional import (
     get_peft_model_state_dict,
     inject_adapter_in_model,
     set_adapter,
-    set_peft_model_state_dict,
 )
 from peft.tuners.lora import LoraLayer
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pixart_tune.errors import UserError
@@ -152,69 +150,6 @@ def write_adapter(
     return out
 
 
-def read_adapter(path: str | Path) -> tuple[LoraSettings, dict[str, torch.Tensor], dict[str, str]]:
-    """(settings, PEFT state dict, header metadata) of an adapter folder."""
-    path = Path(path)
-    weights, config_file = path / WEIGHTS_NAME, path / CONFIG_NAME
-    if not weights.is_file() or not config_file.is_file():
-        raise UserError(f"{path} is not a pixart-tune/PEFT adapter folder (needs {WEIGHTS_NAME} and {CONFIG_NAME})")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    targets = config.get("target_modules") or "attention"
-    if isinstance(targets, list):
-        targets = "|".join(rf"(.*\.)?{t}" for t in targets)
-    settings = LoraSettings(
-        rank=int(config.get("r", 8)),
-        alpha=float(config.get("lora_alpha", config.get("r", 8))),
-        dropout=float(config.get("lora_dropout", 0.0)),
-        targets=targets,
-        rslora=bool(config.get("use_rslora", False)),
-        dora=bool(config.get("use_dora", False)),
-    )
-    with safe_open(str(weights), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        state = {key: handle.get_tensor(key) for key in handle.keys()}
-    return settings, state, metadata
-
-
-def load_adapter(
-    transformer: torch.nn.Module, path: str | Path, adapter_name: str = "default", scale: float = 1.0
-) -> LoraSettings:
-    """Injects the adapter saved at ``path`` into ``transformer`` and loads its weights."""
-    settings, state, _ = read_adapter(path)
-    apply_state_dict(transformer, settings, state, adapter_name)
-    set_scale(transformer, adapter_name, scale)
-    return settings
-
-
-def apply_state_dict(
-    transformer: torch.nn.Module, settings: LoraSettings, state: dict[str, torch.Tensor], adapter_name: str
-) -> None:
-    """Injects ``settings`` as ``adapter_name`` and loads PEFT-layout ``state`` into it, strictly."""
-    inject_adapter_in_model(settings.peft_config(), transformer, adapter_name=adapter_name, state_dict=state)
-    # fp32 before loading, as inject_lora keeps it: PEFT makes the LoRA layers in the
-    # base dtype, and fp32 weights copied into bf16 layers would be rounded.
-    cast_adapter_dtype(transformer, adapter_name=adapter_name)
-    load_weights(transformer, state, adapter_name)
-    for parameter in transformer.parameters():
-        parameter.requires_grad_(False)
-
-
-def load_weights(transformer: torch.nn.Module, state: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
-    """Loads PEFT-layout ``state`` into the already injected ``adapter_name``, strictly.
-
-    PEFT's loader ignores keys that match nothing and lets shape errors surface as
-    raw tensor errors; here either is a UserError naming the keys.
-    """
-    _check_shapes(transformer, state, adapter_name)
-    result = set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
-    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
-    if unexpected:
-        raise UserError(f"adapter keys match no layer of this model: {', '.join(unexpected[:5])}")
-    missing = [k for k in result.missing_keys if f".{adapter_name}." in k and "lora_" in k]
-    if missing:
-        raise UserError(f"adapter is missing weights for: {', '.join(missing[:5])}")
-
-
 def set_scale(transformer: torch.nn.Module, adapter_name: str, scale: float) -> None:
     """Sets the strength of one adapter (1.0 = as trained)."""
     for layer in lora_layers(transformer).values():
@@ -262,17 +197,6 @@ def disabled_adapters(transformer: torch.nn.Module) -> Iterator[None]:
 def remove(transformer: torch.nn.Module, adapter_name: str) -> None:
     if any(adapter_name in layer.lora_A for layer in lora_layers(transformer).values()):
         delete_adapter(transformer, adapter_name=adapter_name, prefix="lora_")
-
-
-def _check_shapes(transformer: torch.nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> None:
-    params = dict(transformer.named_parameters())
-    for key, tensor in state.items():
-        name = key.replace(".weight", f".{adapter_name}.weight") if "lora_" in key else key
-        if name in params and params[name].shape != tensor.shape:
-            raise UserError(
-                f"adapter weight {key} has shape {tuple(tensor.shape)}, this model needs {tuple(params[name].shape)}: "
-                "the adapter was trained for a different base model"
-            )
 
 
 def _jsonable(value: Any) -> Any:

@@ -329,7 +329,7 @@ def cli(argv: list[str]) -> int:
         if len(specs) < 2 and args.method != "svd":
             print("note: one adapter given; the result is that adapter scaled by its weight")
         folder = merge_adapters(specs, out, args.method, args.rank, args.allow_pickle_runs_code)
-        settings, _, metadata = lora.read_adapter(folder)
-        energy = float(metadata.get("energy_kept", 1.0))
-        print(f"wrote {folder} ({args.method}, rank {settings.rank}, {energy:.2%} of the update's energy kept)")
+        merged = read_lora(folder)
+        energy = float(merged.metadata.get("energy_kept", 1.0))
+        print(f"wrote {folder} ({args.method}, rank {max(merged.ranks)}, {energy:.2%} of the update's energy kept)")
     return 0

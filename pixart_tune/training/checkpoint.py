@@ -31,7 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pixart_tune.adapters.lora import LoraSettings, read_adapter, save_adapter
+from pixart_tune.adapters.layouts import LoraWeights
+from pixart_tune.adapters.loader import read_lora
+from pixart_tune.adapters.lora import LoraSettings, save_adapter
 from pixart_tune.config import save_yaml
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
@@ -54,7 +56,7 @@ class TrainState:
 class Checkpoint:
     path: Path
     state: TrainState
-    adapter: dict[str, torch.Tensor]
+    adapter: LoraWeights
     optimizer: dict[str, Any]
     lr_scheduler: dict[str, Any]
     rng: list[dict[str, Any]]
@@ -170,7 +172,7 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
-    _, adapter, _ = read_adapter(path / "adapter")
+    adapter = read_lora(path / "adapter")
     state = TrainState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
     return Checkpoint(
         path=path,

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pixart_tune import __version__
-from pixart_tune.adapters.lora import inject_lora, load_weights, read_adapter, save_adapter, trainable_parameters
+from pixart_tune.adapters.loader import check_fits, load_into, mismatches, read_lora
+from pixart_tune.adapters.lora import inject_lora, save_adapter, trainable_parameters
 from pixart_tune.commands.parsing import verb_parser
 from pixart_tune.config import save_yaml, to_dict
 from pixart_tune.data.cache import content_key
@@ -183,15 +184,12 @@ class Trainer:
         self.latent_channels = manifest.latent_channels
 
     def _load_init_adapter(self, transformer: torch.nn.Module, path: Path) -> None:
-        settings, state, _ = read_adapter(path)
-        mismatch = [
-            f"{key}={getattr(settings, key)!r} (recipe: {getattr(self.lora, key)!r})"
-            for key in ("rank", "alpha", "target_regex", "rslora", "dora")
-            if getattr(settings, key) != getattr(self.lora, key)
-        ]
+        weights = read_lora(path)
+        check_fits(transformer, weights, f"init_adapter {path}")
+        mismatch = mismatches(transformer, weights)
         if mismatch:
             raise UserError(f"init_adapter {path} does not match the lora section: {'; '.join(mismatch)}; copy its lora settings into the recipe")
-        load_weights(transformer, state)
+        load_into(transformer, weights, source=f"init_adapter {path}")
 
     def _setup_optimizer(self) -> None:
         config = self.config
@@ -248,7 +246,7 @@ class Trainer:
         checkpoint = ckpt.load_checkpoint(path)
         if len(checkpoint.rng) != self.accelerator.num_processes:
             raise UserError(f"{path} was written by {len(checkpoint.rng)} process(es); resume it with that many")
-        load_weights(self.transformer, checkpoint.adapter)
+        load_into(self.transformer, checkpoint.adapter, source=f"checkpoint {path}")
         self.optimizer.load_state_dict(checkpoint.optimizer)
         self.lr_scheduler.load_state_dict(checkpoint.lr_scheduler)
         if checkpoint.grad_scaler is not None and self.accelerator.scaler is not None:
