@@ -35,11 +35,25 @@ def _usage() -> str:
 
 
 def configure_logging() -> None:
-    """INFO lines from the toolkit and its libraries, one per line."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """The toolkit's own INFO lines; from libraries, warnings and errors only, each printed once.
+
+    Library INFO lines are noise on a console (httpx logs every request the app
+    makes to itself: ``HTTP Request: GET ... "HTTP/1.1 200 OK"``). diffusers and
+    transformers print through their own handlers, not through these.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pixart_tune").setLevel(logging.INFO)
     # bitsandbytes' CPU backend warns at import that an optional package for its
     # 4-bit CPU kernel is missing; nothing here runs 4-bit on a CPU.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # huggingface_hub gives its logger a bare stderr handler of its own and lets
+    # records reach the root logger's too: every warning came out twice.
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub = hub_logging.get_logger()
+    for handler in list(hub.handlers):
+        hub.removeHandler(handler)
+    hub.propagate = True
 
 
 def main(argv: list[str] | None = None) -> int:
