@@ -13,10 +13,11 @@ different model in the same folder gets a different key.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from diffusers.training_utils import free_memory
@@ -139,7 +140,8 @@ class TextEncoder:
 
     def count_tokens(self, captions: Sequence[str]) -> list[int]:
         """Tokens per caption with the model's tokenizer, end-of-sequence token included."""
-        return [len(ids) for ids in self.tokenizer(list(captions), add_special_tokens=True)["input_ids"]]
+        # verbose=False: counting captions longer than T5 reads is the point here, not a mistake to warn about
+        return [len(ids) for ids in self.tokenizer(list(captions), add_special_tokens=True, verbose=False)["input_ids"]]
 
     @property
     def pipe(self):
@@ -155,17 +157,39 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeds [N, max_tokens, D], mask [N, max_tokens]) exactly as inference computes them."""
-        embeds, mask, _, _ = self.pipe.encode_prompt(
-            list(captions),
-            do_classifier_free_guidance=False,
-            device=self.device,
-            clean_caption=False,
-            max_sequence_length=self.max_tokens,
-        )
+        """(embeds [N, max_tokens, D], mask [N, max_tokens]) exactly as inference computes them.
+
+        Over-long captions are cut to ``max_tokens`` without a word here: prepare
+        counts them and names them in its summary. The pipeline would log the cut
+        part of every caption in the batch, each short one padded to the longest
+        one's length (157 kB of ``<pad>`` for one long caption among 20).
+        """
+        pipe = self.pipe
+        with _silenced(type(pipe).__module__, "transformers.tokenization_utils_base"):
+            embeds, mask, _, _ = pipe.encode_prompt(
+                list(captions),
+                do_classifier_free_guidance=False,
+                device=self.device,
+                clean_caption=False,
+                max_sequence_length=self.max_tokens,
+            )
         return embeds.cpu(), mask.cpu()
 
     def close(self) -> None:
         if self._pipe is not None:
             self._pipe = None
             free_memory()
+
+
+@contextlib.contextmanager
+def _silenced(*names: str) -> Iterator[None]:
+    """The named loggers show only errors inside the block (their warnings are ours to give)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)

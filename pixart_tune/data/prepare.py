@@ -373,6 +373,8 @@ class _Run:
                     overlong.append({"source": item.source, "tokens": lengths[caption], "limit": config.max_tokens, **where})
         todo = [c for c in unique if not self.cache.has_text(keys[c])]
         self.counts["texts_reused"] = len(unique) - len(todo)
+        if todo:
+            _ = text.pipe  # loads T5 (its own loading bar) before this bar starts, not in the middle of it
         bar = tqdm(total=len(todo), desc="encode captions (T5)", unit="caption", disable=not config.progress or not todo)
         for start in range(0, len(todo), config.text_batch_size):
             chunk = todo[start : start + config.text_batch_size]
