@@ -13,11 +13,13 @@ a chat template are not supported here.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from PIL import Image
 
+from pixart_tune.data.encode import hub_source
 from pixart_tune.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -47,13 +49,19 @@ class Captioner:
     def _load(self) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        source = self.model_name
+        if not Path(source).is_dir():
+            if source.startswith(("/", ".", "~")) or source.count("/") > 1:
+                raise UserError(f"cannot load captioner {source!r}: no such folder; give a folder or a hub id to --captioner")
+            source = hub_source(source, "captioner", "--captioner")
         logger.info("loading the captioner %s", self.model_name)
         try:
-            self._processor = AutoProcessor.from_pretrained(self.model_name)
-            self._model = AutoModelForImageTextToText.from_pretrained(self.model_name, dtype=self.dtype)
+            self._processor = AutoProcessor.from_pretrained(source)
+            self._model = AutoModelForImageTextToText.from_pretrained(source, dtype=self.dtype)
         except (OSError, ValueError) as error:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise UserError(
-                f"cannot load captioner {self.model_name!r}: {error}. Give a local folder or hub id of an image-to-text model "
+                f"cannot load captioner {self.model_name!r} ({first}); give a local folder or hub id of an image-to-text model "
                 "that transformers loads natively, e.g. florence-community/Florence-2-large or Salesforce/blip-image-captioning-large"
             ) from None
         self._model.to(self.device).eval().requires_grad_(False)
