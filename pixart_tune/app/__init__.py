@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from pixart_tune.app.files import PathGuard, discover_adapters, discover_models, output_path
@@ -33,13 +34,24 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def launch(settings: AppSettings) -> None:
-    """Builds the page (loading the first model) and serves it until interrupted."""
+    """Builds the page (loading the first model) and serves it until Ctrl+C."""
     if settings.host not in _LOOPBACK:
         log.warning("binding to %s: other computers on the network can use this app and read its folders' adapters", settings.host)
     if settings.share:
         log.warning("a public share link was asked for: anyone with the link can use this app")
     print(f"loading {settings.models[0]} ...", flush=True)
-    build_app(settings).launch(**launch_kwargs(settings))
+    demo = build_app(settings)
+    try:
+        # Gradio's own launch lines are off (launch_kwargs: quiet): this one says where and how to stop.
+        _, local_url, share_url = demo.launch(**launch_kwargs(settings), prevent_thread_lock=True)
+        public = f" and at {share_url}" if share_url else ""
+        print(f"serving at {local_url}{public}; open it in a browser, press Ctrl+C here to stop", flush=True)
+        while demo.is_running:
+            time.sleep(0.2)
+    except KeyboardInterrupt:  # the way to stop the app, not a failure
+        print("stopped", flush=True)
+    finally:
+        demo.close(verbose=False)
 
 
 def settings_from_env(environ: dict[str, str] | None = None) -> AppSettings:

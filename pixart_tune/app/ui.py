@@ -38,7 +38,8 @@ def shown(action: str, refused: Callable[[], Any]) -> Callable:
         def wrapper(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
-            except gr.Error:
+            except gr.Error as error:  # a message for the page, not a failure: no traceback on the console
+                error.print_exception = False
                 raise
             except UserError as error:
                 gr.Warning(str(error), title=f"{action}: refused")
@@ -208,7 +209,31 @@ def build_app(settings: AppSettings, app: PreviewApp | None = None):
         model.change(change_model, model, [bucket, model])
 
     demo.queue(default_concurrency_limit=1)
+    _quiet_rejections(demo)
     return demo
+
+
+def _quiet_rejections(demo) -> None:
+    """Values Gradio itself rejects (a number under its minimum, a menu value no longer offered) without tracebacks.
+
+    Gradio raises a ``gr.Error`` for them, shown on the page like ours, and prints
+    a traceback for every ``gr.Error`` whose ``print_exception`` is left on, which
+    its own are: a console full of tracebacks for typing -1 into a seed. Other
+    exceptions keep theirs.
+    """
+    import gradio as gr
+
+    process_api = demo.process_api
+
+    @functools.wraps(process_api)
+    async def quiet(*args, **kwargs):
+        try:
+            return await process_api(*args, **kwargs)
+        except gr.Error as error:
+            error.print_exception = False
+            raise
+
+    demo.process_api = quiet
 
 
 def _sliders(app: PreviewApp, selected: list[str], kind: str) -> list:
@@ -286,4 +311,6 @@ def launch_kwargs(settings: AppSettings) -> dict[str, Any]:
         share=settings.share,
         allowed_paths=[str(settings.outputs)],
         show_error=False,
+        # No "Running on local URL" and no "set `share=True` in `launch()`" hint (the flag is --share): launch() says where it serves.
+        quiet=True,
     )
