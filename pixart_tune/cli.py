@@ -19,7 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "prepare": ("pixart_tune.data.prepare", "scan, caption, bucket and cache a folder of images or a dataset"),
     "train": ("pixart_tune.training.trainer", "train a LoRA from a YAML recipe"),
     "plan": ("pixart_tune.training.memory", "predict the peak GPU memory of a recipe, without a GPU"),
-    "sample": ("pixart_tune.sampling", "generate images with any number of adapters, and comparison grids"),
+    "sample": ("pixart_tune.commands.sample", "generate images with any number of adapters, and comparison grids"),
     "merge": ("pixart_tune.adapters.merge", "merge adapters, resize one by SVD, or fuse into the base model"),
     "export": ("pixart_tune.adapters.export", "export an adapter to other tools' layouts, or a publish folder"),
     "app": ("pixart_tune.app", "open the preview and merge app in a browser"),
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     module = importlib.import_module(VERBS[verb][0])
     try:
-        return int(module.cli(rest) or 0)
+        return int((getattr(module, "main", None) or module.cli)(rest) or 0)
     except KeyboardInterrupt:
         print("pixart-tune: interrupted", file=sys.stderr)
         return 130

@@ -61,6 +61,32 @@ def field_defaults(cls: type) -> dict[str, Any]:
     return defaults
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field of a config dataclass -> its docstring (the string right below it), whitespace folded."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError):
+            continue
+        for node, after in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain data (for YAML and safetensors metadata) from a config dataclass."""
     return _plain(dataclasses.asdict(config))

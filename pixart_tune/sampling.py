@@ -10,25 +10,25 @@ start from the same noise.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
 import threading
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
 from pixart_tune.adapters import lora
+from pixart_tune.adapters.layouts import LoraWeights
 from pixart_tune.adapters.loader import AdapterSpec, apply_lora, parse_spec, read_lora
-from pixart_tune.commands.parsing import verb_parser
 from pixart_tune.errors import UserError
 from pixart_tune.models import MAX_TOKENS, default_device, load_pipeline, resolve_dtype
 
-__all__ = ["AdapterSpec", "Sampler", "generate", "image_grid", "save_png", "cli"]
+__all__ = ["AdapterSpec", "SampleConfig", "Sampler", "generate", "image_grid", "sample", "save_png"]
 
 logger = logging.getLogger(__name__)
 
@@ -196,10 +196,17 @@ class Sampler:
         path = str(Path(spec.path).resolve())
         if not Path(path).exists():
             raise UserError(f"adapter {spec.path} does not exist; pass an adapter folder or a .safetensors file")
+        cached = self._loaded.get(path)
+        if cached and cached[0] == _stat(Path(path)):
+            return cached[1]
+        return self.add_adapter(spec.path, read_lora(path, self.allow_pickle))
+
+    def add_adapter(self, path: str | Path, weights: LoraWeights) -> str:
+        """Injects ``weights``, read from ``path``, replacing what was injected from there; returns its name."""
+        source = str(path)
+        path = str(Path(path).resolve())
         stat = _stat(Path(path))
         cached = self._loaded.get(path)
-        if cached and cached[0] == stat:
-            return cached[1]
         if cached:
             with warnings.catch_warnings():
                 # PEFT warns when the removed adapter was active; activate() sets them right after.
@@ -207,7 +214,7 @@ class Sampler:
                 lora.remove(self.transformer, cached[1])
         self._counter += 1
         name = f"adapter_{self._counter}"
-        apply_lora(self.transformer, read_lora(path, self.allow_pickle), name, spec.scale, source=spec.path)
+        apply_lora(self.transformer, weights, name, source=source)
         self._loaded[path] = (stat, name)
         return name
 
@@ -283,11 +290,102 @@ def save_png(image: Image.Image, path: str | Path, parameters: dict) -> Path:
     return path
 
 
-# --- the ``sample`` verb ------------------------------------------------------------------
+# --- the ``sample`` verb: a comparison grid ---------------------------------------------
 
 
-def _variants(specs: list[AdapterSpec], sweep: list[float] | None, base: bool, separately: bool) -> list[tuple[str, list[AdapterSpec]]]:
-    """(row label, adapters) of each row of the comparison."""
+@dataclasses.dataclass
+class SampleConfig:
+    """What ``pixart-tune sample`` draws: every row (base, adapters) x every prompt and seed."""
+
+    model: str
+    """Base model: a diffusers PixArt-Sigma folder or hub id."""
+    prompts: list[str] = dataclasses.field(default_factory=list)
+    """Prompts; every prompt is drawn with every seed."""
+    prompts_file: str | None = None
+    """A text file with one prompt per line (lines starting with # are skipped), added to the prompts."""
+    negative_prompt: str = ""
+    """What the images should not show."""
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    """Seeds; every prompt is drawn with every seed."""
+    steps: int = 20
+    """Denoising steps per image."""
+    guidance: float = 4.5
+    """Classifier-free guidance scale."""
+    aspect: float | None = None
+    """Height / width; the nearest aspect bucket of the model is used (default: 1.0, square)."""
+    size: str | None = None
+    """HEIGHTxWIDTH used as given instead of a bucket."""
+    adapters: list[str] = dataclasses.field(default_factory=list)
+    """Adapter folders or .safetensors files in any supported layout, each PATH or PATH:SCALE."""
+    sweep: list[float] | None = None
+    """Scales of the first adapter, one grid row each (e.g. 0, 0.5, 1)."""
+    base: bool = True
+    """Draw a row with the base model (no adapter)."""
+    separately: bool = False
+    """Also a row for each adapter alone."""
+    out: str = "samples"
+    """Output folder for the PNGs and grid.png."""
+    device: str | None = None
+    """Torch device (default: cuda when available, else cpu)."""
+    dtype: str = "auto"
+    """Weight dtype: auto (bf16 on a GPU, fp32 on a CPU), fp32, bf16 or fp16."""
+    allow_pickle_runs_code: bool = False
+    """Also read .bin/.pt/.ckpt adapters; unpickling can run any code in the file."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+
+
+@dataclasses.dataclass
+class SampleResult:
+    images: list[Path]
+    """One PNG per (row, prompt, seed), with its parameters in the PNG."""
+    grid: Path
+    """The comparison grid: one row per variant, one column per (prompt, seed)."""
+
+
+def sample(config: SampleConfig, on_image: Callable[[int, int], None] | None = None) -> SampleResult:
+    """Draws the comparison of ``config`` into ``config.out``; ``on_image(done, total)`` after each image.
+
+    Every adapter is read (and a bad one refused) before the model loads, and read once.
+    """
+    prompts = read_prompts(config.prompts, config.prompts_file)
+    specs = [parse_spec(text) for text in config.adapters]
+    rows = comparison_rows(specs, config.sweep, base=config.base, separately=config.separately)
+    if not rows:
+        raise UserError("nothing to draw: --no-base needs at least one --adapter")
+    weights = {spec.path: read_lora(spec.path, config.allow_pickle_runs_code) for spec in specs}
+    sampler = Sampler(config.model, device=config.device, dtype=config.dtype, allow_pickle=config.allow_pickle_runs_code)
+    for path, adapter in weights.items():
+        sampler.add_adapter(path, adapter)
+    height, width = bucket_size(sampler, config.aspect, config.size)
+    columns = [(p, s) for p in prompts for s in config.seeds]
+    out = Path(config.out)
+    images, files = [], []
+    for row, (label, adapters) in enumerate(rows):
+        for col, (prompt, seed) in enumerate(columns):
+            image = sampler.generate(
+                [prompt], [seed], adapters, negative_prompt=config.negative_prompt,
+                steps=config.steps, guidance=config.guidance, height=height, width=width,
+            )[0]
+            parameters = {
+                "prompt": prompt, "negative_prompt": config.negative_prompt, "seed": seed, "steps": config.steps,
+                "guidance": config.guidance, "height": height, "width": width, "model": config.model,
+                "adapters": [{"path": s.path, "scale": s.scale} for s in adapters],
+            }
+            files.append(save_png(image, out / f"{row:02d}_{col:03d}_seed{seed}.png", parameters))
+            images.append(image)
+            if on_image is not None:
+                on_image(len(images), len(rows) * len(columns))
+    labels = [f"{p[:24]} #{s}" for p, s in columns]
+    grid = image_grid(images, cols=len(columns), row_labels=[label for label, _ in rows], col_labels=labels)
+    grid_path = save_png(grid, out / "grid.png", {"rows": [label for label, _ in rows], "columns": labels, "model": config.model})
+    return SampleResult(files, grid_path)
+
+
+def comparison_rows(specs: list[AdapterSpec], sweep: list[float] | None, base: bool, separately: bool) -> list[tuple[str, list[AdapterSpec]]]:
+    """(row label, adapters) of each row of a comparison: the base, a sweep of the first adapter's scale, or the adapters."""
     rows: list[tuple[str, list[AdapterSpec]]] = []
     if base:
         rows.append(("base", []))
@@ -305,7 +403,8 @@ def _variants(specs: list[AdapterSpec], sweep: list[float] | None, base: bool, s
     return rows
 
 
-def _size(sampler: Sampler, aspect: float | None, size: str | None) -> tuple[int, int]:
+def bucket_size(sampler: Sampler, aspect: float | None, size: str | None) -> tuple[int, int]:
+    """``size`` (HEIGHTxWIDTH) as given, else the model's bucket nearest to ``aspect`` (square by default)."""
     if size:
         try:
             height, width = (int(v) for v in size.lower().split("x"))
@@ -317,83 +416,14 @@ def _size(sampler: Sampler, aspect: float | None, size: str | None) -> tuple[int
     return min(buckets, key=lambda hw: abs(hw[0] / hw[1] - ratio))
 
 
-def _read_prompts(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompt or [])
-    if args.prompts_file:
-        path = Path(args.prompts_file)
+def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
+    """The prompts given, then those of the file, one a line."""
+    prompts = list(prompts)
+    if prompts_file:
+        path = Path(prompts_file)
         if not path.is_file():
             raise UserError(f"prompts file {path} does not exist")
         prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
     if not prompts:
         raise UserError("give at least one --prompt or a --prompts-file with one prompt per line")
     return prompts
-
-
-def cli(argv: list[str]) -> int:
-    parser = verb_parser(
-        prog="pixart-tune sample",
-        description="Generate images with any number of adapters, save them as PNGs with their parameters, "
-        "and write a comparison grid (base vs adapters with the same seeds, or a sweep of one adapter's scale).",
-    )
-    parser.add_argument("--model", required=True, help="base model: a diffusers PixArt-Sigma folder or hub id")
-    parser.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
-    parser.add_argument("--prompts-file", help="a text file with one prompt per line")
-    parser.add_argument("--negative-prompt", default="", help="what the images should not show (default: nothing)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; every prompt is drawn with every seed")
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps per image")
-    parser.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale")
-    parser.add_argument("--aspect", type=float, help="height / width; the nearest aspect bucket of the model is used (default: 1.0)")
-    parser.add_argument("--size", help="HEIGHTxWIDTH used as given instead of a bucket")
-    parser.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE]",
-                        help="an adapter folder or .safetensors file in any supported layout, with an optional scale (repeat for several)")
-    parser.add_argument("--sweep", help="comma-separated scales of the first adapter, one grid row each, e.g. 0,0.5,1")
-    parser.add_argument("--no-base", action="store_true", help="leave out the base model row")
-    parser.add_argument("--separately", action="store_true", help="also a row for each adapter alone")
-    parser.add_argument("--out", default="samples", help="output folder")
-    parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weight dtype (auto: bf16 on a GPU, fp32 on a CPU)")
-    parser.add_argument("--allow-pickle-runs-code", action="store_true",
-                        help="also read .bin/.pt/.ckpt adapters; unpickling can run any code in the file")
-    args = parser.parse_args(argv)
-
-    prompts = _read_prompts(args)
-    specs = [parse_spec(text) for text in args.adapter]
-    sweep = None
-    if args.sweep:
-        try:
-            sweep = [float(v) for v in args.sweep.split(",") if v.strip()]
-        except ValueError:
-            raise UserError(f"--sweep {args.sweep!r}: write comma-separated numbers, e.g. 0,0.5,1") from None
-    rows = _variants(specs, sweep, base=not args.no_base, separately=args.separately)
-    if not rows:
-        raise UserError("nothing to draw: --no-base needs at least one --adapter")
-    for spec in specs:
-        read_lora(spec.path, args.allow_pickle_runs_code)  # refuse a bad adapter before loading the model
-
-    from tqdm.auto import tqdm
-
-    sampler = Sampler(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle_runs_code)
-    height, width = _size(sampler, args.aspect, args.size)
-    columns = [(p, s) for p in prompts for s in args.seeds]
-    out = Path(args.out)
-    images: list[Image.Image] = []
-    with tqdm(total=len(rows) * len(columns), desc="sampling", unit="image") as bar:
-        for row, (label, adapters) in enumerate(rows):
-            for col, (prompt, seed) in enumerate(columns):
-                image = sampler.generate(
-                    [prompt], [seed], adapters, negative_prompt=args.negative_prompt,
-                    steps=args.steps, guidance=args.guidance, height=height, width=width,
-                )[0]
-                parameters = {
-                    "prompt": prompt, "negative_prompt": args.negative_prompt, "seed": seed, "steps": args.steps,
-                    "guidance": args.guidance, "height": height, "width": width, "model": args.model,
-                    "adapters": [{"path": s.path, "scale": s.scale} for s in adapters],
-                }
-                save_png(image, out / f"{row:02d}_{col:03d}_seed{seed}.png", parameters)
-                images.append(image)
-                bar.update()
-    labels = [f"{p[:24]} #{s}" for p, s in columns]
-    grid = image_grid(images, cols=len(columns), row_labels=[label for label, _ in rows], col_labels=labels)
-    grid_path = save_png(grid, out / "grid.png", {"rows": [label for label, _ in rows], "columns": labels, "model": args.model})
-    print(f"wrote {len(images)} images and the comparison grid {grid_path}")
-    return 0

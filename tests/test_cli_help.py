@@ -24,7 +24,8 @@ def parser_of(verb: str, monkeypatch) -> argparse.ArgumentParser:
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
     with pytest.raises(_Parsed) as caught:
-        importlib.import_module(VERBS[verb][0]).cli([])
+        module = importlib.import_module(VERBS[verb][0])
+        (getattr(module, "main", None) or module.cli)([])
     return caught.value.parser
 
 
