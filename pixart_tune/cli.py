@@ -20,8 +20,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("pixart_tune.training.trainer", "train a LoRA from a YAML recipe"),
     "plan": ("pixart_tune.training.memory", "predict the peak GPU memory of a recipe, without a GPU"),
     "sample": ("pixart_tune.commands.sample", "generate images with any number of adapters, and comparison grids"),
-    "merge": ("pixart_tune.adapters.merge", "merge adapters, resize one by SVD, or fuse into the base model"),
-    "export": ("pixart_tune.adapters.export", "export an adapter to other tools' layouts, or a publish folder"),
+    "merge": ("pixart_tune.commands.merge", "merge adapters, resize one by SVD, or fuse into the base model"),
+    "export": ("pixart_tune.commands.export", "export an adapter to other tools' layouts, or a publish folder"),
     "app": ("pixart_tune.app", "open the preview and merge app in a browser"),
 }
 

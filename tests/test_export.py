@@ -10,8 +10,9 @@ from PIL import Image
 from safetensors import safe_open
 
 from pixart_tune.adapters.card import parse_front_matter
-from pixart_tune.adapters.export import FORMATS, cli, export_adapter
+from pixart_tune.adapters.export import FORMATS, export_adapter
 from pixart_tune.adapters.loader import AdapterSpec, load_adapters, read_lora
+from pixart_tune.commands.export import main as cli
 from pixart_tune.errors import UserError
 from pixart_tune.models import load_transformer
 from pixart_tune.sampling import save_png

@@ -11,7 +11,6 @@ import torch
 from pixart_tune.adapters.layouts import LoraModule, LoraWeights
 from pixart_tune.adapters.loader import AdapterSpec, load_adapters, read_lora
 from pixart_tune.adapters.merge import (
-    cli,
     fuse_adapters,
     merge_adapters,
     merge_cat,
@@ -20,6 +19,7 @@ from pixart_tune.adapters.merge import (
     resize_adapter,
     truncated_svd,
 )
+from pixart_tune.commands.merge import main as cli
 from pixart_tune.errors import UserError
 from pixart_tune.models import load_transformer
 from tests.adapter_fixtures import adapters, assert_close, output, peft_load, peft_state  # noqa: F401  (adapters: a fixture)

@@ -9,6 +9,7 @@ without prefix. Every file stores alpha as a one-element ``<module>.alpha`` tens
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -23,7 +24,6 @@ from pixart_tune.adapters import lora
 from pixart_tune.adapters.layouts import LoraWeights, to_state_dict
 from pixart_tune.adapters.loader import read_lora
 from pixart_tune.adapters.merge import refuse_overwriting_inputs, write_weights
-from pixart_tune.commands.parsing import verb_parser
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
 from pixart_tune.models import REAL_MODEL_ID
@@ -218,59 +218,73 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
 # --- the ``export`` verb ------------------------------------------------------------------
 
 
-def cli(argv: list[str]) -> int:
-    parser = verb_parser(
-        prog="pixart-tune export",
-        description="Export an adapter to the layouts other tools load (one file per loader), or write a publish "
-        "folder with a model card and samples, optionally uploading it to the Hugging Face Hub.",
-        epilog="formats:\n" + "\n".join(f"  {k:<11} {v[1]}" for k, v in FORMATS.items()) + "\n\nexamples:\n"
-        "  pixart-tune export runs/lora/adapter --format comfyui --out my_lora_comfyui.safetensors\n"
-        "  pixart-tune export runs/lora/adapter --format all --out exported/\n"
-        "  pixart-tune export runs/lora/adapter --publish publish/ --trigger sks --push-to-hub me/my-lora",
-        raw=True,
-    )
-    parser.add_argument("adapter", help="adapter folder or .safetensors file, any supported layout")
-    parser.add_argument("--format", choices=[*FORMATS, "all"], help="export format (all: one file per format)")
-    parser.add_argument("--out", help="output .safetensors file, or a folder for --format all")
-    parser.add_argument("--publish", metavar="FOLDER", help="write a publish folder: adapter, ComfyUI files, images, README.md")
-    parser.add_argument("--name", help="name of the adapter in file names and the card")
-    parser.add_argument("--base-model", help=f"Hub id of the base model for the card (default: recorded in the adapter, else {REAL_MODEL_ID})")
-    parser.add_argument("--trigger", action="append", default=[], help="trigger word (repeat; default: recorded in the adapter)")
-    parser.add_argument("--license", default="openrail++", help="license id for the model card (PixArt-Sigma's own license)")
-    parser.add_argument("--tag", action="append", default=[], help="extra card tag (repeat)")
-    parser.add_argument("--samples", nargs="+", help="images or folders for the card (default: the newest validation grid of the run)")
-    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the publish folder to this Hub repository (needs 'hf auth login')")
-    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
-    parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
-    parser.add_argument("--allow-pickle-runs-code", action="store_true", help="also read .bin/.pt/.ckpt files; unpickling can run any code in them")
-    args = parser.parse_args(argv)
+@dataclasses.dataclass
+class ExportConfig:
+    """What ``pixart-tune export`` writes: files in other tools' layouts, and/or a publish folder."""
 
-    if not args.publish and not args.format:
+    adapter: str
+    """Adapter folder or .safetensors file, any supported layout."""
+    format: str | None = None
+    """Export format, or all (one file per format)."""
+    out: str | None = None
+    """Output .safetensors file, or a folder for format all."""
+    publish: str | None = None
+    """Write a publish folder: adapter, ComfyUI files, images, README.md."""
+    name: str | None = None
+    """Name of the adapter in file names and the card."""
+    base_model: str | None = None
+    """Hub id of the base model for the card (default: recorded in the adapter, else the PixArt-Sigma 1024 model)."""
+    trigger: list[str] = dataclasses.field(default_factory=list)
+    """Trigger words for the card (default: those recorded in the adapter)."""
+    license: str = "openrail++"
+    """License id for the model card (PixArt-Sigma's own license)."""
+    tag: list[str] = dataclasses.field(default_factory=list)
+    """Extra card tags."""
+    samples: list[str] | None = None
+    """Images or folders for the card (default: the newest validation grid of the run)."""
+    push_to_hub: str | None = None
+    """Upload the publish folder to this Hub repository (needs 'hf auth login')."""
+    private: bool = False
+    """Create the Hub repository as private."""
+    overwrite: bool = False
+    """Replace outputs that exist."""
+    allow_pickle_runs_code: bool = False
+    """Also read .bin/.pt/.ckpt files; unpickling can run any code in them."""
+
+    def __post_init__(self) -> None:
+        if self.format is not None and self.format not in (*FORMATS, "all"):
+            raise ValueError(f"format must be one of {', '.join((*FORMATS, 'all'))}, got {self.format!r}")
+
+
+def export(config: ExportConfig) -> list[str]:
+    """Runs ``config``; returns one line per thing written (or uploaded)."""
+    if not config.publish and not config.format:
         raise UserError("choose --format FORMAT --out PATH, or --publish FOLDER")
-    if args.push_to_hub and not args.publish:
+    if config.push_to_hub and not config.publish:
         raise UserError("--push-to-hub uploads a publish folder: add --publish FOLDER")
-    if args.format:
-        if not args.out:
+    written = []
+    if config.format:
+        if not config.out:
             raise UserError("--format needs --out (a .safetensors file, or a folder for --format all)")
-        formats = list(FORMATS) if args.format == "all" else [args.format]
-        out = Path(args.out)
+        formats = list(FORMATS) if config.format == "all" else [config.format]
+        out = Path(config.out)
         if len(formats) == 1 and out.suffix and out.suffix != ".safetensors":
             raise UserError(f"--out {out}: exports are .safetensors files; name it {out.with_suffix('.safetensors').name}")
-        _refuse_existing(export_targets(args.adapter, formats, out, args.name), args.overwrite, Path(args.adapter))
-        for fmt, target in zip(formats, export_adapter(args.adapter, formats, out, args.allow_pickle_runs_code, args.name)):
-            print(f"wrote {target}  ({FORMATS[fmt][1]})")
-    if args.publish:
-        folder = Path(args.publish)
-        _refuse_existing([folder], args.overwrite, Path(args.adapter))
+        _refuse_existing(export_targets(config.adapter, formats, out, config.name), config.overwrite, Path(config.adapter))
+        for fmt, target in zip(formats, export_adapter(config.adapter, formats, out, config.allow_pickle_runs_code, config.name)):
+            written.append(f"wrote {target}  ({FORMATS[fmt][1]})")
+    if config.publish:
+        folder = Path(config.publish)
+        _refuse_existing([folder], config.overwrite, Path(config.adapter))
         publish(
-            args.adapter, folder, name=args.name, base_model=args.base_model, trigger_words=args.trigger,
-            license=args.license, tags=args.tag, samples=args.samples, repo_id=args.push_to_hub,
-            allow_pickle=args.allow_pickle_runs_code,
+            config.adapter, folder, name=config.name, base_model=config.base_model, trigger_words=config.trigger,
+            license=config.license, tags=config.tag, samples=config.samples, repo_id=config.push_to_hub,
+            allow_pickle=config.allow_pickle_runs_code,
         )
-        print(f"wrote the publish folder {folder} (README.md, adapter, ComfyUI files, images)")
-        if args.push_to_hub:
-            print(f"uploaded to {push_to_hub(folder, args.push_to_hub, args.private)}")
-    return 0
+        written.append(f"wrote the publish folder {folder} (README.md, adapter, ComfyUI files, images)")
+        if config.push_to_hub:
+            written.append(f"uploaded to {push_to_hub(folder, config.push_to_hub, config.private)}")
+    return written
 
 
 def _refuse_existing(targets: Sequence[Path], overwrite: bool, adapter: Path) -> None:

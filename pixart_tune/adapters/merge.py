@@ -32,7 +32,6 @@ from peft.utils.merge_utils import task_arithmetic
 from pixart_tune.adapters import lora
 from pixart_tune.adapters.layouts import LoraModule, LoraWeights, uniform
 from pixart_tune.adapters.loader import AdapterSpec, apply_lora, parse_spec, read_lora
-from pixart_tune.commands.parsing import verb_parser
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
 
@@ -290,46 +289,64 @@ def _trigger_words(metadata: dict[str, str]) -> list[str]:
 # --- the ``merge`` verb -------------------------------------------------------------------
 
 
-def cli(argv: list[str]) -> int:
-    parser = verb_parser(
-        prog="pixart-tune merge",
-        description="Merge adapters into one, resize one to a lower rank by SVD, or fuse adapters into the base model.",
-        epilog="examples:\n"
-        "  pixart-tune merge a/ b:0.5 --method svd --rank 16 --out merged/\n"
-        "  pixart-tune merge a/ --resize 8 --out a-r8/\n"
-        "  pixart-tune merge a/:0.8 --fuse PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --out fused-model/",
-        raw=True,
-    )
-    parser.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help="adapter folders or .safetensors files, any supported layout")
-    parser.add_argument("--out", required=True, help="output folder (an adapter folder, or a pipeline folder with --fuse)")
-    parser.add_argument("--method", choices=METHODS, default="linear", help="how to merge several adapters")
-    parser.add_argument("--rank", type=int, help="rank of an svd merge (default: the largest input rank)")
-    parser.add_argument("--resize", type=int, metavar="RANK", help="resize the one adapter given to this rank by SVD")
-    parser.add_argument("--fuse", metavar="MODEL", help="fuse the adapters into this base model and write a full pipeline folder")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype of a fused transformer")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--allow-pickle-runs-code", action="store_true", help="also read .bin/.pt/.ckpt files; unpickling can run any code in them")
-    args = parser.parse_args(argv)
+@dataclasses.dataclass
+class MergeConfig:
+    """What ``pixart-tune merge`` does: merge several adapters, resize one, or fuse into the base model."""
 
-    specs = [parse_spec(text) for text in args.adapters]
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
+    adapters: list[str]
+    """Adapter folders or .safetensors files in any supported layout, each PATH or PATH:WEIGHT."""
+    out: str
+    """Output folder: an adapter folder, or a pipeline folder with fuse."""
+    method: str = "linear"
+    """How to merge several adapters: linear, cat (exact, ranks add up) or svd (exact sum truncated to rank)."""
+    rank: int | None = None
+    """Rank of an svd merge (default: the largest input rank)."""
+    resize: int | None = None
+    """Resize the one adapter given to this rank by SVD."""
+    fuse: str | None = None
+    """Fuse the adapters into this base model and write a full pipeline folder."""
+    dtype: str = "fp32"
+    """Weight dtype of a fused transformer: fp32, bf16 or fp16."""
+    overwrite: bool = False
+    """Replace the output if it exists."""
+    allow_pickle_runs_code: bool = False
+    """Also read .bin/.pt/.ckpt files; unpickling can run any code in them."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+
+
+@dataclasses.dataclass
+class MergeOutcome:
+    folder: Path
+    """What was written: an adapter folder, or a pipeline folder for fuse."""
+    summary: str
+    """One line saying what it is."""
+    notes: list[str] = dataclasses.field(default_factory=list)
+    """Things worth knowing about the request (e.g. one adapter given to a merge)."""
+
+
+def merge(config: MergeConfig) -> MergeOutcome:
+    """Runs ``config``: a resize, a fuse or a merge, refusing to replace an output unless asked."""
+    specs = [parse_spec(text) for text in config.adapters]
+    out = Path(config.out)
+    if out.exists() and not config.overwrite:
         raise UserError(f"{out} exists; choose a new --out or pass --overwrite to replace it")
-    if args.resize is not None and args.fuse:
+    if config.resize is not None and config.fuse:
         raise UserError("--resize and --fuse are separate operations; run them one after the other")
-    if args.resize is not None:
+    if config.resize is not None:
         if len(specs) != 1:
             raise UserError("--resize takes exactly one adapter")
-        folder, energy = resize_adapter(specs[0].path, out, args.resize, args.allow_pickle_runs_code)
-        print(f"wrote {folder} at rank {args.resize}: {energy:.2%} of the update's energy kept")
-    elif args.fuse:
-        folder = fuse_adapters(args.fuse, specs, out, args.dtype, args.allow_pickle_runs_code)
-        print(f"wrote the fused pipeline {folder}; load it with PixArtSigmaPipeline.from_pretrained({str(folder)!r})")
-    else:
-        if len(specs) < 2 and args.method != "svd":
-            print("note: one adapter given; the result is that adapter scaled by its weight")
-        folder = merge_adapters(specs, out, args.method, args.rank, args.allow_pickle_runs_code)
-        merged = read_lora(folder)
-        energy = float(merged.metadata.get("energy_kept", 1.0))
-        print(f"wrote {folder} ({args.method}, rank {max(merged.ranks)}, {energy:.2%} of the update's energy kept)")
-    return 0
+        folder, energy = resize_adapter(specs[0].path, out, config.resize, config.allow_pickle_runs_code)
+        return MergeOutcome(folder, f"wrote {folder} at rank {config.resize}: {energy:.2%} of the update's energy kept")
+    if config.fuse:
+        folder = fuse_adapters(config.fuse, specs, out, config.dtype, config.allow_pickle_runs_code)
+        return MergeOutcome(folder, f"wrote the fused pipeline {folder}; load it with PixArtSigmaPipeline.from_pretrained({str(folder)!r})")
+    notes = []
+    if len(specs) < 2 and config.method != "svd":
+        notes.append("note: one adapter given; the result is that adapter scaled by its weight")
+    folder = merge_adapters(specs, out, config.method, config.rank, config.allow_pickle_runs_code)
+    merged = read_lora(folder)
+    energy = float(merged.metadata.get("energy_kept", 1.0))
+    return MergeOutcome(folder, f"wrote {folder} ({config.method}, rank {max(merged.ranks)}, {energy:.2%} of the update's energy kept)", notes)
