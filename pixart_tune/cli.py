@@ -17,8 +17,8 @@ from pixart_tune.errors import UserError
 VERBS: dict[str, tuple[str, str]] = {
     "init-tiny": ("pixart_tune.models", "write a tiny PixArt-Sigma pipeline for offline tests and demos"),
     "prepare": ("pixart_tune.data.prepare", "scan, caption, bucket and cache a folder of images or a dataset"),
-    "train": ("pixart_tune.training.trainer", "train a LoRA from a YAML recipe"),
-    "plan": ("pixart_tune.training.memory", "predict the peak GPU memory of a recipe, without a GPU"),
+    "train": ("pixart_tune.commands.train", "train a LoRA from a YAML recipe"),
+    "plan": ("pixart_tune.commands.plan", "predict the peak GPU memory of a recipe, without a GPU"),
     "sample": ("pixart_tune.commands.sample", "generate images with any number of adapters, and comparison grids"),
     "merge": ("pixart_tune.commands.merge", "merge adapters, resize one by SVD, or fuse into the base model"),
     "export": ("pixart_tune.commands.export", "export an adapter to other tools' layouts, or a publish folder"),

@@ -6,7 +6,8 @@ import pytest
 
 from pixart_tune.models import XL2_TRANSFORMER_CONFIG
 from pixart_tune.training.config import TrainConfig, load_train_config
-from pixart_tune.training.memory import cli, plan_memory
+from pixart_tune.commands.plan import main as cli
+from pixart_tune.training.memory import plan_memory
 from tests.conftest import REPO
 
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))

@@ -69,7 +69,7 @@ def test_validation_sizes_come_in_sixteens():
 
 
 def test_the_end_of_training_says_what_it_draws_and_lists_its_files(tiny_model, red_dataset, tmp_path, capsys, caplog):  # noqa: F811
-    from pixart_tune.training.trainer import cli
+    from pixart_tune.commands.train import main as cli
     from tests.training_fixtures import TINY_RECIPE
 
     out = tmp_path / "run"

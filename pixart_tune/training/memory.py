@@ -32,10 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from pixart_tune.adapters.lora import inject_lora, trainable_parameters
-from pixart_tune.commands.parsing import verb_parser
 from pixart_tune.errors import UserError
 from pixart_tune.models import MAX_TOKENS, T5_XXL_CONFIG, XL2_TRANSFORMER_CONFIG, meta_transformer, resolve_dtype
-from pixart_tune.training.config import TrainConfig, load_train_config
+from pixart_tune.training.config import TrainConfig
 from pixart_tune.training.optim import STATE_BYTES_PER_PARAM
 
 GIB = 2**30
@@ -278,19 +277,3 @@ def _prepared_resolution(path: Path | None) -> int | None:
     from pixart_tune.data.cache import FeatureCache
 
     return FeatureCache(path).read_manifest().resolution
-
-
-def cli(argv: list[str]) -> int:
-    parser = verb_parser(
-        prog="pixart-tune plan",
-        description="Predict the peak GPU memory of a training recipe, without a GPU (see docs/training.md).",
-    )
-    parser.add_argument("recipe", help="YAML recipe")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. data.batch_size=4")
-    parser.add_argument("--budget-gb", type=float, help="GPU memory to fit in, GiB (default: the recipe's memory_budget_gb)")
-    args = parser.parse_args(argv)
-    config = load_train_config(args.recipe, args.overrides)
-    plan = plan_memory(config, resolution_of(config), args.budget_gb)
-    print(f"pixart-tune plan: {args.recipe}")
-    print(plan.table())
-    return 0 if plan.fits else 3

@@ -29,14 +29,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from pixart_tune import __version__
 from pixart_tune.adapters.loader import check_fits, load_into, mismatches, read_lora
 from pixart_tune.adapters.lora import inject_lora, save_adapter, trainable_parameters
-from pixart_tune.commands.parsing import verb_parser
 from pixart_tune.config import save_yaml, to_dict
 from pixart_tune.data.cache import content_key
 from pixart_tune.errors import UserError
 from pixart_tune.models import load_noise_scheduler, load_transformer, quiet_loading, resolve_dtype
 from pixart_tune.training import checkpoint as ckpt
 from pixart_tune.training import diffusion
-from pixart_tune.training.config import TrainConfig, load_train_config
+from pixart_tune.training.config import TrainConfig
 from pixart_tune.training.dataset import Batch, BucketBatchSampler, TrainingSet, collate
 from pixart_tune.training.optim import build_lr_scheduler, build_optimizer
 from pixart_tune.training.validation import BASE_GRID, Validator, encode_prompts, save_grid
@@ -561,26 +560,6 @@ def run(config: TrainConfig, resume: str | None = None, progress: bool = True) -
         return trainer.train()
     finally:
         trainer.cleanup()
-
-
-def cli(argv: list[str]) -> int:
-    parser = verb_parser(
-        prog="pixart-tune train",
-        description="Train a PixArt-Sigma LoRA from a YAML recipe (see recipes/ and docs/training.md).",
-        epilog="Example: pixart-tune train recipes/tiny_cpu.yaml data.path=prepared/ model=tiny/ output_dir=runs/tiny",
-    )
-    parser.add_argument("recipe", help="YAML recipe")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. optim.lr=5e-5 schedule.steps=200")
-    parser.add_argument("--resume", metavar="latest|PATH", help="continue from the latest checkpoint of output_dir, or from a checkpoint folder")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    config = load_train_config(args.recipe, args.overrides)
-    adapter = run(config, resume=args.resume, progress=not args.no_progress)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
-        print("\n".join(describe_outputs(Path(config.output_dir), adapter)))
-    return 0
 
 
 def describe_outputs(output_dir: Path, adapter: Path) -> list[str]:
