@@ -21,6 +21,6 @@ if __name__ == "__main__":
         raise SystemExit(0)
     configure_logging()
     try:
-        launch(settings_from_env())
+        launch(settings_from_env(), say=lambda line: print(line, flush=True))
     except UserError as error:
         raise SystemExit(f"app.py: error: {error}") from None

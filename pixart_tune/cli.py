@@ -22,7 +22,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "sample": ("pixart_tune.commands.sample", "generate images with any number of adapters, and comparison grids"),
     "merge": ("pixart_tune.commands.merge", "merge adapters, resize one by SVD, or fuse into the base model"),
     "export": ("pixart_tune.commands.export", "export an adapter to other tools' layouts, or a publish folder"),
-    "app": ("pixart_tune.app", "open the preview and merge app in a browser"),
+    "app": ("pixart_tune.commands.app", "open the preview and merge app in a browser"),
 }
 
 

@@ -20,36 +20,36 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 from pixart_tune.app.files import PathGuard, discover_adapters, discover_models, output_path
 from pixart_tune.app.service import DEFAULT_HOST, DEFAULT_PORT, AppSettings, PreviewApp
 from pixart_tune.app.ui import build_app, launch_kwargs
-from pixart_tune.commands.parsing import verb_parser
 
-__all__ = ["AppSettings", "PathGuard", "PreviewApp", "build_app", "cli", "discover_adapters", "discover_models",
+__all__ = ["AppSettings", "PathGuard", "PreviewApp", "build_app", "discover_adapters", "discover_models",
            "launch", "launch_kwargs", "output_path", "settings_from_env"]
 
 log = logging.getLogger(__name__)
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def launch(settings: AppSettings) -> None:
-    """Builds the page (loading the first model) and serves it until Ctrl+C."""
+def launch(settings: AppSettings, say: Callable[[str], None]) -> None:
+    """Builds the page (loading the first model) and serves it until Ctrl+C; ``say`` tells the person at the console."""
     if settings.host not in _LOOPBACK:
         log.warning("binding to %s: other computers on the network can use this app and read its folders' adapters", settings.host)
     if settings.share:
         log.warning("a public share link was asked for: anyone with the link can use this app")
-    print(f"loading {settings.models[0]} ...", flush=True)
+    say(f"loading {settings.models[0]} ...")
     demo = build_app(settings)
     try:
         # Gradio's own launch lines are off (launch_kwargs: quiet): this one says where and how to stop.
         _, local_url, share_url = demo.launch(**launch_kwargs(settings), prevent_thread_lock=True)
         public = f" and at {share_url}" if share_url else ""
-        print(f"serving at {local_url}{public}; open it in a browser, press Ctrl+C here to stop", flush=True)
+        say(f"serving at {local_url}{public}; open it in a browser, press Ctrl+C here to stop")
         while demo.is_running:
             time.sleep(0.2)
     except KeyboardInterrupt:  # the way to stop the app, not a failure
-        print("stopped", flush=True)
+        say("stopped")
     finally:
         demo.close(verbose=False)
 
@@ -78,30 +78,3 @@ def settings_from_env(environ: dict[str, str] | None = None) -> AppSettings:
         device=env.get("PIXART_TUNE_DEVICE") or None,
         dtype=env.get("PIXART_TUNE_DTYPE", "auto"),
     )
-
-
-def cli(argv: list[str]) -> int:
-    parser = verb_parser(
-        prog="pixart-tune app",
-        description="Open the preview and merge app in a browser: compare adapters with the base model, sweep scales, "
-        "merge and fuse. It binds to 127.0.0.1 and reads and writes files only under the folders given here.",
-    )
-    parser.add_argument("--model", action="append", required=True,
-                        help="base model folder or hub id (repeat to offer several; the first loads at start)")
-    parser.add_argument("--runs", default="runs", help="folder searched for adapters")
-    parser.add_argument("--outputs", default=None, help="folder for merged adapters and fused models (default: RUNS/merged)")
-    parser.add_argument("--allow", action="append", default=[], help="another folder adapters and models may be read from (repeatable)")
-    parser.add_argument("--host", default=DEFAULT_HOST, help="interface to bind (127.0.0.1: this computer only)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to serve on (0: any free port)")
-    parser.add_argument("--share", action="store_true", help="create a public Gradio share link (anyone with the link can use the app)")
-    parser.add_argument("--allow-hub", action="store_true", help="accept hub ids typed into the base model menu")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weight dtype (auto: bf16 on a GPU, fp32 on a CPU)")
-    args = parser.parse_args(argv)
-    launch(
-        AppSettings(
-            models=args.model, runs=Path(args.runs), outputs=args.outputs, allow=args.allow, host=args.host, port=args.port,
-            share=args.share, allow_hub=args.allow_hub, device=args.device, dtype=args.dtype,
-        )
-    )
-    return 0

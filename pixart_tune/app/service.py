@@ -44,6 +44,7 @@ class AppSettings:
     host: str = DEFAULT_HOST
     """Interface to bind; the default serves this computer only."""
     port: int = DEFAULT_PORT
+    """Port to serve on (0: any free port)."""
     share: bool = False
     """Ask Gradio for a public share link (off unless asked)."""
     allow_hub: bool = False
