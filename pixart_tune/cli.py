@@ -16,7 +16,7 @@ from pixart_tune.errors import UserError
 # verb -> (module with a ``cli(argv) -> int`` function, one-line description)
 VERBS: dict[str, tuple[str, str]] = {
     "init-tiny": ("pixart_tune.models", "write a tiny PixArt-Sigma pipeline for offline tests and demos"),
-    "prepare": ("pixart_tune.data.prepare", "scan, caption, bucket and cache a folder of images or a dataset"),
+    "prepare": ("pixart_tune.commands.prepare", "scan, caption, bucket and cache a folder of images or a dataset"),
     "train": ("pixart_tune.commands.train", "train a LoRA from a YAML recipe"),
     "plan": ("pixart_tune.commands.plan", "predict the peak GPU memory of a recipe, without a GPU"),
     "sample": ("pixart_tune.commands.sample", "generate images with any number of adapters, and comparison grids"),

@@ -63,6 +63,7 @@ class PrepareConfig:
     captioner_prompt: str | None = None
     """Task prompt for the captioner; default: <MORE_DETAILED_CAPTION> for Florence-2, none for BLIP."""
     captioner_batch_size: int = 8
+    """Images per captioner batch."""
     caption_max_new_tokens: int = MAX_NEW_TOKENS
     """Longest caption the captioner may write, in its own tokens."""
     trigger: str = ""
@@ -104,6 +105,7 @@ class PrepareConfig:
     reduce_jpeg: bool = True
     """Decode JPEGs much bigger than their bucket at 1/2, 1/4 or 1/8 size (libjpeg DCT scaling): several times faster."""
     progress: bool = True
+    """Progress bars while scanning and encoding."""
 
     def __post_init__(self) -> None:
         self.caption_order = tuple(self.caption_order)
@@ -533,70 +535,3 @@ def summary(report: dict[str, Any], out: str, limit: int = 20) -> str:
     )
     lines.append(f"report: {Path(out) / REPORT}")
     return "\n".join(lines)
-
-
-# command line ------------------------------------------------------------------------
-
-_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
-    ("--model", "model", {"help": "pipeline folder or hub id"}),
-    ("--resolution", "resolution", {"type": int, "choices": sorted(BUCKET_TABLES), "help": "bucket table"}),
-    ("--source-kind", "source_kind", {"choices": SOURCE_KINDS, "help": "how to read SRC"}),
-    ("--split", "split", {"help": "split of a Hugging Face dataset"}),
-    ("--image-column", "image_column", {"help": "dataset column with the images (default: the first Image column)"}),
-    ("--caption-column", "caption_column", {"help": "metadata/dataset column with the captions (default: the first of text, caption, prompt, description)"}),
-    ("--caption-order", "caption_order", {"type": lambda s: tuple(p.strip() for p in s.split(",") if p.strip()), "help": "comma list of where captions come from, first hit wins"}),
-    ("--captioner", "captioner", {"help": "vision-language model (hub id or folder) for images without captions, e.g. florence-community/Florence-2-large or Salesforce/blip-image-captioning-large"}),
-    ("--captioner-prompt", "captioner_prompt", {"help": "task prompt for the captioner (default: <MORE_DETAILED_CAPTION> for Florence-2, none for BLIP)"}),
-    ("--captioner-batch-size", "captioner_batch_size", {"type": int, "help": "images per captioner batch"}),
-    ("--trigger", "trigger", {"help": "trigger word put first in every caption"}),
-    ("--prefix", "prefix", {"help": "text added verbatim before every caption"}),
-    ("--suffix", "suffix", {"help": "text added verbatim after every caption"}),
-    ("--caption-variants", "caption_variants", {"action": "store_true", "help": "several captions per image: one per sidecar line or metadata list entry; training draws one each time"}),
-    ("--crop", "crop", {"choices": CROPS, "help": "where to crop to the bucket"}),
-    ("--max-upscale", "max_upscale", {"type": float, "help": "skip images needing more upscaling than this"}),
-    ("--max-pixels", "max_pixels", {"type": int, "help": "skip images claiming more pixels (decompression bombs)"}),
-    ("--background", "background", {"help": "colour under transparent pixels"}),
-    ("--batch-size", "batch_size", {"type": int, "help": "images per VAE batch"}),
-    ("--text-batch-size", "text_batch_size", {"type": int, "help": "captions per T5 batch"}),
-    ("--workers", "workers", {"type": int, "help": "threads that decode images (0: one per CPU core, at most 8)"}),
-    ("--device", "device", {"help": "auto (cuda when available), cpu or cuda[:N]"}),
-    ("--vae-dtype", "vae_dtype", {"choices": ("fp32", "bf16"), "help": "VAE weights (the SDXL VAE overflows in fp16)"}),
-    ("--text-dtype", "text_dtype", {"choices": ("auto", *models.DTYPES), "help": "T5 weights (auto: bf16 on CUDA, fp32 on CPU)"}),
-]
-
-
-def cli(argv: list[str]) -> int:
-    from pixart_tune.commands.parsing import verb_parser, with_default
-
-    from pixart_tune.config import apply_overrides, field_defaults, from_dict, load_yaml
-
-    parser = verb_parser(
-        prog="pixart-tune prepare",
-        description="Scan, validate, caption, bucket and cache a folder of images (or a Hugging Face dataset) for training. "
-        "SRC is only read. See docs/prepare.md.",
-    )
-    parser.add_argument("source", metavar="SRC", help="folder of images, save_to_disk folder, or Hugging Face dataset name")
-    parser.add_argument("--out", required=True, help="folder for the prepared dataset")
-    parser.add_argument("--config", help="YAML file with PrepareConfig keys (flags override it)")
-    # None: not given here, so the --config file or PrepareConfig's own default holds; the help shows the latter.
-    defaults = field_defaults(PrepareConfig)
-    for flag, dest, options in _FLAGS:
-        parser.add_argument(flag, default=None, **dict(options, help=with_default(options["help"], defaults[dest], escape=True)))
-    parser.add_argument("--keep-duplicates", action="store_true", default=None, help="train on every copy of an exact duplicate")
-    parser.add_argument("--text-8bit", action="store_true", default=None, help="load T5 in 8-bit (CUDA + bitsandbytes)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set any PrepareConfig key, e.g. --set max_upscale=3")
-    args = parser.parse_args(argv)
-
-    data = load_yaml(args.config) if args.config else {}
-    data.update(source=args.source, out=args.out)
-    for name in [dest for _, dest, _ in _FLAGS] + ["keep_duplicates", "text_8bit", "progress"]:
-        value = getattr(args, name)
-        if value is not None:
-            data[name] = list(value) if isinstance(value, tuple) else value
-    config = from_dict(PrepareConfig, apply_overrides(data, args.set))
-    report = prepare_dataset(config)
-    print(summary(report, config.out))
-    if not report["accepted"]:
-        raise UserError(f"no usable image in {config.source}: see the reasons above (also in {Path(config.out) / REPORT})")
-    return 0

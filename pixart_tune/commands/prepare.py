@@ -1,0 +1,67 @@
+"""``pixart-tune prepare``: a folder of images (or a dataset) into a cached, bucketed training set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pixart_tune.commands.parsing import ConfigFlags, verb_parser, yaml_or_empty
+from pixart_tune.errors import UserError
+
+SUMMARY = "scan, caption, bucket and cache a folder of images or a dataset"
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def main(argv: list[str]) -> int:
+    from pixart_tune.data.buckets import BUCKET_TABLES, CROPS
+    from pixart_tune.data.prepare import REPORT, PrepareConfig, prepare_dataset, summary
+    from pixart_tune.data.sources import SOURCE_KINDS
+    from pixart_tune.models import DTYPES
+
+    parser = verb_parser(
+        prog="pixart-tune prepare",
+        description="Scan, validate, caption, bucket and cache a folder of images (or a Hugging Face dataset) for training. "
+        "SRC is only read. See docs/prepare.md.",
+    )
+    flags = ConfigFlags(parser, PrepareConfig)
+    flags.add("SRC", field="source")
+    flags.add("--out", required=True)
+    parser.add_argument("--config", help="YAML file with PrepareConfig keys (flags override it)")
+    flags.add("--model")
+    flags.add("--resolution", type=int, choices=sorted(BUCKET_TABLES))
+    flags.add("--source-kind", choices=SOURCE_KINDS)
+    flags.add("--split")
+    flags.add("--image-column")
+    flags.add("--caption-column")
+    flags.add("--caption-order", type=_names, help="comma list of sidecar, metadata, filename, captioner: where captions come from, first hit wins")
+    flags.add("--captioner")
+    flags.add("--captioner-prompt")
+    flags.add("--captioner-batch-size", type=int)
+    flags.add("--trigger")
+    flags.add("--prefix")
+    flags.add("--suffix")
+    flags.add("--caption-variants", action="store_true")
+    flags.add("--crop", choices=CROPS)
+    flags.add("--max-upscale", type=float)
+    flags.add("--max-pixels", type=int)
+    flags.add("--background")
+    flags.add("--keep-duplicates", action="store_true")
+    flags.add("--batch-size", type=int)
+    flags.add("--text-batch-size", type=int)
+    flags.add("--workers", type=int)
+    flags.add("--device")
+    flags.add("--vae-dtype", choices=("fp32", "bf16"))
+    flags.add("--text-dtype", choices=("auto", *DTYPES))
+    flags.add("--text-8bit", action="store_true")
+    flags.add("--no-progress", field="progress", action="store_false", help="no progress bars")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set any PrepareConfig key, e.g. --set max_upscale=3")
+    args = parser.parse_args(argv)
+    config = flags.config(args, base=yaml_or_empty(args.config), overrides=args.set)
+
+    report = prepare_dataset(config)
+    print(summary(report, config.out))
+    if not report["accepted"]:
+        raise UserError(f"no usable image in {config.source}: see the reasons above (also in {Path(config.out) / REPORT})")
+    return 0
