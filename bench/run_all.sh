@@ -4,8 +4,9 @@
 #   bash bench/run_all.sh [RESULTS_DIR]      # default RESULTS_DIR: bench/results
 #
 # Each benchmark's full output (its markdown table and final figure) is also written
-# to RESULTS_DIR/<name>.txt. 5-10 minutes on 2 CPU cores; run it on an otherwise
-# idle machine, since other work on the cores moves the timings. The GPU check runs
+# to RESULTS_DIR/<name>.txt. Measured: 4 min 23 s on an idle 2-core machine, 22 min
+# at load average 2.5-4.4; run it on an otherwise idle machine, since other work on
+# the cores moves the timings (and the ratios). The GPU check runs
 # in full when PyTorch sees a CUDA device (report in RESULTS_DIR/gpu_check.md);
 # without one it runs its --tiny mode, which checks its code path only.
 set -uo pipefail
