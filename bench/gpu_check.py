@@ -480,7 +480,7 @@ def save_random_t5(setting: Setting, folder: Path) -> int:
 
 def encode_throughput(setting: Setting, folder: str, eight_bit: bool, result: T5Result) -> None:
     """Loads the folder's encoder through prepare's TextEncoder and times encoding, into ``result``."""
-    from pixart_tune.data.encode import TextEncoder
+    from pixart_tune.encoders import TextEncoder
 
     device = setting.device
     if device.type == "cuda":
@@ -706,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         if bench is not None:
             train, train_note = guarded("training", [], lambda: bench.run(first))
         t5, t5_note = (None, "T5 caching skipped (--skip-t5)") if args.skip_t5 else guarded(
-            "T5 caching", ["transformers", "diffusers", "sentencepiece", "pixart_tune.data.encode"], lambda: t5_bench(setting)
+            "T5 caching", ["transformers", "diffusers", "sentencepiece", "pixart_tune.encoders"], lambda: t5_bench(setting)
         )
         if bench is not None and rest and not train_note:
             more, train_note = guarded("training", [], lambda: bench.run(rest))

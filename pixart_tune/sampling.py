@@ -1,17 +1,13 @@
-"""One generation path, used by trainer validation, the ``sample`` verb and the app.
+"""Sampling with adapters: the ``sample`` verb's comparison grids and the app's previews.
 
 ``Sampler`` keeps one pipeline loaded and applies any number of adapters (any
-layout the loader reads, each at its own scale) between generations; ``generate``
-runs a loaded ``PixArtSigmaPipeline`` one seed at a time with its own
-generator, so image k of a call depends only on (prompt, seed k) and not on the
-batch it came in: the base and the adapted model compared with the same seeds
-start from the same noise.
+layout the loader reads, each at its own scale) between generations, drawing
+through :func:`pixart_tune.generation.generate`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import threading
 import warnings
@@ -19,123 +15,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from PIL import Image, ImageDraw
-from PIL.PngImagePlugin import PngInfo
+from PIL import Image
 
 from pixart_tune.adapters import lora
 from pixart_tune.adapters.layouts import LoraWeights
 from pixart_tune.adapters.loader import AdapterSpec, apply_lora, parse_spec, read_lora
 from pixart_tune.errors import UserError
-from pixart_tune.models import MAX_TOKENS, default_device, load_pipeline, resolve_dtype
+from pixart_tune.generation import generate, image_grid, save_png
+from pixart_tune.models import default_device, load_pipeline, resolve_dtype
 
-__all__ = ["AdapterSpec", "SampleConfig", "Sampler", "generate", "image_grid", "sample", "save_png"]
+__all__ = ["AdapterSpec", "SampleConfig", "Sampler", "sample"]
 
 logger = logging.getLogger(__name__)
-
-
-def generate(
-    pipe,
-    prompts: Sequence[str] | None,
-    seeds: Sequence[int],
-    *,
-    height: int,
-    width: int,
-    steps: int = 20,
-    guidance: float = 4.5,
-    negative_prompt: str = "",
-    prompt_embeds: torch.Tensor | None = None,
-    prompt_attention_mask: torch.Tensor | None = None,
-    negative_prompt_embeds: torch.Tensor | None = None,
-    negative_prompt_attention_mask: torch.Tensor | None = None,
-    show_progress: bool = False,
-) -> list[Image.Image]:
-    """Images for ``prompts[i]`` (or ``prompt_embeds[i]``) with ``seeds[i]``.
-
-    Pass cached T5 embeddings (and masks) instead of prompts to sample without a
-    text encoder in memory; the negative embedding is then required too.
-    ``height`` and ``width`` are used as given (no resolution binning), so pass a
-    bucket of the aspect-ratio table.
-    """
-    count = len(seeds)
-    if prompts is not None and len(prompts) != count:
-        raise ValueError(f"{len(prompts)} prompts but {count} seeds")
-    if prompts is None and (prompt_embeds is None or negative_prompt_embeds is None):
-        raise ValueError("pass prompts, or prompt_embeds with negative_prompt_embeds")
-    pipe.set_progress_bar_config(disable=not show_progress)
-    device = pipe._execution_device
-    images = []
-    for i, seed in enumerate(seeds):
-        kwargs = dict(
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=height,
-            width=width,
-            generator=torch.Generator(device="cpu").manual_seed(int(seed)),
-            use_resolution_binning=False,
-            max_sequence_length=MAX_TOKENS,
-            # Captions are cached raw; the pipeline's caption cleaning would encode
-            # something else at inference than the model saw in training.
-            clean_caption=False,
-        )
-        if prompts is not None:
-            kwargs.update(prompt=prompts[i], negative_prompt=negative_prompt)
-        else:
-            kwargs.update(
-                prompt_embeds=prompt_embeds[i : i + 1].to(device),
-                prompt_attention_mask=prompt_attention_mask[i : i + 1].to(device),
-                negative_prompt_embeds=negative_prompt_embeds[:1].to(device),
-                negative_prompt_attention_mask=negative_prompt_attention_mask[:1].to(device),
-                negative_prompt=None,
-            )
-        with torch.inference_mode():
-            latents = pipe(**kwargs, output_type="latent").images
-            images += decode_latents(pipe, latents)
-    return images
-
-
-@torch.inference_mode()
-def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
-    """PIL images from the transformer's latents, decoded by the pipeline's VAE.
-
-    The SDXL VAE of PixArt-Sigma overflows in fp16 (black or NaN images); its config
-    says so with ``force_upcast``, and, as diffusers' SDXL pipeline does (the PixArt
-    pipeline does not), the decode then runs in fp32.
-    """
-    vae = pipe.vae
-    upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
-    if upcast:
-        vae.to(torch.float32)
-    try:
-        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-    finally:
-        if upcast:
-            vae.to(torch.float16)
-    return pipe.image_processor.postprocess(image, output_type="pil")
-
-
-def image_grid(
-    images: Sequence[Image.Image],
-    cols: int,
-    row_labels: Sequence[str] | None = None,
-    col_labels: Sequence[str] | None = None,
-) -> Image.Image:
-    """Tiles equal-sized images row by row, with optional labels on the left and top."""
-    if not images:
-        raise ValueError("no images to tile")
-    rows = -(-len(images) // cols)
-    w, h = images[0].size
-    left = 8 + 7 * max((len(s) for s in row_labels), default=0) if row_labels else 0
-    top = 20 if col_labels else 0
-    grid = Image.new("RGB", (left + cols * w, top + rows * h), "white")
-    draw = ImageDraw.Draw(grid)
-    for index, image in enumerate(images):
-        r, c = divmod(index, cols)
-        grid.paste(image.convert("RGB").resize((w, h)), (left + c * w, top + r * h))
-    for c, label in enumerate(col_labels or []):
-        draw.text((left + c * w + 4, 4), label, fill="black")
-    for r, label in enumerate(row_labels or []):
-        draw.text((4, top + r * h + h // 2), label, fill="black")
-    return grid
 
 
 # --- the adapter-aware sampler ----------------------------------------------------------
@@ -269,25 +160,6 @@ def _stat(path: Path) -> tuple[int, int]:
         return max((p.stat().st_mtime_ns for p in files), default=0), sum(p.stat().st_size for p in files)
     stat = path.stat()
     return stat.st_mtime_ns, stat.st_size
-
-
-# --- PNGs with their parameters ---------------------------------------------------------
-
-
-def save_png(image: Image.Image, path: str | Path, parameters: dict) -> Path:
-    """Writes ``image`` with ``parameters`` in the PNG text chunk.
-
-    Two entries: ``parameters``, one human-readable line as other image tools show
-    it, and ``pixart-tune``, the same as JSON for programs.
-    """
-    info = PngInfo()
-    readable = ", ".join(f"{k}: {v}" for k, v in parameters.items() if k not in ("prompt", "negative_prompt"))
-    info.add_text("parameters", f"{parameters.get('prompt', '')}\nNegative prompt: {parameters.get('negative_prompt', '')}\n{readable}")
-    info.add_text("pixart-tune", json.dumps(parameters))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=info)
-    return path
 
 
 # --- the ``sample`` verb: a comparison grid ---------------------------------------------

@@ -14,8 +14,8 @@ from pixart_tune.adapters.export import FORMATS, export_adapter
 from pixart_tune.adapters.loader import AdapterSpec, load_adapters, read_lora
 from pixart_tune.commands.export import main as cli
 from pixart_tune.errors import UserError
+from pixart_tune.generation import save_png
 from pixart_tune.models import load_transformer
-from pixart_tune.sampling import save_png
 from tests.adapter_fixtures import adapters, assert_close, make_adapter, output, peft_load  # noqa: F401  (adapters: a fixture)
 
 

@@ -121,7 +121,7 @@ def test_an_fp16_vae_that_asks_for_it_decodes_in_fp32(tiny_model):
     """The SDXL VAE overflows in fp16; ``force_upcast`` in its config makes the decode fp32."""
     from diffusers import PixArtSigmaPipeline
 
-    from pixart_tune.sampling import decode_latents
+    from pixart_tune.generation import decode_latents
 
     pipe = PixArtSigmaPipeline.from_pretrained(tiny_model)
     assert pipe.vae.config.force_upcast

@@ -9,7 +9,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pixart_tune.adapters.export import find_samples
-from pixart_tune.sampling import Sampler, image_grid
+from pixart_tune.generation import image_grid
+from pixart_tune.sampling import Sampler
 from pixart_tune.training.trainer import run
 from tests.training_fixtures import red_dataset, tiny_config  # noqa: F401  (fixture)
 

@@ -253,7 +253,7 @@ class PreviewApp:
 
     def sweep(self, model, prompt, negative, seed, steps, guidance, bucket, paths, scales, swept, values, progress: Progress = _silent):
         """A one-row grid: the swept adapter at each scale, the other adapters at their own scale."""
-        from pixart_tune.sampling import image_grid
+        from pixart_tune.generation import image_grid
 
         if not paths:
             raise UserError("select at least one adapter, then choose which one to sweep")

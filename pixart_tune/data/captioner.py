@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from pixart_tune.data.encode import hub_source
+from pixart_tune.hub import hub_source
 from pixart_tune.errors import UserError
 
 logger = logging.getLogger(__name__)

@@ -26,16 +26,17 @@ from tqdm.auto import tqdm
 from pixart_tune import models
 from pixart_tune.data.buckets import BUCKET_TABLES, CROPS
 from pixart_tune.data.cache import REPORT, CacheItem, FeatureCache, Manifest, content_key
-from pixart_tune.data.captions import CAPTION_SOURCES, clean, compose, distinct, filename_caption, sidecar_text, split_variants
 from pixart_tune.data.captioner import MAX_NEW_TOKENS, Captioner
+from pixart_tune.data.captions import CAPTION_SOURCES, clean, compose, distinct, filename_caption, sidecar_text, split_variants
 from pixart_tune.data.duplicates import DuplicateFinder
-from pixart_tune.data.encode import LatentEncoder, TextEncoder, component_fingerprint, default_text_dtype, resolve_component
 from pixart_tune.data.images import DEFAULT_MAX_PIXELS, ImageSkip
 from pixart_tune.data.scanindex import ScanIndex
 from pixart_tune.data.sources import SOURCE_KINDS, Entry, open_source
 from pixart_tune.data.stage import Bucketed, ImageStage, Outcome, StageSettings
+from pixart_tune.encoders import LatentEncoder, TextEncoder, component_fingerprint, default_text_dtype
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
+from pixart_tune.hub import resolve_component
 
 
 @dataclasses.dataclass

@@ -25,7 +25,7 @@ BASE_GRID = "base.png"
 
 def encode_prompts(model: str, prompts: list[str], device: torch.device, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """T5 embeddings and masks of ``prompts``, on the CPU; T5 is freed before returning."""
-    from pixart_tune.data.encode import TextEncoder, default_text_dtype
+    from pixart_tune.encoders import TextEncoder, default_text_dtype
 
     # prepare's default, so the prompts read like the training captions.
     encoder = TextEncoder(model, device, default_text_dtype(device), max_tokens=max_tokens)
@@ -92,7 +92,7 @@ class Validator:
 
     def render(self) -> Image.Image:
         """One row per prompt, one column per seed."""
-        from pixart_tune.sampling import generate, image_grid
+        from pixart_tune.generation import generate, image_grid
 
         seeds = list(self.config.seeds)
         count = len(seeds)
