@@ -53,11 +53,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import gc
 import importlib
 import os
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -72,127 +70,26 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import default_dtype  # noqa: E402
-
-GIB = 2**30
-H200_BF16_DENSE_TFLOPS = 989.0
-"""NVIDIA's H100/H200 SXM dense (no sparsity) BF16 tensor-core peak, TFLOP/s."""
-TOKENS = 300
-RANK = 16
-LOW_MEMORY_GOAL_GIB = 8.0
-SPEED_GOAL = 12.0
-PLAN_GOAL = 0.15
-FIT_BUDGET_GIB = 24.0
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
-PROMPT_WORDS = (
-    "a detailed photo of an old lighthouse on a rocky cliff at sunset with warm light on the waves "
-    "and seagulls in a deep blue sky painted in the style of a watercolor illustration"
-).split()
-
-
-_START = time.monotonic()
-
-
-def log(message: str) -> None:
-    print(f"[{time.monotonic() - _START:6.1f} s] {message}", file=sys.stderr, flush=True)
-
-
-@dataclasses.dataclass
-class Setting:
-    """What one run of the script measures."""
-
-    tiny: bool
-    device: torch.device
-    resolutions: list[int]
-    batches: list[int]
-    checkpointing: list[bool]
-    steps: int
-    warmup: int
-    peak_tflops: float | None
-    t5_prompts: int
-    t5_batch: int
-    deadline: float
-    """time.monotonic() after which no new configuration starts."""
-    dtype: torch.dtype = torch.bfloat16
-    """Base-model dtype: bf16, except in tiny mode on a CPU (fp32: bf16 kernels there are
-    compiled per shape, which would make the smoke run ten times slower)."""
-
-    def transformer_config(self, resolution: int) -> dict[str, Any]:
-        """The real XL-2 at ``resolution`` (its checkpoint's sample size and pos-embed scale), or a tiny one."""
-        from pixart_tune.models import INTERPOLATION_SCALE, XL2_TRANSFORMER_CONFIG, tiny_transformer_config
-
-        base = tiny_transformer_config(layers=2, heads=2, head_dim=16, caption_channels=32) if self.tiny else dict(XL2_TRANSFORMER_CONFIG)
-        return dict(base, sample_size=resolution // 8, interpolation_scale=INTERPOLATION_SCALE[resolution])
-
-    def t5_config(self) -> dict[str, Any]:
-        from pixart_tune.models import T5_XXL_CONFIG
-
-        if self.tiny:
-            return dict(T5_XXL_CONFIG, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
-        return dict(T5_XXL_CONFIG)
-
-
-@dataclasses.dataclass
-class TrainResult:
-    resolution: int
-    batch: int
-    checkpointing: bool
-    optimizer: str = ""
-    status: str = "ok"
-    """ok, OOM, skipped (...) or error (...)."""
-    peak_allocated: float | None = None
-    peak_reserved: float | None = None
-    process_peak: float | None = None
-    step_seconds: list[float] = dataclasses.field(default_factory=list)
-    samples_per_s: float | None = None
-    model_tflop_per_step: float | None = None
-    plan_total: float | None = None
-    plan_allocated: float | None = None
-    """The plan less its CUDA context and fragmentation rows: comparable to peak allocated."""
-
-    @property
-    def step_time(self) -> float | None:
-        if not self.step_seconds:
-            return None
-        ordered = sorted(self.step_seconds)
-        return ordered[len(ordered) // 2]
-
-
-# --- environment ---------------------------------------------------------------------
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"torch": torch.__version__}
-    for name in ("diffusers", "transformers", "peft", "accelerate", "bitsandbytes"):
-        try:
-            versions[name] = importlib.import_module(name).__version__
-        except Exception as error:  # a missing or broken package: the report says which
-            versions[name] = f"missing ({type(error).__name__})"
-    return versions
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return f"{props.name}, {props.total_memory / GIB:.0f} GiB, CUDA {torch.version.cuda}"
-    from bench.common import machine
-
-    return f"CPU: {machine()}"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def is_oom(error: BaseException) -> bool:
-    oom = getattr(torch.cuda, "OutOfMemoryError", ())
-    return (oom and isinstance(error, oom)) or "out of memory" in str(error).lower()
+from bench.gpu_env import (  # noqa: E402
+    DTYPE_NAMES,
+    FIT_BUDGET_GIB,
+    GIB,
+    H200_BF16_DENSE_TFLOPS,
+    LOW_MEMORY_GOAL_GIB,
+    PLAN_GOAL,
+    RANK,
+    SPEED_GOAL,
+    TOKENS,
+    Setting,
+    TrainResult,
+    device_name,
+    free_memory,
+    is_oom,
+    library_versions,
+    log,
+    synchronize,
+)
+from bench.gpu_t5 import T5Result, t5_bench  # noqa: E402
 
 
 # --- training ------------------------------------------------------------------------
@@ -405,110 +302,6 @@ def describe(result: TrainResult) -> str:
         return f"{head}: {result.status}"
     memory = f", peak allocated {result.peak_allocated:.2f} GiB" if result.peak_allocated is not None else ""
     return f"{head}: {result.samples_per_s:.2f} samples/s{memory}, plan {result.plan_total:.2f} GiB"
-
-
-# --- T5-XXL caching ------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class T5Result:
-    precision: str = ""
-    status: str = "ok"
-    prompts: int = 0
-    batch: int = 0
-    load_seconds: float | None = None
-    seconds: float | None = None
-    peak_allocated: float | None = None
-    parameters: int = 0
-
-    @property
-    def prompts_per_s(self) -> float | None:
-        return self.prompts / self.seconds if self.seconds else None
-
-
-def t5_bench(setting: Setting) -> T5Result:
-    """prompts/s of ``prepare``'s TextEncoder over 300-token prompts, 8-bit when bitsandbytes runs."""
-    from pixart_tune.training.optim import bitsandbytes_usable
-
-    result = T5Result(batch=setting.t5_batch)
-    if time.monotonic() > setting.deadline:
-        result.status = "skipped (time limit)"
-        return result
-    device = setting.device
-    why_not_8bit = "8-bit needs CUDA" if device.type != "cuda" else bitsandbytes_usable(device)
-    try:
-        with tempfile.TemporaryDirectory(prefix="gpu_check_t5_") as folder:
-            result.parameters = save_random_t5(setting, Path(folder))
-            if why_not_8bit is None:
-                try:
-                    encode_throughput(setting, folder, True, result)
-                    result.precision = "8-bit (bitsandbytes LLM.int8)"
-                    return result
-                except Exception as error:  # a broken 8-bit path still leaves the bf16 figure
-                    if is_oom(error):
-                        raise
-                    log(traceback.format_exc())
-                    why_not_8bit = f"8-bit failed: {type(error).__name__}: {str(error).splitlines()[0][:80] if str(error) else ''}"
-            result.precision = f"bf16 ({why_not_8bit})"
-            encode_throughput(setting, folder, False, result)
-    except Exception as error:
-        log(traceback.format_exc())
-        result.status = "OOM" if is_oom(error) else f"error ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''})"
-    finally:
-        free_memory(device)
-    return result
-
-
-def save_random_t5(setting: Setting, folder: Path) -> int:
-    """A random T5 encoder (T5-XXL, or tiny) and a tokenizer saved in a model folder; its parameter count."""
-    from transformers import T5Config, T5EncoderModel
-
-    from pixart_tune.models import build_tiny_tokenizer
-
-    log(f"[t5] initialising a random {'tiny' if setting.tiny else 'T5-XXL'} encoder and saving it ...")
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.save_pretrained(folder / "tokenizer")
-    # On the GPU: initialising 4.7 B parameters there takes seconds, on the host minutes.
-    with default_dtype(torch.bfloat16), torch.device(setting.device if setting.device.type == "cuda" else "cpu"):
-        model = T5EncoderModel(T5Config(**setting.t5_config(), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
-    parameters = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    del model
-    free_memory(setting.device)
-    return parameters
-
-
-def encode_throughput(setting: Setting, folder: str, eight_bit: bool, result: T5Result) -> None:
-    """Loads the folder's encoder through prepare's TextEncoder and times encoding, into ``result``."""
-    from pixart_tune.encoders import TextEncoder
-
-    device = setting.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    log(f"[t5] loading it through prepare's loader ({'8-bit' if eight_bit else 'bf16'}) ...")
-    start = time.perf_counter()
-    encoder = TextEncoder(folder, device, torch.bfloat16, load_in_8bit=eight_bit, max_tokens=TOKENS)
-    try:
-        encoder.pipe  # loads tokenizer + encoder now, not inside the timed loop
-        synchronize(device)
-        result.load_seconds = time.perf_counter() - start
-        # Over 300 tokens each: encode_prompt truncates to 300, so every mask is full.
-        prompts = [" ".join(PROMPT_WORDS[(i + k) % len(PROMPT_WORDS)] for k in range(400)) for i in range(setting.t5_prompts)]
-        encoder.encode(prompts[: setting.t5_batch])  # warm-up
-        synchronize(device)
-        start = time.perf_counter()
-        for i in range(0, len(prompts), setting.t5_batch):
-            _, mask = encoder.encode(prompts[i : i + setting.t5_batch])
-        synchronize(device)
-        result.seconds = time.perf_counter() - start
-        result.prompts = len(prompts)
-        if int(mask.sum(dim=1).min()) != TOKENS:
-            raise RuntimeError(f"prompts came out shorter than {TOKENS} tokens ({int(mask.sum(dim=1).min())})")
-        if device.type == "cuda":
-            result.peak_allocated = torch.cuda.max_memory_allocated(device) / GIB
-        log(f"[t5] {result.prompts / result.seconds:.1f} prompts/s")
-    finally:
-        encoder.close()
 
 
 # --- report --------------------------------------------------------------------------

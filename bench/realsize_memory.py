@@ -50,7 +50,8 @@ def build(work: Path, transformer_config: dict | None = None, caption_channels: 
     import torch
 
     from bench.common import build_model_folder, prepare, write_images
-    from pixart_tune.models import INTERPOLATION_SCALE, XL2_TRANSFORMER_CONFIG
+    from pixart_tune.base import INTERPOLATION_SCALE
+    from pixart_tune.models import XL2_TRANSFORMER_CONFIG
 
     config = transformer_config or dict(XL2_TRANSFORMER_CONFIG, sample_size=32, interpolation_scale=INTERPOLATION_SCALE[256])
     model = build_model_folder(work / "model", config, caption_channels=caption_channels, dtype=dtype or torch.bfloat16)

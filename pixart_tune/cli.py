@@ -1,35 +1,23 @@
-"""The ``pixart-tune`` command: a table of verbs, each handled by one module's ``cli``.
+"""The ``pixart-tune`` command: dispatches to the verb modules of :mod:`pixart_tune.commands`.
 
-Modules are imported only when their verb runs, so ``pixart-tune --help`` answers
+Each verb imports its library only when it runs, so ``pixart-tune --help`` answers
 at once and one verb's heavy imports never slow another.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 
 from pixart_tune import __version__
+from pixart_tune.commands import VERBS
 from pixart_tune.errors import UserError
-
-# verb -> (module with a ``cli(argv) -> int`` function, one-line description)
-VERBS: dict[str, tuple[str, str]] = {
-    "init-tiny": ("pixart_tune.models", "write a tiny PixArt-Sigma pipeline for offline tests and demos"),
-    "prepare": ("pixart_tune.commands.prepare", "scan, caption, bucket and cache a folder of images or a dataset"),
-    "train": ("pixart_tune.commands.train", "train a LoRA from a YAML recipe"),
-    "plan": ("pixart_tune.commands.plan", "predict the peak GPU memory of a recipe, without a GPU"),
-    "sample": ("pixart_tune.commands.sample", "generate images with any number of adapters, and comparison grids"),
-    "merge": ("pixart_tune.commands.merge", "merge adapters, resize one by SVD, or fuse into the base model"),
-    "export": ("pixart_tune.commands.export", "export an adapter to other tools' layouts, or a publish folder"),
-    "app": ("pixart_tune.commands.app", "open the preview and merge app in a browser"),
-}
 
 
 def _usage() -> str:
     width = max(len(v) for v in VERBS)
     lines = [f"pixart-tune {__version__}: fine-tuning and LoRA toolkit for PixArt-Sigma", "", "usage: pixart-tune VERB [options]", ""]
-    lines += [f"  {verb:<{width}}  {text}" for verb, (_, text) in VERBS.items()]
+    lines += [f"  {verb:<{width}}  {module.SUMMARY}" for verb, module in VERBS.items()]
     lines += ["", "Run 'pixart-tune VERB --help' for the options of one verb."]
     return "\n".join(lines)
 
@@ -69,9 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pixart-tune: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     configure_logging()
-    module = importlib.import_module(VERBS[verb][0])
     try:
-        return int((getattr(module, "main", None) or module.cli)(rest) or 0)
+        return int(VERBS[verb].main(rest) or 0)
     except KeyboardInterrupt:
         print("pixart-tune: interrupted", file=sys.stderr)
         return 130

@@ -26,6 +26,7 @@ from diffusers.training_utils import free_memory
 from PIL import Image
 
 from pixart_tune import models
+from pixart_tune.base import MAX_TOKENS
 from pixart_tune.hub import local_model, resolve_component
 
 logger = logging.getLogger(__name__)
@@ -122,15 +123,10 @@ def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
             vae.to(torch.float16)
 
 
-def default_text_dtype(device: torch.device) -> torch.dtype:
-    """T5's dtype unless told otherwise: bf16 on CUDA, fp32 on a CPU (slow bf16 matmuls there)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 class TextEncoder:
     """T5 embeddings and masks of prompts, through the pipeline's own ``encode_prompt``."""
 
-    def __init__(self, model: str, device: torch.device, dtype: torch.dtype, load_in_8bit: bool = False, max_tokens: int = models.MAX_TOKENS):
+    def __init__(self, model: str, device: torch.device, dtype: torch.dtype, load_in_8bit: bool = False, max_tokens: int = MAX_TOKENS):
         self.model, self.device, self.dtype = model, device, dtype
         self.load_in_8bit, self.max_tokens = load_in_8bit, max_tokens
         self._tokenizer = None

@@ -17,8 +17,8 @@ import torch
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
+from pixart_tune.base import MAX_TOKENS
 from pixart_tune.encoders import vae_decode
-from pixart_tune.models import MAX_TOKENS
 
 
 def generate(

@@ -8,6 +8,7 @@ same layout, so tests and the demo exercise exactly the code path of the real mo
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from pathlib import Path
@@ -15,9 +16,9 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+from pixart_tune.base import INTERPOLATION_SCALE, MAX_TOKENS
 
-REAL_MODEL_ID = "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
+logger = logging.getLogger(__name__)
 
 # PixArt-Sigma XL-2 at 1024 px as the official diffusers conversion writes it.
 # Used to instantiate the real architecture on the meta device (memory plans,
@@ -55,23 +56,6 @@ T5_XXL_CONFIG: dict[str, Any] = {
     "feed_forward_proj": "gated-gelu",
     "is_encoder_decoder": False,
 }
-
-# PixArt-Sigma reads 300 T5 tokens (PixArt-alpha read 120).
-MAX_TOKENS = 300
-
-# Checkpoint resolution -> the positional-embedding interpolation scale the
-# official conversion uses.
-INTERPOLATION_SCALE = {256: 0.5, 512: 1, 1024: 2, 2048: 4}
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
-
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -273,6 +257,16 @@ def build_tiny_pipeline(seed: int = 0):
     )
 
 
+@dataclasses.dataclass
+class TinyConfig:
+    """What ``pixart-tune init-tiny`` writes."""
+
+    out: str
+    """Folder to create (it must not exist, or be empty)."""
+    seed: int = 0
+    """Seed of the random weights."""
+
+
 def init_tiny(out: str | Path, seed: int = 0) -> Path:
     """Writes the tiny pipeline to ``out`` in the diffusers folder layout."""
     out = Path(out)
@@ -280,18 +274,3 @@ def init_tiny(out: str | Path, seed: int = 0) -> Path:
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder or remove it")
     build_tiny_pipeline(seed).save_pretrained(out, safe_serialization=True)
     return out
-
-
-def cli(argv: list[str]) -> int:
-    from pixart_tune.commands.parsing import verb_parser
-
-    parser = verb_parser(
-        prog="pixart-tune init-tiny",
-        description="Write a tiny, randomly initialised PixArt-Sigma pipeline (diffusers layout) for offline tests and demos.",
-    )
-    parser.add_argument("out", help="folder to create")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    args = parser.parse_args(argv)
-    path = init_tiny(args.out, args.seed)
-    print(f"wrote a tiny PixArt-Sigma pipeline to {path}")
-    return 0

@@ -20,9 +20,10 @@ from PIL import Image
 from pixart_tune.adapters import lora
 from pixart_tune.adapters.layouts import LoraWeights
 from pixart_tune.adapters.loader import AdapterSpec, apply_lora, parse_spec, read_lora
+from pixart_tune.base import bucket_table, dtype_for, resolution_of
 from pixart_tune.errors import UserError
 from pixart_tune.generation import generate, image_grid, save_png
-from pixart_tune.models import default_device, load_pipeline, resolve_dtype
+from pixart_tune.models import default_device, load_pipeline
 
 __all__ = ["AdapterSpec", "SampleConfig", "Sampler", "sample"]
 
@@ -30,10 +31,6 @@ logger = logging.getLogger(__name__)
 
 
 # --- the adapter-aware sampler ----------------------------------------------------------
-
-# Transformer sample_size (latent side) -> the resolution of its aspect-ratio table.
-_TABLE_FOR_SAMPLE_SIZE = {32: 256, 64: 512, 128: 1024, 256: 2048}
-
 
 class Sampler:
     """One loaded ``PixArtSigmaPipeline`` and the adapters applied to it.
@@ -47,10 +44,7 @@ class Sampler:
     def __init__(self, model: str, device: str | None = None, dtype: str = "auto", allow_pickle: bool = False):
         self.model = str(model)
         self.device = torch.device(device) if device else default_device()
-        if dtype == "auto":
-            # bf16 halves memory on GPUs; CPUs run bf16 matmuls slowly, so fp32 there.
-            dtype = "bf16" if self.device.type == "cuda" else "fp32"
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = dtype_for(dtype, self.device)
         self.allow_pickle = allow_pickle
         try:
             self.pipe = load_pipeline(self.model, self.dtype).to(self.device)
@@ -69,15 +63,12 @@ class Sampler:
 
     def buckets(self) -> list[tuple[int, int]]:
         """(height, width) of every aspect-ratio bucket of this model's resolution, by aspect."""
-        from pixart_tune.data.buckets import bucket_table
-
         table = bucket_table(self.resolution)
         return [(int(h), int(w)) for _, (h, w) in sorted(table.items(), key=lambda item: float(item[0]))]
 
     @property
     def resolution(self) -> int:
-        sample_size = int(self.transformer.config.sample_size)
-        return _TABLE_FOR_SAMPLE_SIZE.get(sample_size, sample_size * 8)
+        return resolution_of(self.transformer.config.sample_size)
 
     def default_size(self) -> tuple[int, int]:
         return self.resolution, self.resolution

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pixart_tune.adapters import lora
+from pixart_tune.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from pixart_tune.models import load_transformer
 
 
@@ -34,7 +35,7 @@ def peft_state(folder: Path) -> dict[str, torch.Tensor]:
     """The PEFT state dict an adapter folder holds, read as plain safetensors."""
     from safetensors.torch import load_file
 
-    return load_file(str(Path(folder) / lora.WEIGHTS_NAME))
+    return load_file(str(Path(folder) / ADAPTER_WEIGHTS))
 
 
 def peft_load(transformer, folder: Path, adapter_name: str = "default", scale: float = 1.0):
@@ -48,7 +49,7 @@ def peft_load(transformer, folder: Path, adapter_name: str = "default", scale: f
     from peft.functional import inject_adapter_in_model, set_peft_model_state_dict
     from peft.tuners.lora import LoraLayer
 
-    assert (Path(folder) / lora.CONFIG_NAME).is_file()
+    assert (Path(folder) / ADAPTER_CONFIG).is_file()
     inject_adapter_in_model(LoraConfig.from_pretrained(str(folder)), transformer, adapter_name=adapter_name)
     result = set_peft_model_state_dict(transformer, peft_state(folder), adapter_name=adapter_name)
     assert not [k for k in result.unexpected_keys if "lora_" in k], result.unexpected_keys

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pixart_tune.commands.prepare import main as cli
 from pixart_tune.data.cache import FeatureCache, content_key
 from pixart_tune.data.captions import clean, compose
-from pixart_tune.commands.prepare import main as cli
 from pixart_tune.data.prepare import PrepareConfig, prepare_dataset, summary
 from pixart_tune.data.sources import pick_caption, pick_captions
 from pixart_tune.errors import UserError

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 
 import pytest
 
@@ -24,8 +23,7 @@ def parser_of(verb: str, monkeypatch) -> argparse.ArgumentParser:
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
     with pytest.raises(_Parsed) as caught:
-        module = importlib.import_module(VERBS[verb][0])
-        (getattr(module, "main", None) or module.cli)([])
+        VERBS[verb].main([])
     return caught.value.parser
 
 

@@ -63,9 +63,7 @@ def test_cat_is_exact_and_svd_matches_an_independent_truncated_svd():
 
 def test_linear_equals_peft_add_weighted_adapter(tiny_model, adapters):  # noqa: F811
     """Our pure linear merge against PEFT's own LoraModel.add_weighted_adapter on the real model."""
-    from peft import LoraModel
-
-    from peft import LoraConfig
+    from peft import LoraConfig, LoraModel
 
     a_state, b_state = peft_state(adapters["a"]), peft_state(adapters["b"])
     transformer = load_transformer(tiny_model)

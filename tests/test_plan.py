@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from pixart_tune.commands.plan import main as cli
 from pixart_tune.models import XL2_TRANSFORMER_CONFIG
 from pixart_tune.training.config import TrainConfig, load_train_config
-from pixart_tune.commands.plan import main as cli
 from pixart_tune.training.memory import plan_memory
 from tests.conftest import REPO
 

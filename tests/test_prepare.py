@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from pixart_tune.commands.prepare import main as cli
 from pixart_tune.data.buckets import bucket_sizes, nearest_bucket
 from pixart_tune.data.cache import FeatureCache
-from pixart_tune.commands.prepare import main as cli
 from pixart_tune.data.prepare import PrepareConfig, prepare_dataset
 from pixart_tune.errors import UserError
 from tests.prepare_fixtures import encode, jpeg_with_orientation, photo, png_claiming_size, write

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pixart_tune.base import SCAN_INDEX as INDEX
 from pixart_tune.data import images
-from tests.conftest import REPO
 from pixart_tune.data.duplicates import DuplicateFinder
 from pixart_tune.data.prepare import PrepareConfig, bucketed_images, prepare_dataset
-from pixart_tune.data.scanindex import INDEX
 from pixart_tune.data.stage import Bucketed, needed_size, ordered_map, resolve_workers
+from tests.conftest import REPO
 from tests.prepare_fixtures import encode, jpeg_with_orientation, photo, write
 
 

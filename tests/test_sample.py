@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from pixart_tune.adapters.layouts import to_state_dict
 from pixart_tune.adapters.loader import read_lora
-from pixart_tune.errors import UserError
 from pixart_tune.commands.sample import main as cli
+from pixart_tune.errors import UserError
 from pixart_tune.sampling import AdapterSpec, Sampler
 from tests.adapter_fixtures import adapters, make_adapter  # noqa: F401  (adapters: a fixture)
 

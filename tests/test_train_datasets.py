@@ -135,6 +135,7 @@ SHORT = ["schedule.steps=3", "checkpoint.every=0", "logging.every=1"]
 
 def test_two_datasets_train_and_the_adapter_fingerprint_covers_both(tiny_model, red_dataset, blue_dataset, tmp_path, caplog):
     alone = run(tiny_config(tiny_model, red_dataset, tmp_path / "alone", *SHORT), progress=False)
+    caplog.clear()  # the first run's lines too, had an earlier test left the toolkit's logger at INFO
     with caplog.at_level(logging.INFO, logger="pixart_tune.training.trainer"):
         both = run(tiny_config(tiny_model, red_dataset, tmp_path / "both", *SHORT, _extra((blue_dataset, 2))), progress=False)
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("training on"))

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from pixart_tune.models import REAL_MODEL_ID
+from pixart_tune.base import REAL_MODEL_ID
 
 DEFAULT_TAGS = ("text-to-image", "lora", "pixart-sigma", "diffusers", "template:sd-lora", "pixart-tune")
 

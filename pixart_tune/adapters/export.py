@@ -20,13 +20,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from pixart_tune.adapters import card as cards
-from pixart_tune.adapters import lora
 from pixart_tune.adapters.layouts import LoraWeights, to_state_dict
 from pixart_tune.adapters.loader import read_lora
 from pixart_tune.adapters.merge import refuse_overwriting_inputs, write_weights
+from pixart_tune.base import ADAPTER_WEIGHTS, REAL_MODEL_ID
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
-from pixart_tune.models import REAL_MODEL_ID
 
 # Export format -> (layout, which loader the file is for).
 FORMATS: dict[str, tuple[str, str]] = {
@@ -179,7 +178,7 @@ def publish(
         for item in (tmp / "peft").iterdir():
             item.rename(tmp / item.name)
         (tmp / "peft").rmdir()
-        files = {lora.WEIGHTS_NAME: "PEFT / pixart-tune (with `adapter_config.json`)"}
+        files = {ADAPTER_WEIGHTS: "PEFT / pixart-tune (with `adapter_config.json`)"}
         for fmt in ("comfyui", "pixart"):
             file = export_file(weights, fmt, tmp / f"{name}_{fmt}.safetensors")
             files[file.name] = FORMATS[fmt][1]

@@ -29,6 +29,7 @@ from safetensors import safe_open
 
 from pixart_tune.adapters import lora
 from pixart_tune.adapters.layouts import PREFIXES, LoraWeights, from_peft_state, from_state_dict, pixart_module_names
+from pixart_tune.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from pixart_tune.errors import UserError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -72,7 +73,7 @@ def read_lora(path: str | Path, allow_pickle: bool = False) -> LoraWeights:
         return _read_pickle(path, allow_pickle)
     if path.suffix.lower() != ".safetensors":
         raise UserError(f"{path}: unsupported adapter file type {path.suffix!r}; use a .safetensors file or an adapter folder")
-    if path.name == lora.WEIGHTS_NAME and (path.parent / lora.CONFIG_NAME).is_file():
+    if path.name == ADAPTER_WEIGHTS and (path.parent / ADAPTER_CONFIG).is_file():
         # The weights of a PEFT folder: its config holds what scales them (rsLoRA, patterns).
         return _read_folder(path.parent, allow_pickle)
     state, metadata = _read_safetensors(path)
@@ -80,8 +81,8 @@ def read_lora(path: str | Path, allow_pickle: bool = False) -> LoraWeights:
 
 
 def _read_folder(path: Path, allow_pickle: bool) -> LoraWeights:
-    config_file = path / lora.CONFIG_NAME
-    weights = path / lora.WEIGHTS_NAME
+    config_file = path / ADAPTER_CONFIG
+    weights = path / ADAPTER_WEIGHTS
     if config_file.is_file() and weights.is_file():
         config = json.loads(config_file.read_text(encoding="utf-8"))
         state, metadata = _read_safetensors(weights)
@@ -100,7 +101,7 @@ def _read_folder(path: Path, allow_pickle: bool) -> LoraWeights:
     if len(files) == 1:
         return read_lora(files[0], allow_pickle)
     raise UserError(
-        f"{path} is not an adapter folder: it needs {lora.WEIGHTS_NAME} + {lora.CONFIG_NAME}, or exactly one .safetensors file "
+        f"{path} is not an adapter folder: it needs {ADAPTER_WEIGHTS} + {ADAPTER_CONFIG}, or exactly one .safetensors file "
         f"(found {len(files)}); pass the file itself"
     )
 
@@ -152,7 +153,7 @@ def _from_flat(state: dict[str, torch.Tensor], metadata: dict[str, str], fallbac
 
 def _sidecar_alpha(path: Path) -> float | None:
     """Alpha from a JSON next to the file, as other PixArt tools write it."""
-    for candidate in (path.with_suffix(".json"), path.with_name(f"{path.stem}.config.json"), path.with_name(lora.CONFIG_NAME)):
+    for candidate in (path.with_suffix(".json"), path.with_name(f"{path.stem}.config.json"), path.with_name(ADAPTER_CONFIG)):
         if candidate.is_file():
             try:
                 data = json.loads(candidate.read_text(encoding="utf-8"))

@@ -30,11 +30,9 @@ from peft.functional import (
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
+from pixart_tune.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
-
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
 
 _BLOCK = r"transformer_blocks\.\d+"
 _ATTENTION = rf"{_BLOCK}\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
@@ -145,8 +143,8 @@ def write_adapter(
     out = Path(out)
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata=header)
-        (tmp / CONFIG_NAME).write_text(json.dumps(_jsonable(config), indent=2), encoding="utf-8")
+        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata=header)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(_jsonable(config), indent=2), encoding="utf-8")
     return out
 
 

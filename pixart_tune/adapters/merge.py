@@ -186,7 +186,8 @@ def fuse_adapters(model: str, specs: list[AdapterSpec], out: str | Path, dtype: 
     text encoder, VAE, tokenizer and scheduler are linked (or copied) from the base
     model's folder unchanged; only ``transformer/`` is new.
     """
-    from pixart_tune.models import load_transformer, resolve_dtype
+    from pixart_tune.base import resolve_dtype
+    from pixart_tune.models import load_transformer
 
     if not specs:
         raise UserError("give at least one adapter to fuse")

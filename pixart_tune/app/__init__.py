@@ -63,7 +63,7 @@ def settings_from_env(environ: dict[str, str] | None = None) -> AppSettings:
     ``PIXART_TUNE_DTYPE``; the host and port come from Gradio's own
     ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``, which Spaces set.
     """
-    from pixart_tune.models import REAL_MODEL_ID
+    from pixart_tune.base import REAL_MODEL_ID
 
     env = os.environ if environ is None else environ
     runs = Path(env.get("PIXART_TUNE_RUNS", "runs"))

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from pixart_tune.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST
 from pixart_tune.errors import UserError
 
 # Names of outputs the app writes: one plain folder name, never a path.
@@ -77,7 +78,6 @@ def discover_adapters(roots: Sequence[Path], guard: PathGuard, limit: int = 2000
     folders and prepared datasets (their many ``.safetensors`` are not adapters),
     and anything whose real location is outside the allowed folders.
     """
-    from pixart_tune.adapters.lora import CONFIG_NAME, WEIGHTS_NAME
 
     found: list[Path] = []
     for root in roots:
@@ -87,11 +87,11 @@ def discover_adapters(roots: Sequence[Path], guard: PathGuard, limit: int = 2000
         for folder, dirs, files in os.walk(root, followlinks=False):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             here = Path(folder)
-            if "model_index.json" in files or "dataset.json" in files:
+            if "model_index.json" in files or MANIFEST in files:
                 dirs[:] = []
                 continue
-            if WEIGHTS_NAME in files and CONFIG_NAME in files:
-                if guard.allows(here / WEIGHTS_NAME) and guard.allows(here / CONFIG_NAME):
+            if ADAPTER_WEIGHTS in files and ADAPTER_CONFIG in files:
+                if guard.allows(here / ADAPTER_WEIGHTS) and guard.allows(here / ADAPTER_CONFIG):
                     found.append(here.resolve())
                 dirs[:] = []  # a PEFT folder's subfolders are not separate adapters
                 continue

@@ -211,14 +211,14 @@ class PreviewApp:
         return model
 
     def check_adapter(self, path: str | Path) -> Path:
-        from pixart_tune.adapters.lora import CONFIG_NAME, WEIGHTS_NAME
+        from pixart_tune.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
         resolved = self.guard.check(path, "adapter")
         if resolved.is_dir():
-            if not (resolved / WEIGHTS_NAME).is_file() or not (resolved / CONFIG_NAME).is_file():
-                raise UserError(f"{resolved} is not an adapter folder (needs {WEIGHTS_NAME} and {CONFIG_NAME})")
+            if not (resolved / ADAPTER_WEIGHTS).is_file() or not (resolved / ADAPTER_CONFIG).is_file():
+                raise UserError(f"{resolved} is not an adapter folder (needs {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG})")
             # The folder is inside; its files may still be links that lead out of it.
-            for name in (WEIGHTS_NAME, CONFIG_NAME):
+            for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
                 self.guard.check(resolved / name, "adapter file")
         elif resolved.suffix != ".safetensors":
             raise UserError(f"{resolved.name}: the app reads only .safetensors adapters (pickle files can run code)")

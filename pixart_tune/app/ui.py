@@ -266,14 +266,14 @@ def _sweep(app: PreviewApp, selected, model, prompt, negative, seed, steps, guid
 
 
 def _merge(app: PreviewApp, selected, model, method, rank, name, *weights, progress):
-    from pixart_tune.adapters.lora import WEIGHTS_NAME
+    from pixart_tune.base import ADAPTER_WEIGHTS
 
     out = app.merge(model, selected, weights, method, rank, name, progress)
     if method == "fuse":
         message = f"Wrote a fused model to `{out}`. It is now in the **Base model** menu: choose it there to preview it."
         return message, None, str(out)
     message = f"Wrote a merged adapter to `{out}`. It is selected in the **Generate** tab: press Generate there to preview it."
-    weights_file = out / WEIGHTS_NAME
+    weights_file = out / ADAPTER_WEIGHTS
     if method == "svd" and weights_file.is_file():
         message += f" The rank cut kept {_energy_kept(weights_file)} of the update's energy."
     return message, str(weights_file) if weights_file.is_file() else None, str(out)

@@ -15,10 +15,10 @@ def _names(text: str) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    from pixart_tune.data.buckets import BUCKET_TABLES, CROPS
-    from pixart_tune.data.prepare import REPORT, PrepareConfig, prepare_dataset, summary
+    from pixart_tune.base import DTYPE_CHOICES, REPORT, RESOLUTIONS
+    from pixart_tune.data.buckets import CROPS
+    from pixart_tune.data.prepare import PrepareConfig, prepare_dataset, summary
     from pixart_tune.data.sources import SOURCE_KINDS
-    from pixart_tune.models import DTYPES
 
     parser = verb_parser(
         prog="pixart-tune prepare",
@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
     flags.add("--out", required=True)
     parser.add_argument("--config", help="YAML file with PrepareConfig keys (flags override it)")
     flags.add("--model")
-    flags.add("--resolution", type=int, choices=sorted(BUCKET_TABLES))
+    flags.add("--resolution", type=int, choices=RESOLUTIONS)
     flags.add("--source-kind", choices=SOURCE_KINDS)
     flags.add("--split")
     flags.add("--image-column")
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     flags.add("--workers", type=int)
     flags.add("--device")
     flags.add("--vae-dtype", choices=("fp32", "bf16"))
-    flags.add("--text-dtype", choices=("auto", *DTYPES))
+    flags.add("--text-dtype", choices=DTYPE_CHOICES)
     flags.add("--text-8bit", action="store_true")
     flags.add("--no-progress", field="progress", action="store_false", help="no progress bars")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set any PrepareConfig key, e.g. --set max_upscale=3")

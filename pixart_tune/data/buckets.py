@@ -1,9 +1,9 @@
 """Aspect-ratio buckets exactly as PixArt-Sigma generates, and the resize-and-crop into one.
 
-The tables are diffusers' own (``ASPECT_RATIO_*_BIN`` beside the PixArt pipelines),
-imported, never copied, so training sees the very sizes the pipeline's resolution
-binning produces at inference. The bucket of an image is the table entry whose
-aspect-ratio key (height / width) is nearest to the image's, which is also the rule
+The tables (:func:`pixart_tune.base.bucket_table`) are diffusers' own, so training
+sees the very sizes the pipeline's resolution binning produces at inference. The
+bucket of an image is the table entry whose aspect-ratio key (height / width) is
+nearest to the image's, which is also the rule
 ``PixArtImageProcessor.classify_height_width_bin`` applies when generating.
 """
 
@@ -12,29 +12,11 @@ from __future__ import annotations
 import math
 
 from diffusers.image_processor import PixArtImageProcessor
-from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
-    ASPECT_RATIO_256_BIN,
-    ASPECT_RATIO_512_BIN,
-    ASPECT_RATIO_1024_BIN,
-)
-from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
 from PIL import Image
 
-BUCKET_TABLES: dict[int, dict[str, list[float]]] = {
-    256: ASPECT_RATIO_256_BIN,
-    512: ASPECT_RATIO_512_BIN,
-    1024: ASPECT_RATIO_1024_BIN,
-    2048: ASPECT_RATIO_2048_BIN,
-}
+from pixart_tune.base import bucket_table
 
 CROPS = ("center", "top", "random")
-
-
-def bucket_table(resolution: int) -> dict[str, list[float]]:
-    try:
-        return BUCKET_TABLES[resolution]
-    except KeyError:
-        raise ValueError(f"resolution must be one of {sorted(BUCKET_TABLES)}, got {resolution}") from None
 
 
 def bucket_sizes(resolution: int) -> set[tuple[int, int]]:

@@ -26,11 +26,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pixart_tune.base import MANIFEST
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
 
-MANIFEST = "dataset.json"
-REPORT = "report.json"
 # 2: an item lists every caption variant (``captions``, ``text_keys``). Format 1
 # (one ``caption`` / ``text_key``) is still read; a version that reads only 1 refuses
 # a format-2 manifest with its "re-run prepare" message instead of misreading it.

@@ -19,8 +19,9 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from pixart_tune.hub import hub_source
+from pixart_tune.base import auto_dtype
 from pixart_tune.errors import UserError
+from pixart_tune.hub import hub_source
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class Captioner:
 
     def __init__(self, model: str, device: torch.device, prompt: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS, dtype: torch.dtype | None = None):
         self.model_name, self.device = model, device
-        self.dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        self.dtype = dtype or auto_dtype(device)
         self.max_new_tokens = max_new_tokens
         self._prompt = prompt
         self._model = None

@@ -24,8 +24,9 @@ from PIL import ImageColor
 from tqdm.auto import tqdm
 
 from pixart_tune import models
-from pixart_tune.data.buckets import BUCKET_TABLES, CROPS
-from pixart_tune.data.cache import REPORT, CacheItem, FeatureCache, Manifest, content_key
+from pixart_tune.base import DTYPE_CHOICES, MANIFEST, MAX_TOKENS, REAL_MODEL_ID, REPORT, RESOLUTIONS, SCAN_INDEX, auto_dtype, resolve_dtype
+from pixart_tune.data.buckets import CROPS
+from pixart_tune.data.cache import CacheItem, FeatureCache, Manifest, content_key
 from pixart_tune.data.captioner import MAX_NEW_TOKENS, Captioner
 from pixart_tune.data.captions import CAPTION_SOURCES, clean, compose, distinct, filename_caption, sidecar_text, split_variants
 from pixart_tune.data.duplicates import DuplicateFinder
@@ -33,7 +34,7 @@ from pixart_tune.data.images import DEFAULT_MAX_PIXELS, ImageSkip
 from pixart_tune.data.scanindex import ScanIndex
 from pixart_tune.data.sources import SOURCE_KINDS, Entry, open_source
 from pixart_tune.data.stage import Bucketed, ImageStage, Outcome, StageSettings
-from pixart_tune.encoders import LatentEncoder, TextEncoder, component_fingerprint, default_text_dtype
+from pixart_tune.encoders import LatentEncoder, TextEncoder, component_fingerprint
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
 from pixart_tune.hub import resolve_component
@@ -45,7 +46,7 @@ class PrepareConfig:
     """A folder of images (nested folders too), a ``save_to_disk`` folder, or a Hugging Face dataset name."""
     out: str
     """Folder for the prepared dataset (created; must not be inside ``source``)."""
-    model: str = models.REAL_MODEL_ID
+    model: str = REAL_MODEL_ID
     """PixArt-Sigma pipeline folder or hub id whose VAE and T5 encode the features."""
     resolution: int = 1024
     """Bucket table: 256, 512, 1024 or 2048 (diffusers' ASPECT_RATIO_*_BIN)."""
@@ -99,7 +100,7 @@ class PrepareConfig:
     """fp32, bf16, or auto: bf16 on CUDA, fp32 on CPU."""
     text_8bit: bool = False
     """Load T5 in 8-bit with bitsandbytes (CUDA only): T5-XXL fits in about 5 GB."""
-    max_tokens: int = models.MAX_TOKENS
+    max_tokens: int = MAX_TOKENS
     """T5 sequence length; PixArt-Sigma reads 300 tokens."""
     workers: int = 0
     """Threads that read, decode and crop images ahead of the VAE; 0: one per CPU core (at most 8); 1: no threads."""
@@ -110,8 +111,8 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         self.caption_order = tuple(self.caption_order)
-        if self.resolution not in BUCKET_TABLES:
-            raise ValueError(f"resolution must be one of {sorted(BUCKET_TABLES)}, got {self.resolution}")
+        if self.resolution not in RESOLUTIONS:
+            raise ValueError(f"resolution must be one of {list(RESOLUTIONS)}, got {self.resolution}")
         if self.source_kind not in SOURCE_KINDS:
             raise ValueError(f"source_kind must be one of {', '.join(SOURCE_KINDS)}, got {self.source_kind!r}")
         unknown = [s for s in self.caption_order if s not in CAPTION_SOURCES]
@@ -130,8 +131,8 @@ class PrepareConfig:
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.vae_dtype not in ("fp32", "bf16"):
             raise ValueError(f"vae_dtype must be fp32 or bf16, got {self.vae_dtype!r}")
-        if self.text_dtype not in ("auto", *models.DTYPES):
-            raise ValueError(f"text_dtype must be auto or one of {', '.join(models.DTYPES)}, got {self.text_dtype!r}")
+        if self.text_dtype not in DTYPE_CHOICES:
+            raise ValueError(f"text_dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.text_dtype!r}")
         try:
             ImageColor.getrgb(self.background)
         except ValueError:
@@ -142,8 +143,8 @@ class PrepareConfig:
 
     def text_torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.text_dtype == "auto":
-            return default_text_dtype(device)
-        return models.resolve_dtype(self.text_dtype)
+            return auto_dtype(device)
+        return resolve_dtype(self.text_dtype)
 
     def stage_settings(self) -> StageSettings:
         return StageSettings(self.resolution, self.max_upscale, self.max_pixels, ImageColor.getrgb(self.background)[:3], self.crop, self.reduce_jpeg)
@@ -186,7 +187,7 @@ class _Run:
         self.skipped: list[dict[str, str]] = []
         self.duplicates: list[list[str]] = []
         self.counts = Counter()
-        self.vae_dtype = models.resolve_dtype(self.config.vae_dtype)
+        self.vae_dtype = resolve_dtype(self.config.vae_dtype)
         self.latents = LatentEncoder(config.model, self.device, self.vae_dtype)
         # image batches waiting for the VAE, by bucket; and waiting for the captioner
         self.pending: dict[tuple[int, int], list[tuple[str, Any]]] = defaultdict(list)
@@ -396,7 +397,7 @@ class _Run:
 
 
 # What prepare writes into --out; anything else there belongs to the user.
-_OUTPUTS = {"dataset.json", "report.json", "scan_index.json", "latents", "text", "captions"}
+_OUTPUTS = {MANIFEST, REPORT, SCAN_INDEX, "latents", "text", "captions"}
 
 
 def _refuse_foreign_out(out: Path) -> None:

@@ -24,12 +24,12 @@ from typing import Any
 
 import PIL
 
+from pixart_tune.base import SCAN_INDEX
 from pixart_tune.data.cache import content_key
 from pixart_tune.fsutil import atomic_path
 
 logger = logging.getLogger(__name__)
 
-INDEX = "scan_index.json"
 FORMAT = 1
 
 
@@ -37,7 +37,7 @@ class ScanIndex:
     """The index of one prepared dataset folder, for one set of decode settings."""
 
     def __init__(self, root: str | Path, settings: str):
-        self.path = Path(root) / INDEX
+        self.path = Path(root) / SCAN_INDEX
         # A new Pillow may decode differently (libjpeg versions round differently): start over then.
         self.settings = content_key(settings, PIL.__version__, str(FORMAT))
         self._old = self._load()

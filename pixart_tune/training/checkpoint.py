@@ -34,11 +34,11 @@ import torch
 from pixart_tune.adapters.layouts import LoraWeights
 from pixart_tune.adapters.loader import read_lora
 from pixart_tune.adapters.lora import LoraSettings, save_adapter
+from pixart_tune.base import CHECKPOINTS, RUN_CONFIG
 from pixart_tune.config import save_yaml
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
 
-CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d+)$")
 _FILES = ("optimizer.pt", "lr_scheduler.pt", "rng.pt", "state.json", "adapter/adapter_model.safetensors")
 
@@ -127,7 +127,7 @@ def save_checkpoint(
             torch.save(rng, tmp / "rng.pt")
             if grad_scaler is not None:
                 torch.save(grad_scaler, tmp / "grad_scaler.pt")
-            save_yaml(config, tmp / "config.yaml")
+            save_yaml(config, tmp / RUN_CONFIG)
             (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=1), encoding="utf-8")
     except Exception as error:
         if is_disk_full(error):

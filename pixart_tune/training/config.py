@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from pixart_tune.adapters.lora import LoraSettings
+from pixart_tune.base import REAL_MODEL_ID, RESOLUTIONS
 from pixart_tune.config import load_config
 
 # Optimizer names this toolkit builds (see pixart_tune.training.optim).
@@ -229,7 +230,7 @@ class LoggingSection:
 
 @dataclasses.dataclass
 class TrainConfig:
-    model: str = "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
+    model: str = REAL_MODEL_ID
     """Base model: hub id or a diffusers-layout folder (only transformer/ and
     scheduler/ are read for training; vae/ and text_encoder/ for validation)."""
     output_dir: Path = Path("runs/lora")
@@ -263,8 +264,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("model must name a hub id or a model folder")
-        if self.resolution is not None and self.resolution not in (256, 512, 1024, 2048):
-            raise ValueError(f"resolution must be 256, 512, 1024 or 2048, got {self.resolution}")
+        if self.resolution is not None and self.resolution not in RESOLUTIONS:
+            raise ValueError(f"resolution must be one of {', '.join(map(str, RESOLUTIONS))}, got {self.resolution}")
         if self.memory_budget_gb <= 0:
             raise ValueError(f"memory_budget_gb must be positive, got {self.memory_budget_gb}")
 

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from pixart_tune.adapters.lora import inject_lora, trainable_parameters
+from pixart_tune.base import MANIFEST, MAX_TOKENS, resolve_dtype
 from pixart_tune.errors import UserError
-from pixart_tune.models import MAX_TOKENS, T5_XXL_CONFIG, XL2_TRANSFORMER_CONFIG, meta_transformer, resolve_dtype
+from pixart_tune.models import T5_XXL_CONFIG, XL2_TRANSFORMER_CONFIG, meta_transformer
 from pixart_tune.training.config import TrainConfig
 from pixart_tune.training.optim import STATE_BYTES_PER_PARAM
 
@@ -272,7 +273,7 @@ def resolution_of(config: TrainConfig) -> int:
 
 
 def _prepared_resolution(path: Path | None) -> int | None:
-    if path is None or not (Path(path) / "dataset.json").is_file():
+    if path is None or not (Path(path) / MANIFEST).is_file():
         return None
     from pixart_tune.data.cache import FeatureCache
 

@@ -29,20 +29,20 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from pixart_tune import __version__
 from pixart_tune.adapters.loader import check_fits, load_into, mismatches, read_lora
 from pixart_tune.adapters.lora import inject_lora, save_adapter, trainable_parameters
+from pixart_tune.base import ADAPTER_DIR, BASE_GRID, RUN_CONFIG, SAMPLES, resolve_dtype
 from pixart_tune.config import save_yaml, to_dict
 from pixart_tune.data.cache import content_key
 from pixart_tune.errors import UserError
-from pixart_tune.models import load_noise_scheduler, load_transformer, quiet_loading, resolve_dtype
+from pixart_tune.models import load_noise_scheduler, load_transformer, quiet_loading
 from pixart_tune.training import checkpoint as ckpt
 from pixart_tune.training import diffusion
 from pixart_tune.training.config import TrainConfig
 from pixart_tune.training.dataset import Batch, BucketBatchSampler, TrainingSet, collate
 from pixart_tune.training.optim import build_lr_scheduler, build_optimizer
-from pixart_tune.training.validation import BASE_GRID, Validator, encode_prompts, save_grid
+from pixart_tune.training.validation import Validator, encode_prompts, save_grid
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"
 # PixArt-Sigma "-MS" checkpoints take no resolution / aspect-ratio micro-conditions.
 _NO_MICRO_CONDITIONS = {"resolution": None, "aspect_ratio": None}
 
@@ -234,7 +234,7 @@ class Trainer:
         out = Path(self.config.output_dir)
         if self.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            save_yaml(self.config, out / "config.yaml")
+            save_yaml(self.config, out / RUN_CONFIG)
             if self.config.logging.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -416,7 +416,7 @@ class Trainer:
         """
         if self.validator is None:
             return None
-        samples = Path(self.config.output_dir) / "samples"
+        samples = Path(self.config.output_dir) / SAMPLES
         path = samples / f"step-{self.state.step:06d}.png"
         count = self.validator.images_due()
         logger.info("drawing %d validation image%s into %s", count, "s" * (count != 1), samples)
@@ -565,7 +565,7 @@ def run(config: TrainConfig, resume: str | None = None, progress: bool = True) -
 def describe_outputs(output_dir: Path, adapter: Path) -> list[str]:
     """What a finished run left in ``output_dir``, one line a kind, for the end of ``train``."""
     lines = [f"trained; the run's files are in {output_dir}/:", f"  {adapter.relative_to(output_dir)}/  the LoRA (sample, merge or export it)"]
-    grids = sorted(p.name for p in (output_dir / "samples").glob("*.png"))
+    grids = sorted(p.name for p in (output_dir / SAMPLES).glob("*.png"))
     if grids:
         lines.append(f"  samples/  validation grids: {', '.join(grids)}")
     for picture in sorted(output_dir.glob("*.png")):

@@ -16,19 +16,18 @@ import torch
 from PIL import Image
 
 from pixart_tune.adapters.lora import disabled_adapters
+from pixart_tune.base import auto_dtype
 from pixart_tune.fsutil import atomic_path
 from pixart_tune.models import load_vae
 from pixart_tune.training.config import ValidationSection
 
-BASE_GRID = "base.png"
-
 
 def encode_prompts(model: str, prompts: list[str], device: torch.device, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """T5 embeddings and masks of ``prompts``, on the CPU; T5 is freed before returning."""
-    from pixart_tune.encoders import TextEncoder, default_text_dtype
+    from pixart_tune.encoders import TextEncoder
 
     # prepare's default, so the prompts read like the training captions.
-    encoder = TextEncoder(model, device, default_text_dtype(device), max_tokens=max_tokens)
+    encoder = TextEncoder(model, device, auto_dtype(device), max_tokens=max_tokens)
     try:
         embeds, mask = encoder.encode(prompts)
         return embeds.cpu(), mask.cpu()

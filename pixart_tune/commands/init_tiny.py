@@ -1,0 +1,27 @@
+"""``pixart-tune init-tiny``: a tiny PixArt-Sigma pipeline for offline tests and demos."""
+
+from __future__ import annotations
+
+from pixart_tune.commands.parsing import ConfigFlags, verb_parser
+from pixart_tune.errors import UserError
+
+SUMMARY = "write a tiny PixArt-Sigma pipeline for offline tests and demos"
+
+
+def main(argv: list[str]) -> int:
+    from pixart_tune.models import TinyConfig, init_tiny
+
+    parser = verb_parser(
+        prog="pixart-tune init-tiny",
+        description="Write a tiny PixArt-Sigma pipeline (diffusers layout) for offline tests and demos.",
+    )
+    flags = ConfigFlags(parser, TinyConfig)
+    flags.add("OUT", field="out")
+    flags.add("--seed", type=int)
+    config = flags.config(parser.parse_args(argv))
+    try:
+        path = init_tiny(config.out, config.seed)
+    except FileExistsError as error:
+        raise UserError(str(error)) from None
+    print(f"wrote a tiny PixArt-Sigma pipeline to {path}")
+    return 0
