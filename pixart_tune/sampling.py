@@ -225,13 +225,13 @@ def sample(config: SampleConfig, on_image: Callable[[int, int], None] | None = N
     height, width = bucket_size(sampler, config.aspect, config.size)
     columns = [(p, s) for p in prompts for s in config.seeds]
     out = Path(config.out)
+    drawn = draw_comparison(
+        sampler, rows, columns, negative_prompt=config.negative_prompt, steps=config.steps, guidance=config.guidance,
+        height=height, width=width, on_image=on_image,
+    )
     images, files = [], []
-    for row, (label, adapters) in enumerate(rows):
-        for col, (prompt, seed) in enumerate(columns):
-            image = sampler.generate(
-                [prompt], [seed], adapters, negative_prompt=config.negative_prompt,
-                steps=config.steps, guidance=config.guidance, height=height, width=width,
-            )[0]
+    for row, ((_, adapters), row_images) in enumerate(zip(rows, drawn)):
+        for col, ((prompt, seed), image) in enumerate(zip(columns, row_images)):
             parameters = {
                 "prompt": prompt, "negative_prompt": config.negative_prompt, "seed": seed, "steps": config.steps,
                 "guidance": config.guidance, "height": height, "width": width, "model": config.model,
@@ -239,12 +239,43 @@ def sample(config: SampleConfig, on_image: Callable[[int, int], None] | None = N
             }
             files.append(save_png(image, out / f"{row:02d}_{col:03d}_seed{seed}.png", parameters))
             images.append(image)
-            if on_image is not None:
-                on_image(len(images), len(rows) * len(columns))
     labels = [f"{p[:24]} #{s}" for p, s in columns]
     grid = image_grid(images, cols=len(columns), row_labels=[label for label, _ in rows], col_labels=labels)
     grid_path = save_png(grid, out / "grid.png", {"rows": [label for label, _ in rows], "columns": labels, "model": config.model})
     return SampleResult(files, grid_path)
+
+
+def draw_comparison(
+    sampler: Sampler,
+    rows: Sequence[tuple[str, Sequence[AdapterSpec]]],
+    columns: Sequence[tuple[str, int]],
+    *,
+    negative_prompt: str = "",
+    steps: int = 20,
+    guidance: float = 4.5,
+    height: int | None = None,
+    width: int | None = None,
+    on_image: Callable[[int, int], None] | None = None,
+    show_progress: bool = False,
+) -> list[list[Image.Image]]:
+    """The image of every row (label, adapters) x column (prompt, seed), one list per row.
+
+    The same seed in every row starts from the same noise, so rows differ by their
+    adapters alone. ``on_image(done, total)`` after each image; ``show_progress``:
+    the pipeline's own bar over the denoising steps.
+    """
+    total = len(rows) * len(columns)
+    drawn: list[list[Image.Image]] = []
+    for _, adapters in rows:
+        drawn.append([])
+        for prompt, seed in columns:
+            drawn[-1] += sampler.generate(
+                [prompt], [seed], adapters, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=height, width=width,
+                show_progress=show_progress,
+            )
+            if on_image is not None:
+                on_image(sum(map(len, drawn)), total)
+    return drawn
 
 
 def comparison_rows(specs: list[AdapterSpec], sweep: list[float] | None, base: bool, separately: bool) -> list[tuple[str, list[AdapterSpec]]]:

@@ -254,6 +254,7 @@ class PreviewApp:
     def sweep(self, model, prompt, negative, seed, steps, guidance, bucket, paths, scales, swept, values, progress: Progress = _silent):
         """A one-row grid: the swept adapter at each scale, the other adapters at their own scale."""
         from pixart_tune.generation import image_grid
+        from pixart_tune.sampling import comparison_rows, draw_comparison
 
         if not paths:
             raise UserError("select at least one adapter, then choose which one to sweep")
@@ -263,20 +264,20 @@ class PreviewApp:
             raise UserError("write a prompt first")
         values = parse_scales(values)
         height, width = parse_bucket(bucket)
+        specs = self.specs(paths, scales)
         index = list(paths).index(swept)
-        kwargs = dict(negative_prompt=negative or "", steps=int(steps), guidance=float(guidance), height=height, width=width, show_progress=True)
-        images = []
+        # The sample verb's rows: the first adapter swept, the others as they are.
+        rows = comparison_rows([specs[index], *specs[:index], *specs[index + 1 :]], values, base=False, separately=False)
         with self.holder.lock:
             progress(0.0, desc="loading the base model")
             sampler = self.holder.get(self.check_model(model))
-            for i, value in enumerate(values):
-                progress(i / len(values), desc=f"scale {value:g}")
-                current = list(scales)
-                current[index] = value
-                images += sampler.generate([prompt], [int(seed)], self.specs(paths, current), **kwargs)
+            drawn = draw_comparison(
+                sampler, rows, [(prompt, int(seed))], negative_prompt=negative or "", steps=int(steps), guidance=float(guidance),
+                height=height, width=width, on_image=lambda done, total: progress(done / total, desc=f"scale {values[min(done, total - 1)]:g}"), show_progress=True,
+            )
         # Column labels must fit a 256 px image: drop the root folder's name, keep the end.
         name = self.label(swept).split("/", 1)[-1][-24:]
-        return image_grid(images, cols=len(images), col_labels=[f"{name} x{v:g}" for v in values])
+        return image_grid([row[0] for row in drawn], cols=len(drawn), col_labels=[f"{name} x{v:g}" for v in values])
 
     def merge(self, model, paths, weights, method, rank, name, progress: Progress = _silent) -> Path:
         """Writes a merged adapter (or, for ``fuse``, a full model folder) into the outputs folder."""
