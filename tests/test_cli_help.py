@@ -64,3 +64,28 @@ def test_an_abbreviated_option_is_refused(capsys):
         main(["train", str(REPO / "recipes" / "tiny_cpu.yaml"), "--resum", "latest"])
     assert exited.value.code == 2
     assert "unrecognized arguments: --resum" in capsys.readouterr().err
+
+
+def test_a_verbs_config_comes_from_file_then_flags_then_set(tmp_path):
+    """One config, three spellings: --config YAML, the flags, --set key=value; later ones win."""
+    from pixart_tune.commands.parsing import ConfigFlags, verb_parser
+    from pixart_tune.errors import UserError
+    from pixart_tune.sampling import SampleConfig
+
+    def parse(*argv):
+        parser = verb_parser("pixart-tune sample", "test")
+        flags = ConfigFlags(parser, SampleConfig)
+        flags.add("--model")
+        flags.add("--steps", type=int)
+        flags.add("--seeds", type=int, nargs="+")
+        return flags.config(parser.parse_args(list(argv)))
+
+    recipe = tmp_path / "sample.yaml"
+    recipe.write_text("model: from-file\nsteps: 7\nguidance: 3.0\nseeds: [1, 2]\n")
+    config = parse("--config", str(recipe), "--steps", "9", "--set", "guidance=2.5")
+    assert (config.model, config.steps, config.guidance, config.seeds) == ("from-file", 9, 2.5, [1, 2])
+    assert parse("--model", "m", "--set", "steps=3").steps == 3
+    with pytest.raises(UserError, match=r"--model is required \(or give model: in the --config file\)"):
+        parse("--steps", "3")
+    with pytest.raises(UserError, match="unknown key 'stpes'"):
+        parse("--model", "m", "--set", "stpes=3")

@@ -16,7 +16,7 @@ def main(argv: list[str]) -> int:
         "merge and fuse. It binds to 127.0.0.1 and reads and writes files only under the folders given here.",
     )
     flags = ConfigFlags(parser, AppSettings)
-    flags.add("--model", field="models", action="append", required=True,
+    flags.add("--model", field="models", action="append",
               help="base model folder or hub id (repeat to offer several; the first loads at start)")
     flags.add("--runs", help="folder searched for adapters (default: runs)")
     flags.add("--outputs")

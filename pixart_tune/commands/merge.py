@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
     )
     flags = ConfigFlags(parser, MergeConfig)
     flags.add("ADAPTER[:WEIGHT]", field="adapters", nargs="+")
-    flags.add("--out", required=True)
+    flags.add("--out")
     flags.add("--method", choices=METHODS)
     flags.add("--rank", type=int)
     flags.add("--resize", type=int, metavar="RANK")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from pixart_tune.config import apply_overrides, field_defaults, field_docs, from_dict, load_yaml
+from pixart_tune.errors import UserError
 
 T = TypeVar("T")
 
@@ -57,17 +58,29 @@ def verb_parser(prog: str, description: str, epilog: str | None = None, raw: boo
 
 
 class ConfigFlags:
-    """The arguments of a verb that stand for fields of its config dataclass ``cls``."""
+    """The arguments of a verb that stand for fields of its config dataclass ``cls``.
+
+    Every such verb also takes ``--config FILE`` (YAML with the config's keys) and
+    ``--set KEY=VALUE``: the file first, then the flags given, then the ``--set``
+    overrides, all checked by :func:`pixart_tune.config.from_dict`.
+    """
 
     def __init__(self, parser: argparse.ArgumentParser, cls: type):
         self.parser, self.cls = parser, cls
         self.names = {field.name for field in dataclasses.fields(cls)}
         self.docs = field_docs(cls)
         self.defaults = field_defaults(cls)
-        self.fields: list[str] = []
+        self.flags: dict[str, str] = {}
+        """Field -> the flag (or positional) that stands for it."""
+        parser.add_argument("--config", metavar="FILE", help=f"YAML file with {cls.__name__} keys (the flags given override it)")
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"set any {cls.__name__} key (after the file and the flags)")
 
     def add(self, *flags: str, field: str | None = None, help: str | None = None, **options: Any) -> None:
-        """A flag (or a positional, given a bare name) for ``field``; help: the field's docstring unless given."""
+        """A flag (or a positional, given a bare name) for ``field``; help: the field's docstring unless given.
+
+        A flag for a field without default is required, by the config rather than by
+        argparse, so that the ``--config`` file may give it instead.
+        """
         positional = not flags[0].startswith("-")
         name = field or flags[0].lstrip("-").replace("-", "_")
         if name not in self.names:
@@ -78,20 +91,21 @@ class ConfigFlags:
         if positional:
             self.parser.add_argument(name, metavar=flags[0], help=text, **options)
         else:
-            # None: not given on the command line, so a --config file or the field's default holds.
+            # None: not given on the command line, so the --config file or the field's default holds.
             self.parser.add_argument(*flags, dest=name, default=None, help=with_default(text, self.defaults.get(name), escape=True), **options)
-        self.fields.append(name)
+        self.flags[name] = flags[0]
 
-    def config(self, args: argparse.Namespace, base: dict[str, Any] | None = None, overrides: Sequence[str] = ()) -> Any:
-        """The config from ``base`` data (a YAML file's), the given arguments, then ``key=value`` overrides."""
+    def config(self, args: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
+        """The config: ``base`` (defaults of the verb's own), the ``--config`` file, the flags given, the ``--set`` overrides."""
         data = dict(base or {})
-        for name in self.fields:
+        if args.config:
+            data.update(load_yaml(args.config))
+        for name in self.flags:
             value = getattr(args, name)
             if value is not None:
                 data[name] = list(value) if isinstance(value, tuple) else value
-        return from_dict(self.cls, apply_overrides(data, list(overrides)))
-
-
-def yaml_or_empty(path: str | None) -> dict[str, Any]:
-    """The mapping in a ``--config`` YAML file, or nothing."""
-    return load_yaml(path) if path else {}
+        data = apply_overrides(data, list(args.set))
+        for name in self.names - set(self.defaults) - set(data):
+            flag = self.flags.get(name, f"--set {name}=...")
+            raise UserError(f"{flag} is required (or give {name}: in the --config file)")
+        return from_dict(self.cls, data)

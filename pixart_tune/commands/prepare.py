@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pixart_tune.commands.parsing import ConfigFlags, verb_parser, yaml_or_empty
+from pixart_tune.commands.parsing import ConfigFlags, verb_parser
 from pixart_tune.errors import UserError
 
 SUMMARY = "scan, caption, bucket and cache a folder of images or a dataset"
@@ -27,8 +27,7 @@ def main(argv: list[str]) -> int:
     )
     flags = ConfigFlags(parser, PrepareConfig)
     flags.add("SRC", field="source")
-    flags.add("--out", required=True)
-    parser.add_argument("--config", help="YAML file with PrepareConfig keys (flags override it)")
+    flags.add("--out")
     flags.add("--model")
     flags.add("--resolution", type=int, choices=RESOLUTIONS)
     flags.add("--source-kind", choices=SOURCE_KINDS)
@@ -56,9 +55,8 @@ def main(argv: list[str]) -> int:
     flags.add("--text-dtype", choices=DTYPE_CHOICES)
     flags.add("--text-8bit", action="store_true")
     flags.add("--no-progress", field="progress", action="store_false", help="no progress bars")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set any PrepareConfig key, e.g. --set max_upscale=3")
     args = parser.parse_args(argv)
-    config = flags.config(args, base=yaml_or_empty(args.config), overrides=args.set)
+    config = flags.config(args)
 
     report = prepare_dataset(config)
     print(summary(report, config.out))

@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
         "and write a comparison grid (base vs adapters with the same seeds, or a sweep of one adapter's scale).",
     )
     flags = ConfigFlags(parser, SampleConfig)
-    flags.add("--model", required=True)
+    flags.add("--model")
     flags.add("--prompt", field="prompts", action="append", help="a prompt (repeat for several)")
     flags.add("--prompts-file")
     flags.add("--negative-prompt")
