@@ -35,7 +35,7 @@ from pixart_tune.data.cache import content_key
 from pixart_tune.errors import UserError
 from pixart_tune.models import load_noise_scheduler, load_transformer, quiet_loading
 from pixart_tune.training import checkpoint as ckpt
-from pixart_tune.training import diffusion
+from pixart_tune.training import diffusion, plots
 from pixart_tune.training.config import TrainConfig
 from pixart_tune.training.dataset import Batch, BucketBatchSampler, TrainingSet, collate
 from pixart_tune.training.optim import build_lr_scheduler, build_optimizer
@@ -72,6 +72,8 @@ class Trainer:
         self._setup_validation()
         if self.resume:
             self._restore(ckpt.resolve_resume(self.resume, self.config.output_dir))
+        # Points after the step resumed from are trained again: dropped, not doubled.
+        self.loss_history = plots.LossHistory.load(self.config.output_dir, self.state.step)
         # Only a run that could start writes anything: a refused recipe leaves no trace.
         self._create_output()
 
@@ -272,6 +274,7 @@ class Trainer:
         adapter = self.save_adapter()
         if self.validator is not None and (not config.validation.every or total % config.validation.every):
             self.validate()
+        self.plot_loss()
         return adapter
 
     def _loop(self, bar, batches: Iterator[Batch], window: "_Window", total: int) -> None:
@@ -382,6 +385,9 @@ class Trainer:
         grad_norm = float(self.grad_norm) if self.grad_norm is not None else float("nan")
         peak = _peak_memory_gb(self.device)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        if self.is_main:
+            self.loss_history.add(plots.TRAIN, self.state.step, loss)
+            self.loss_history.save()
         if self.writer is not None:
             step = self.state.step
             self.writer.add_scalar("train/loss", loss, step)
@@ -425,6 +431,13 @@ class Trainer:
             save_grid(base, samples / BASE_GRID, self.writer, "validation/base", self.state.step)
         save_grid(grid, path, self.writer, "validation", self.state.step)
         return path
+
+    def plot_loss(self) -> Path | None:
+        """Draws the loss history to OUTPUT_DIR/loss.png (main process); returns its path."""
+        if not self.is_main:
+            return None
+        out = Path(self.config.output_dir)
+        return plots.plot_loss(self.loss_history, out / plots.LOSS_PLOT, title=f"{out.name}: loss")
 
     def metadata(self) -> dict[str, object]:
         """What the adapter's safetensors header records about this training."""
