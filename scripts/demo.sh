@@ -15,4 +15,5 @@ pixart-tune train recipes/tiny_cpu.yaml model="$out/tiny" data.path="$out/data" 
 pixart-tune sample --model "$out/tiny" --adapter "$out/run/adapter" --prompt "sks, a photo of a cat" \
     --seeds 1 2 3 --steps 10 --sweep 0.5,1 --out "$out/samples"
 echo
-echo "demo finished: prepared data in $out/data (report.json), run in $out/run, samples in $out/samples/grid.png"
+echo "demo finished: prepared data in $out/data (report.json), run in $out/run (loss curve: loss.png),"
+echo "samples in $out/samples/grid.png (rows: base, adapter x0.5, adapter x1)"

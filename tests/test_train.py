@@ -248,7 +248,7 @@ def test_a_finished_run_is_not_overwritten_and_init_adapter_must_match(tiny_mode
     shutil.rmtree(out / "checkpoints")
     with pytest.raises(UserError, match="finished run's adapter/.*choose another output_dir"):
         Trainer(tiny_config(tiny_model, red_dataset, out), progress=False).setup()
-    with pytest.raises(UserError, match="does not match the lora section: rank=4 \\(recipe: 8\\)"):
+    with pytest.raises(UserError, match="does not match the lora section: rank=32 \\(recipe: 8\\)"):
         Trainer(tiny_config(tiny_model, red_dataset, tmp_path / "two", f"init_adapter={out / 'adapter'}", "lora.rank=8"), progress=False).setup()
     assert not (tmp_path / "two").exists()
     # A matching stage 2 starts from stage 1's weights.
