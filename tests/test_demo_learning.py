@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pixart_tune.base import LOSS_HISTORY, LOSS_PLOT
 from pixart_tune.training import plots
 from pixart_tune.training.trainer import run
 from tests.conftest import REPO
@@ -108,14 +109,14 @@ def assert_readable_plot(path) -> None:
 
 
 def train_history(output_dir) -> list[list[float]]:
-    return json.loads((output_dir / plots.LOSS_HISTORY).read_text(encoding="utf-8"))[plots.TRAIN]
+    return json.loads((output_dir / LOSS_HISTORY).read_text(encoding="utf-8"))[plots.TRAIN]
 
 
 def test_a_run_plots_its_loss_and_a_resumed_run_continues_the_plot(tiny_model, red_dataset, tmp_path, monkeypatch):  # noqa: F811
     recipe = ["schedule.steps=8", "checkpoint.every=4", "logging.every=2"]
     whole = tmp_path / "whole"
     run(tiny_config(tiny_model, red_dataset, whole, *recipe), progress=False)
-    assert_readable_plot(whole / plots.LOSS_PLOT)
+    assert_readable_plot(whole / LOSS_PLOT)
     expected = train_history(whole)
     assert [step for step, _ in expected] == [2, 4, 6, 8]
 
@@ -123,17 +124,17 @@ def test_a_run_plots_its_loss_and_a_resumed_run_continues_the_plot(tiny_model, r
     # 6 is trained again and must appear once, with the value of the run that never stopped.
     resumed = tmp_path / "resumed"
     interrupt_then_resume(tiny_config(tiny_model, red_dataset, resumed, *recipe), monkeypatch, at_step=6)
-    assert_readable_plot(resumed / plots.LOSS_PLOT)
+    assert_readable_plot(resumed / LOSS_PLOT)
     assert train_history(resumed) == expected
 
 
 def test_the_history_keeps_the_points_up_to_the_step_resumed_from(tmp_path):
-    history = plots.LossHistory(tmp_path / plots.LOSS_HISTORY)
+    history = plots.LossHistory(tmp_path / LOSS_HISTORY)
     for step in (10, 20, 30):
         history.add(plots.TRAIN, step, 1.0 / step)
     history.add("eval", 20, 0.5)
     history.save()
     assert plots.LossHistory.load(tmp_path, 20).series == {plots.TRAIN: [(10, 0.1), (20, 0.05)], "eval": [(20, 0.5)]}
     assert plots.LossHistory.load(tmp_path, 0).series == {}  # a fresh run in the folder starts its own
-    path = plots.plot_loss(plots.LossHistory.load(tmp_path, 30), tmp_path / plots.LOSS_PLOT)
+    path = plots.plot_loss(plots.LossHistory.load(tmp_path, 30), tmp_path / LOSS_PLOT)
     assert_readable_plot(path)

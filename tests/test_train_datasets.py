@@ -15,9 +15,9 @@ from safetensors import safe_open
 from pixart_tune.config import ConfigError
 from pixart_tune.errors import UserError
 from pixart_tune.training.config import ExtraDataset, load_train_config
-from pixart_tune.training.dataset import BucketBatchSampler, TrainingSet, collate
+from pixart_tune.training.dataset import BucketBatchSampler, TrainingSet, collate, dataset_fingerprint
 from pixart_tune.training.memory import plan_memory, resolution_of
-from pixart_tune.training.trainer import Trainer, dataset_fingerprint, run
+from pixart_tune.training.trainer import Trainer, run
 from tests.training_fixtures import (  # noqa: F401  (fixtures)
     BLUE,
     TINY_RECIPE,

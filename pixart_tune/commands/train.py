@@ -13,7 +13,8 @@ def main(argv: list[str]) -> int:
     from accelerate import PartialState
 
     from pixart_tune.training.config import load_train_config
-    from pixart_tune.training.trainer import describe_outputs, run
+    from pixart_tune.training.outputs import describe_outputs
+    from pixart_tune.training.trainer import run
 
     parser = verb_parser(
         prog="pixart-tune train",

@@ -26,7 +26,7 @@ from typing import Iterator, Sequence, Union
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from pixart_tune.data.cache import FeatureCache, Manifest
+from pixart_tune.data.cache import FeatureCache, Manifest, content_key
 from pixart_tune.errors import UserError
 
 # What a batch sampler yields per sample: an item index, or (index, caption variant)
@@ -352,3 +352,35 @@ class BucketBatchSampler(Sampler[list[Draw]]):
 
     def __iter__(self) -> Iterator[list[Draw]]:
         yield from self.rank_batches(self.epoch)[self.start :]
+
+
+def dataset_fingerprint(dataset: TrainingSet) -> str:
+    """A hash of what was trained on: every dataset's cache keys and its repeats.
+
+    One dataset at repeats 1 keeps the single-dataset value (same images + captions
+    + encoders give the same fingerprint); otherwise the datasets' own fingerprints
+    and repeats, in order, are hashed together. An item's entry lists every caption
+    variant's key in order; with one caption it is what it was before variants.
+    """
+    parts = []
+    for part, repeats in zip(dataset.parts, dataset.part_repeats):
+        manifest = part.manifest
+        keys = sorted(":".join((i.latent_key, *i.text_keys)) for i in manifest.items)
+        parts.append((content_key(*keys, manifest.empty_text_key), repeats))
+    if len(parts) == 1 and parts[0][1] == 1:
+        return parts[0][0]
+    return content_key("datasets", *(f"{key}x{repeats}" for key, repeats in parts))
+
+
+def check_fits_model(transformer_config, manifest: Manifest, data_path) -> None:
+    """Refuses a dataset whose features were made for another model shape."""
+    problems = []
+    if manifest.latent_channels != transformer_config.in_channels:
+        problems.append(f"latents have {manifest.latent_channels} channels, the transformer takes {transformer_config.in_channels}")
+    if manifest.caption_channels != transformer_config.caption_channels:
+        problems.append(f"text embeddings have {manifest.caption_channels} channels, the transformer takes {transformer_config.caption_channels}")
+    if problems:
+        raise UserError(
+            f"dataset {data_path} does not fit this model ({'; '.join(problems)}); it was prepared with {manifest.model}: "
+            "re-run 'pixart-tune prepare' with --model set to the model you train"
+        )

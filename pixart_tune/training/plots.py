@@ -14,10 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pixart_tune.base import LOSS_HISTORY
 from pixart_tune.fsutil import atomic_path
-
-LOSS_HISTORY = "loss.json"
-LOSS_PLOT = "loss.png"
 
 TRAIN = "train"
 """The series of training losses, one point per log point (``logging.every`` steps)."""

@@ -29,15 +29,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from pixart_tune import __version__
 from pixart_tune.adapters.loader import check_fits, load_into, mismatches, read_lora
 from pixart_tune.adapters.lora import inject_lora, save_adapter, trainable_parameters
-from pixart_tune.base import ADAPTER_DIR, BASE_GRID, RUN_CONFIG, SAMPLES, resolve_dtype
+from pixart_tune.base import ADAPTER_DIR, BASE_GRID, LOSS_PLOT, RUN_CONFIG, SAMPLES, resolve_dtype
 from pixart_tune.config import save_yaml, to_dict
-from pixart_tune.data.cache import content_key
 from pixart_tune.errors import UserError
 from pixart_tune.models import load_noise_scheduler, load_transformer, quiet_loading
 from pixart_tune.training import checkpoint as ckpt
 from pixart_tune.training import diffusion, plots
 from pixart_tune.training.config import TrainConfig
-from pixart_tune.training.dataset import Batch, BucketBatchSampler, TrainingSet, collate
+from pixart_tune.training.dataset import Batch, BucketBatchSampler, TrainingSet, check_fits_model, collate, dataset_fingerprint
 from pixart_tune.training.optim import build_lr_scheduler, build_optimizer
 from pixart_tune.training.validation import Validator, encode_prompts, save_grid
 
@@ -160,7 +159,7 @@ class Trainer:
         except (OSError, ValueError) as error:
             raise UserError(f"cannot load model {config.model!r} ({error}); set model= to a PixArt-Sigma folder or hub id") from None
         for part in self.dataset.parts:
-            _check_fits(transformer.config, part.manifest, part.cache.root)
+            check_fits_model(transformer.config, part.manifest, part.cache.root)
         # `resolution` is the main dataset's (validation renders at it, the adapter
         # records it). Extra datasets may come from other bucket tables: that is
         # multi-resolution training, and a batch still holds one shape.
@@ -437,7 +436,7 @@ class Trainer:
         if not self.is_main:
             return None
         out = Path(self.config.output_dir)
-        return plots.plot_loss(self.loss_history, out / plots.LOSS_PLOT, title=f"{out.name}: loss")
+        return plots.plot_loss(self.loss_history, out / LOSS_PLOT, title=f"{out.name}: loss")
 
     def metadata(self) -> dict[str, object]:
         """What the adapter's safetensors header records about this training."""
@@ -524,38 +523,6 @@ def epochs_to_steps(epochs: int, batches_per_epoch: int, grad_accum: int) -> int
     return max(1, math.ceil(epochs * batches_per_epoch / grad_accum))
 
 
-def dataset_fingerprint(dataset: TrainingSet) -> str:
-    """A hash of what was trained on: every dataset's cache keys and its repeats.
-
-    One dataset at repeats 1 keeps the single-dataset value (same images + captions
-    + encoders give the same fingerprint); otherwise the datasets' own fingerprints
-    and repeats, in order, are hashed together. An item's entry lists every caption
-    variant's key in order; with one caption it is what it was before variants.
-    """
-    parts = []
-    for part, repeats in zip(dataset.parts, dataset.part_repeats):
-        manifest = part.manifest
-        keys = sorted(":".join((i.latent_key, *i.text_keys)) for i in manifest.items)
-        parts.append((content_key(*keys, manifest.empty_text_key), repeats))
-    if len(parts) == 1 and parts[0][1] == 1:
-        return parts[0][0]
-    return content_key("datasets", *(f"{key}x{repeats}" for key, repeats in parts))
-
-
-def _check_fits(transformer_config, manifest, data_path) -> None:
-    """Refuses a dataset whose features were made for another model shape."""
-    problems = []
-    if manifest.latent_channels != transformer_config.in_channels:
-        problems.append(f"latents have {manifest.latent_channels} channels, the transformer takes {transformer_config.in_channels}")
-    if manifest.caption_channels != transformer_config.caption_channels:
-        problems.append(f"text embeddings have {manifest.caption_channels} channels, the transformer takes {transformer_config.caption_channels}")
-    if problems:
-        raise UserError(
-            f"dataset {data_path} does not fit this model ({'; '.join(problems)}); it was prepared with {manifest.model}: "
-            "re-run 'pixart-tune prepare' with --model set to the model you train"
-        )
-
-
 def _peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -573,19 +540,3 @@ def run(config: TrainConfig, resume: str | None = None, progress: bool = True) -
         return trainer.train()
     finally:
         trainer.cleanup()
-
-
-def describe_outputs(output_dir: Path, adapter: Path) -> list[str]:
-    """What a finished run left in ``output_dir``, one line a kind, for the end of ``train``."""
-    lines = [f"trained; the run's files are in {output_dir}/:", f"  {adapter.relative_to(output_dir)}/  the LoRA (sample, merge or export it)"]
-    grids = sorted(p.name for p in (output_dir / SAMPLES).glob("*.png"))
-    if grids:
-        lines.append(f"  samples/  validation grids: {', '.join(grids)}")
-    for picture in sorted(output_dir.glob("*.png")):
-        lines.append(f"  {picture.name}")
-    kept = ckpt.list_checkpoints(output_dir)
-    if kept:
-        lines.append(f"  checkpoints/  {', '.join(p.name for p in kept)} (continue with --resume latest)")
-    if (output_dir / "logs").is_dir():
-        lines.append(f"  logs/  TensorBoard (tensorboard --logdir {output_dir / 'logs'})")
-    return lines
