@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, TypeVar
+from typing import Any
 
 from pixart_tune.config import apply_overrides, field_defaults, field_docs, from_dict, load_yaml
 from pixart_tune.errors import UserError
-
-T = TypeVar("T")
 
 
 class HelpFormatter(argparse.HelpFormatter):
