@@ -36,7 +36,7 @@ GOAL = 0.05
 
 
 def tiny_model(workdir: Path) -> Path:
-    from pixart_tune.models import init_tiny
+    from pixart_tune.tiny import init_tiny
 
     folder = workdir / "tiny-model"
     if not (folder / "model_index.json").is_file():

@@ -100,7 +100,7 @@ def build_model_folder(out, transformer_config: dict, caption_channels: int, dty
     from diffusers import PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
-    from pixart_tune.models import build_tiny_pipeline
+    from pixart_tune.tiny import build_tiny_pipeline
 
     out = Path(out)
     pipe = build_tiny_pipeline(seed)

@@ -58,7 +58,8 @@ class Setting:
     def transformer_config(self, resolution: int) -> dict[str, Any]:
         """The real XL-2 at ``resolution`` (its checkpoint's sample size and pos-embed scale), or a tiny one."""
         from pixart_tune.base import INTERPOLATION_SCALE
-        from pixart_tune.models import XL2_TRANSFORMER_CONFIG, tiny_transformer_config
+        from pixart_tune.models import XL2_TRANSFORMER_CONFIG
+        from pixart_tune.tiny import tiny_transformer_config
 
         base = tiny_transformer_config(layers=2, heads=2, head_dim=16, caption_channels=32) if self.tiny else dict(XL2_TRANSFORMER_CONFIG)
         return dict(base, sample_size=resolution // 8, interpolation_scale=INTERPOLATION_SCALE[resolution])

@@ -66,7 +66,7 @@ def save_random_t5(setting: Setting, folder: Path) -> int:
     """A random T5 encoder (T5-XXL, or tiny) and a tokenizer saved in a model folder; its parameter count."""
     from transformers import T5Config, T5EncoderModel
 
-    from pixart_tune.models import build_tiny_tokenizer
+    from pixart_tune.tiny import build_tiny_tokenizer
 
     log(f"[t5] initialising a random {'tiny' if setting.tiny else 'T5-XXL'} encoder and saving it ...")
     tokenizer = build_tiny_tokenizer()

@@ -44,7 +44,7 @@ GOAL = 1.10
 
 
 def mid_transformer_config(layers: int = 4, heads: int = 4, head_dim: int = 64) -> dict:
-    from pixart_tune.models import tiny_transformer_config
+    from pixart_tune.tiny import tiny_transformer_config
 
     return tiny_transformer_config(layers=layers, heads=heads, head_dim=head_dim)
 

@@ -15,6 +15,11 @@ from pixart_tune.errors import UserError
 logger = logging.getLogger(__name__)
 
 
+def looks_like_path(name: str) -> bool:
+    """Written as a path (``/``, ``.``, ``~`` first, or more than one ``/``), so never a hub id (``owner/name``)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
 def resolve_component(model: str, subfolder: str) -> Path:
     """The local folder of ``subfolder`` of a model folder or hub id (downloading when online)."""
     local = Path(model) / subfolder
@@ -22,7 +27,7 @@ def resolve_component(model: str, subfolder: str) -> Path:
         return local
     if Path(model).is_dir():
         raise UserError(f"{model} has no {subfolder}/ folder; point --model at a PixArt-Sigma pipeline folder in the diffusers layout")
-    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
+    if looks_like_path(model):
         raise UserError(f"model folder {model} does not exist; give a pipeline folder (pixart-tune init-tiny makes a tiny one) or a hub id")
     if (model, subfolder) not in _HUB_FOLDERS:
         from huggingface_hub import snapshot_download

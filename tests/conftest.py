@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """Path of a tiny PixArt-Sigma pipeline in the diffusers folder layout."""
-    from pixart_tune.models import init_tiny
+    from pixart_tune.tiny import init_tiny
 
     return str(init_tiny(tmp_path_factory.mktemp("models") / "tiny"))
 

@@ -10,7 +10,8 @@ two packages on one layer stay out of each other):
     adapters | data          LoRA files and tools; dataset preparation and the cache
     generation               one generation path, grids, PNGs
     encoders                 the VAE and T5
-    models | hub             loading components, the tiny pipeline; hub look-ups
+    tiny                     the tiny pipeline (init-tiny)
+    models | hub | tiny_vae  loading components; hub look-ups; the tiny pipeline's VAE
     base | config | fsutil   the vocabulary; typed configs; safe file writes
     errors | pixart_tune     the user-facing error; the version
 """
@@ -27,7 +28,8 @@ from tests.conftest import REPO
 LAYERS: list[tuple[str, ...]] = [
     ("pixart_tune", "pixart_tune.errors"),
     ("pixart_tune.base", "pixart_tune.config", "pixart_tune.fsutil"),
-    ("pixart_tune.models", "pixart_tune.hub"),
+    ("pixart_tune.models", "pixart_tune.hub", "pixart_tune.tiny_vae"),
+    ("pixart_tune.tiny",),
     ("pixart_tune.encoders",),
     ("pixart_tune.generation",),
     ("pixart_tune.adapters", "pixart_tune.data"),

@@ -15,7 +15,7 @@ import torch
 
 from bench import gpu_check, realsize_memory, trainer_overhead
 from bench.common import build_model_folder, prepare, write_images
-from pixart_tune.models import tiny_transformer_config
+from pixart_tune.tiny import tiny_transformer_config
 from tests.conftest import REPO
 
 

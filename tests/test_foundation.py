@@ -92,7 +92,7 @@ def test_tiny_model_loads_through_from_pretrained(tiny_model):
 
 
 def test_init_tiny_refuses_a_non_empty_folder(tmp_path):
-    from pixart_tune.models import init_tiny
+    from pixart_tune.tiny import init_tiny
 
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError):

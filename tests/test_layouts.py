@@ -16,7 +16,8 @@ from pixart_tune.adapters import lora
 from pixart_tune.adapters.layouts import detect_layout
 from pixart_tune.adapters.loader import AdapterSpec, apply_lora, load_adapters, load_into, read_lora
 from pixart_tune.errors import UserError
-from pixart_tune.models import load_transformer, tiny_transformer_config
+from pixart_tune.models import load_transformer
+from pixart_tune.tiny import tiny_transformer_config
 from tests.adapter_fixtures import adapters, assert_close, filled_transformer, output, peft_load, peft_state  # noqa: F401  (adapters: a fixture)
 
 RANK, ALPHA = 4, 8.0

@@ -26,6 +26,7 @@ from pixart_tune.adapters.merge import refuse_overwriting_inputs, write_weights
 from pixart_tune.base import ADAPTER_WEIGHTS, REAL_MODEL_ID
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
+from pixart_tune.hub import looks_like_path
 
 # Export format -> (layout, which loader the file is for).
 FORMATS: dict[str, tuple[str, str]] = {
@@ -85,7 +86,7 @@ def looks_like_hub_id(name: str) -> bool:
     """``owner/name`` that is not a folder here: a recorded local path (even one gone since) is not."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if not name or name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists():
+    if not name or looks_like_path(name) or name.count("/") != 1 or Path(name).exists():
         return False
     try:
         validate_repo_id(name)

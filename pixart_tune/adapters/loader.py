@@ -256,16 +256,24 @@ def mismatches(transformer: torch.nn.Module, weights: LoraWeights, adapter_name:
     return list(dict.fromkeys(problems))
 
 
-def load_into(transformer: torch.nn.Module, weights: LoraWeights, adapter_name: str = "default", source: str = "adapter") -> None:
+def load_into(
+    transformer: torch.nn.Module,
+    weights: LoraWeights,
+    adapter_name: str = "default",
+    source: str = "adapter",
+    target: str = "the LoRA it is loaded into",
+    advice: str = "",
+) -> None:
     """Loads ``weights`` into the adapter ``adapter_name`` already injected, exactly and strictly.
 
     For a training run's own LoRA (resume, ``init_adapter``): the layers, their
-    dtype and which parameters train stay as they are; only the values change.
+    dtype and which parameters train stay as they are; only the values change. A
+    mismatch is refused as "``source`` does not match ``target``: what differs; ``advice``".
     """
     check_fits(transformer, weights, source)
     problems = mismatches(transformer, weights, adapter_name)
     if problems:
-        raise UserError(f"{source} does not match the LoRA it is loaded into: {'; '.join(problems)}")
+        raise UserError(f"{source} does not match {target}: {'; '.join(problems)}" + (f"; {advice}" if advice else ""))
     _load_state(transformer, weights, adapter_name, source)
 
 

@@ -9,7 +9,7 @@ SUMMARY = "write a tiny PixArt-Sigma pipeline for offline tests and demos"
 
 
 def main(argv: list[str]) -> int:
-    from pixart_tune.models import TinyConfig, init_tiny
+    from pixart_tune.tiny import TinyConfig, init_tiny
 
     parser = verb_parser(
         prog="pixart-tune init-tiny",

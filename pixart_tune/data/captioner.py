@@ -21,7 +21,7 @@ from PIL import Image
 
 from pixart_tune.base import auto_dtype
 from pixart_tune.errors import UserError
-from pixart_tune.hub import hub_source
+from pixart_tune.hub import hub_source, looks_like_path
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Captioner:
 
         source = self.model_name
         if not Path(source).is_dir():
-            if source.startswith(("/", ".", "~")) or source.count("/") > 1:
+            if looks_like_path(source):
                 raise UserError(f"cannot load captioner {source!r}: no such folder; give a folder or a hub id to --captioner")
             source = hub_source(source, "captioner", "--captioner")
         logger.info("loading the captioner %s", self.model_name)

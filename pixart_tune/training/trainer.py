@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pixart_tune import __version__
-from pixart_tune.adapters.loader import check_fits, load_into, mismatches, read_lora
+from pixart_tune.adapters.loader import load_into, read_lora
 from pixart_tune.adapters.lora import inject_lora, save_adapter, trainable_parameters
 from pixart_tune.base import ADAPTER_DIR, BASE_GRID, LOSS_PLOT, RUN_CONFIG, SAMPLES, resolve_dtype
 from pixart_tune.config import save_yaml, to_dict
@@ -184,12 +184,10 @@ class Trainer:
         self.latent_channels = manifest.latent_channels
 
     def _load_init_adapter(self, transformer: torch.nn.Module, path: Path) -> None:
-        weights = read_lora(path)
-        check_fits(transformer, weights, f"init_adapter {path}")
-        mismatch = mismatches(transformer, weights)
-        if mismatch:
-            raise UserError(f"init_adapter {path} does not match the lora section: {'; '.join(mismatch)}; copy its lora settings into the recipe")
-        load_into(transformer, weights, source=f"init_adapter {path}")
+        load_into(
+            transformer, read_lora(path), source=f"init_adapter {path}", target="the lora section",
+            advice="copy its lora settings into the recipe",
+        )
 
     def _setup_optimizer(self) -> None:
         config = self.config
