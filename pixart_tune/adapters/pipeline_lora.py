@@ -190,13 +190,14 @@ def _from_hub(repo: str, weight_name: str | None, subfolder: str | None, hub: di
 
 def load(
     transformer: torch.nn.Module,
-    source: Any,
+    lora_source: Any,
     adapter_name: str | None = None,
     hotswap: bool = False,
     **kwargs: Any,
 ) -> str:
     """:meth:`PixArtSigmaLoraLoaderMixin.load_lora_weights` on a transformer; returns the adapter's name."""
     allow_pickle = bool(kwargs.pop("allow_pickle", False))
+    label = kwargs.pop("source", None)
     where = {key: kwargs.pop(key) for key in ("weight_name", "subfolder") if key in kwargs}
     hub = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
     for key in _IGNORED_KWARGS:
@@ -213,10 +214,11 @@ def load(
         raise LoraApiError(f"Adapter name {adapter_name} already in use in the model - please select a new adapter name.")
     if adapter_name is not None and (not adapter_name or "." in adapter_name):
         raise LoraApiError(f"adapter name {adapter_name!r} must be non-empty and without dots (PEFT keys layers by it)")
-    weights = read_source(transformer, source, allow_pickle=allow_pickle, **where, **hub)
-    label = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "LoRA state dict"
-    if where.get("weight_name"):
-        label += f" ({where['weight_name']})"
+    weights = read_source(transformer, lora_source, allow_pickle=allow_pickle, **where, **hub)
+    if label is None:
+        label = os.fspath(lora_source) if isinstance(lora_source, (str, os.PathLike)) else "LoRA weights"
+        if where.get("weight_name"):
+            label += f" ({where['weight_name']})"
     if hotswap:
         # In place, the layers untouched: a compiled model is not recompiled. Same targets, ranks and alphas only.
         load_into(transformer, weights, adapter_name, source=label, target=f"adapter {adapter_name!r}", advice="load it under a new name instead")
@@ -434,7 +436,8 @@ class PixArtSigmaLoraLoaderMixin:
         ``adapter_name`` it is named ``default_0``, ``default_1`` ... A name in use
         raises ``ValueError``; the same file under two names loads twice.
         ``hotswap=True`` replaces the weights of the adapter ``adapter_name`` in
-        place (same targets, ranks and alphas). Pickle files need ``allow_pickle=True``.
+        place (same targets, ranks and alphas). Pickle files need ``allow_pickle=True``;
+        ``source=`` names the LoRA in error messages (default: the path).
         """
         load(_transformer_of(self), pretrained_model_name_or_path_or_dict, adapter_name, hotswap, **kwargs)
 
