@@ -27,7 +27,8 @@ Where the readers of these files differ (read in their source):
 * ComfyUI core (``comfy/weight_adapter/lokr.py`` at e8f3bc5, ``loha.py`` at 17adbb5):
   the same products; scale ``alpha / dim`` (``dim`` of ``w2_b``, else ``w1_b``), 1.0
   without alpha or a decomposed half; for ``alpha = 0`` it gives 0 (LyCORIS and this
-  module: 1). For PixArt it maps ``diffusion_model.`` + original names, ``lora_unet_``
+  module: 1). Its ``torch.kron`` of a Tucker ``W2`` (a non-contiguous einsum result)
+  raises under torch 2.13, and it then skips the layer: exports write ``W2`` out. For PixArt it maps ``diffusion_model.`` + original names, ``lora_unet_``
   + underscored original names and ``transformer.`` / ``base_model.model.`` /
   ``unet.base_model.model.`` + diffusers names (q/k/v as row slices of ``attn.qkv``);
   not ``lycoris_*`` names (it does for SD3 and Flux).
@@ -70,10 +71,7 @@ _EXTRA_TENSORS = ("alpha", "dora_scale")
 _PREFIXES = ("lycoris_", "lora_unet_", "lora_transformer_", "unet.base_model.model.", "base_model.model.", "transformer.", "diffusion_model.", "")
 
 LAYOUTS = ("diffusers", "comfyui", "lycoris")
-"""Export layouts: ``transformer.`` + diffusers names (ComfyUI core reads it, q/k/v as
-slices of the fused layer); ``diffusion_model.`` + original names, q/k/v fused (ComfyUI
-core); ``lycoris_`` + underscored diffusers names (what LyCORIS and SimpleTuner write
-and read; ComfyUI core does not map it for PixArt)."""
+"""Export layouts (:func:`to_comfyui_state`); ``lycoris`` is LyCORIS' and SimpleTuner's naming, not read by ComfyUI for PixArt."""
 
 
 # --- the modules ---------------------------------------------------------------------------
@@ -106,15 +104,11 @@ def _need(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _shapes(*named: tuple[str, torch.Tensor]) -> str:
-    return ", ".join(f"{name} {tuple(tensor.shape)}" for name, tensor in named)
-
-
 def _check_product(prefix: str, side: str, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None) -> None:
     """``a @ b`` (or the Tucker form with ``t``) must be defined; names are LyCORIS tensor names."""
     names = [(f"{prefix}w{side}_a", a), (f"{prefix}w{side}_b", b)] + ([(f"{prefix}t{side}", t)] if t is not None else [])
     ok = a.ndim == 2 and b.ndim == 2 and (a.shape[1] == b.shape[0] if t is None else t.ndim == 4 and t.shape[:2] == (a.shape[0], b.shape[0]))
-    _need(ok, f"has {_shapes(*names)}, which do not fit together")
+    _need(ok, f"has {', '.join(f'{n} {tuple(v.shape)}' for n, v in names)}, which do not fit together")
 
 
 @dataclasses.dataclass
@@ -176,7 +170,7 @@ class LokrModule:
             w2 = self.w2_a.float() @ self.w2_b.float().reshape(self.w2_b.shape[0], -1)
         if w2.ndim == 4:
             w1 = w1[:, :, None, None]
-        return (torch.kron(w1, w2) * self.scale).reshape(self.shape)
+        return (torch.kron(w1, w2.contiguous()) * self.scale).reshape(self.shape)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """LyCORIS tensor name -> tensor, and an ``alpha`` (0-dim, as LyCORIS stores it) giving the same scale."""
@@ -567,12 +561,10 @@ def fuse_original(modules: Mapping[str, LycorisModule]) -> dict[str, LycorisModu
 
 
 def to_comfyui_state(modules: Mapping[str, LycorisModule], layout: str = "diffusers") -> dict[str, torch.Tensor]:
-    """A flat LyCORIS state dict (fp32, an ``alpha`` per module) in ``layout`` (see :data:`LAYOUTS`).
-
-    ``diffusers`` (``transformer.`` + diffusers names) keeps every module as it is and
-    is what ComfyUI core reads for PixArt with q/k/v applied as slices of the fused
-    layer; ``comfyui`` writes original names with q/k/v fused (:func:`fuse_original`).
-    """
+    """A flat LyCORIS state dict (fp32, an ``alpha`` per module) in ``layout``: ``diffusers`` (``transformer.`` +
+    diffusers names; ComfyUI core applies q/k/v as slices of the fused layer), ``comfyui`` (``diffusion_model.`` +
+    original names, q/k/v fused by :func:`fuse_original`) or ``lycoris`` (``lycoris_`` + underscored diffusers names)."""
+    modules = {name: _without_tucker(module) for name, module in modules.items()}
     if layout == "diffusers":
         named, prefix = dict(modules), "transformer."
     elif layout == "comfyui":
@@ -583,6 +575,15 @@ def to_comfyui_state(modules: Mapping[str, LycorisModule], layout: str = "diffus
         raise UserError(f"unknown LyCORIS layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     tensors = {f"{prefix}{name}.{key}": value for name, module in named.items() for key, value in module.tensors().items()}
     return {key: value.detach().to(torch.float32).contiguous().cpu() for key, value in tensors.items()}
+
+
+def _without_tucker(module: LycorisModule) -> LycorisModule:
+    """A Tucker LoKr with its W2 written out: the same update, which ComfyUI applies (module docstring)."""
+    if not isinstance(module, LokrModule) or module.t2 is None:
+        return module
+    w2 = LokrModule(w1=torch.ones(1, 1), w2_a=module.w2_a, w2_b=module.w2_b, t2=module.t2).delta()  # scale 1
+    factor = module.scale if module.w1 is not None else 1.0  # two full halves: scale 1, fold it into W2
+    return dataclasses.replace(module, w2=(w2 * factor).contiguous(), w2_a=None, w2_b=None, t2=None)
 
 
 def lora_from_delta(delta: torch.Tensor, rank: int) -> tuple[LoraModule, float, float]:
