@@ -1,22 +1,28 @@
-"""Every export format round-trips, ComfyUI files apply as ComfyUI applies them, publish folders are complete."""
+"""Every export format round-trips, ComfyUI files apply as ComfyUI applies them, publish folders are complete
+and carry names, never local paths. (What city96's ComfyUI_ExtraModels does with each file: test_city96.py.)"""
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from safetensors import safe_open
 
 from pixart_tune.adapters.card import parse_front_matter
-from pixart_tune.adapters.export import FORMATS, export_adapter
+from pixart_tune.adapters.export import FORMATS, export_adapter, public_metadata
 from pixart_tune.adapters.loader import AdapterSpec, load_adapters, read_lora
+from pixart_tune.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS, REAL_MODEL_ID
 from pixart_tune.commands.export import main as cli
 from pixart_tune.errors import UserError
 from pixart_tune.generation import save_png
 from pixart_tune.models import load_transformer
 from tests.adapter_fixtures import adapters, assert_close, make_adapter, output, peft_load  # noqa: F401  (adapters: a fixture)
+from tests.training_fixtures import red_dataset, tiny_config  # noqa: F401  (red_dataset: a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -135,10 +141,11 @@ def test_publish_folder_has_card_adapter_comfyui_files_and_samples(tiny_model, a
     with Image.open(out / widget["output"]["url"]) as image:
         assert image.getpixel((0, 0)) == (0, 0, 255)  # the newest validation grid
     assert "| steps | `100` |" in card and "learning_rate" not in matter
-    assert "my-style_comfyui.safetensors" in card and "city96" in card
+    assert "my-style_comfyui.safetensors" in card and "my-style_onetrainer.safetensors" in card
+    assert "## Use in ComfyUI" in card and "LoraLoaderModelOnly" in card and "PixArt Load LoRA" in card
     # The folder itself and each ComfyUI file load back to the same adapter.
     reference = read_lora(adapters["a"])
-    for candidate in (out, out / "my-style_comfyui.safetensors", out / "my-style_pixart.safetensors"):
+    for candidate in (out, out / "my-style_comfyui.safetensors", out / "my-style_onetrainer.safetensors"):
         loaded = read_lora(candidate)
         for name, module in reference.modules.items():
             assert torch.allclose(loaded.modules[name].delta(), module.delta(), atol=1e-5), (candidate, name)
@@ -163,3 +170,72 @@ def test_only_hub_ids_become_the_cards_base_model(tmp_path):
         assert not looks_like_hub_id(local), local
     card = render(CardInfo(name="x", base_model="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", repo_id="me/my-lora"))
     assert 'snapshot_download("me/my-lora")' in card and "AdapterSpec(adapter" in card
+
+
+def test_public_metadata_keeps_names_and_hub_ids_and_drops_local_paths():
+    header = {
+        "base_model": "/home/me/models/pixart-sigma/",
+        "training_config": json.dumps({
+            "model": "./tiny", "output_dir": "runs/style/v2", "init_adapter": None,
+            "data": {"path": "C:\\data\\set", "extra": [{"path": "~/more", "repeats": 2}]},
+            "validation": {"prompts": ["a cat / dog on a sofa/bed"]},
+        }),
+        "merged_from": json.dumps([{"path": "/abs/a", "weight": 1.0}, {"path": "owner/name", "weight": 0.5}]),
+        "steps": "100",
+        "trigger_words": json.dumps(["sks"]),
+        "homepage": "https://huggingface.co/owner/name",
+    }
+    public = public_metadata(header)
+    assert public["base_model"] == "pixart-sigma"
+    config = json.loads(public["training_config"])
+    assert (config["model"], config["output_dir"], config["init_adapter"]) == ("tiny", "v2", None)
+    assert config["data"] == {"path": "set", "extra": [{"path": "more", "repeats": 2}]}
+    assert config["validation"]["prompts"] == ["a cat / dog on a sofa/bed"]
+    assert json.loads(public["merged_from"]) == [{"path": "a", "weight": 1.0}, {"path": "owner/name", "weight": 0.5}]
+    for key in ("steps", "trigger_words", "homepage"):
+        assert public[key] == header[key]
+    assert public_metadata({"base_model": REAL_MODEL_ID}) == {"base_model": REAL_MODEL_ID}
+
+
+def test_exports_and_publish_folders_of_a_trained_adapter_carry_no_local_path(tiny_model, red_dataset, tmp_path, tmp_path_factory):  # noqa: F811
+    from pixart_tune.training.trainer import Trainer
+
+    local = str(tmp_path_factory.getbasetemp())
+    assert Path(tiny_model).is_absolute() and tiny_model.startswith(local)
+    config = tiny_config(tiny_model, red_dataset, tmp_path / "run", "schedule.steps=2", "checkpoint.every=0", "trigger_words=[sks]")
+    trainer = Trainer(config, progress=False)
+    trainer.setup()
+    try:
+        adapter = trainer.train()
+    finally:
+        trainer.cleanup()
+    # The trainer records the model folder, the dataset and its output folder as it was given them.
+    assert local.encode() in (adapter / ADAPTER_WEIGHTS).read_bytes()
+    sample = save_png(Image.new("RGB", (32, 32), "red"), tmp_path / "sample.png", {
+        "prompt": "sks", "seed": 1, "model": tiny_model, "adapters": [{"path": str(adapter), "scale": 1.0}],
+    })
+    other = PngInfo()  # another tool's PNG: a text line and a JSON workflow, both naming local files
+    other.add_text("parameters", f"sks\nSteps: 20, Model: {tiny_model}/transformer")
+    other.add_text("workflow", json.dumps({"nodes": [{"widgets_values": [f"{tmp_path}/lora.safetensors", 1.0]}]}))
+    Image.new("RGB", (32, 32), "blue").save(tmp_path / "other.png", pnginfo=other)
+    assert cli([str(adapter), "--format", "all", "--out", str(tmp_path / "exported")]) == 0
+    assert cli([str(adapter), "--publish", str(tmp_path / "publish"), "--samples", str(sample), str(tmp_path / "other.png")]) == 0
+    written = [p for folder in ("exported", "publish") for p in sorted((tmp_path / folder).rglob("*")) if p.is_file()]
+    assert len(written) == len(FORMATS) + 7  # README, adapter + config, comfyui, onetrainer, two images
+    for file in written:
+        assert local.encode() not in file.read_bytes(), f"{file} holds a local path"
+    with safe_open(str(tmp_path / "exported" / "adapter_diffusers.safetensors"), framework="pt") as handle:
+        header = handle.metadata()
+    trained = json.loads(header["training_config"])
+    assert (header["base_model"], trained["model"], trained["data"]["path"], trained["output_dir"]) == ("tiny", "tiny", "prepared", "run")
+    assert json.loads((tmp_path / "publish" / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == REAL_MODEL_ID
+    assert parse_front_matter((tmp_path / "publish" / "README.md").read_text())["base_model"] == REAL_MODEL_ID
+    with Image.open(tmp_path / "publish" / "images" / "sample_0.png") as image:
+        shown = json.loads(image.text["pixart-tune"])
+        assert image.getpixel((0, 0)) == (255, 0, 0)
+    assert shown == {"prompt": "sks", "seed": 1, "model": "tiny", "adapters": [{"path": "adapter", "scale": 1.0}]}
+    with Image.open(tmp_path / "publish" / "images" / "sample_1.png") as image:
+        assert image.text["parameters"] == "sks\nSteps: 20, Model: transformer"
+        assert json.loads(image.text["workflow"]) == {"nodes": [{"widgets_values": ["lora.safetensors", 1.0]}]}
+    with pytest.raises(UserError, match="local path.*Hub id"):
+        cli([str(adapter), "--publish", str(tmp_path / "again"), "--base-model", tiny_model])

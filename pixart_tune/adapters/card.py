@@ -46,6 +46,10 @@ class CardInfo:
     files: dict[str, str] = dataclasses.field(default_factory=dict)
     """File name -> which loader it is for."""
     repo_id: str | None = None
+    comfyui_file: str | None = None
+    """The file for ComfyUI's core LoRA loader (the ``comfyui`` export), if the folder has one."""
+    city96_file: str | None = None
+    """The file for city96's "PixArt Load LoRA" node (the ``onetrainer`` export), if the folder has one."""
 
     def __post_init__(self) -> None:
         if not self.name.strip():
@@ -131,12 +135,37 @@ def render(info: CardInfo) -> str:
         " as does PEFT on the transformer (`adapter_config.json` + `adapter_model.safetensors`).",
         "",
     ]
+    lines += comfyui_section(info)
     settings = training_settings(info.metadata)
     if settings:
         lines += ["## Training settings", "", "| setting | value |", "|---|---|"]
         lines += [f"| {key} | `{value}` |" for key, value in settings.items()]
         lines += [""]
     return "\n".join(lines)
+
+
+def comfyui_section(info: CardInfo) -> list[str]:
+    """How to load the adapter in ComfyUI, as far as its LoRA nodes can (read from their source)."""
+    if not info.comfyui_file and not info.city96_file:
+        return []
+    lines = ["## Use in ComfyUI", ""]
+    if info.comfyui_file:
+        lines += [
+            f"Load `{info.comfyui_file}` with ComfyUI's own **LoraLoaderModelOnly** node, on a"
+            " PixArt-Sigma model loaded by ComfyUI's loaders or by the **PixArt Checkpoint Loader** of city96's"
+            " ComfyUI_ExtraModels: every layer is applied exactly.",
+            "",
+        ]
+    if info.city96_file:
+        prefer = " Prefer the core node above." if info.comfyui_file else ""
+        lines += [
+            f"The **PixArt Load LoRA** node of ComfyUI_ExtraModels loads `{info.city96_file}`, but only part of it"
+            " takes effect: on ComfyUI 0.1.1 and later the self-attention q/k/v and cross-attention k/v layers are not"
+            " applied (ComfyUI logs `ERROR lora ... attn.qkv`; before 0.1.1 they came at 1/3 and 1/2 strength);"
+            f" the other layers are exact.{prefer}",
+            "",
+        ]
+    return lines
 
 
 def parse_front_matter(text: str) -> dict[str, Any]:

@@ -1,10 +1,13 @@
 """Export an adapter to the layouts other tools load, or as a publish folder.
 
 One file per target, because no single file serves every loader (see
-``docs/adapters.md``): ComfyUI's core loader reads the original fused-qkv names or
-``transformer.``-prefixed diffusers names; the original PixArt code (and city96's
-ComfyUI_ExtraModels loader before its PEFT/OneTrainer rework) the original names
-without prefix. Every file stores alpha as a one-element ``<module>.alpha`` tensor.
+``docs/adapters.md``). In ComfyUI, the core LoRA loader reads the ``comfyui`` file
+(original fused-qkv names under ``diffusion_model.``) exactly, on a PixArt model
+loaded by ComfyUI itself or by city96's ComfyUI_ExtraModels "PixArt Checkpoint
+Loader"; city96's own "PixArt Load LoRA" node reads the ``onetrainer`` file (see
+:func:`city96_ready` for what it applies). Every file stores alpha as a one-element
+``<module>.alpha`` tensor, and nothing written here carries a local path: the
+header's paths become folder or file names (:func:`public_metadata`).
 """
 
 from __future__ import annotations
@@ -12,46 +15,241 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
+import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
 
 from pixart_tune.adapters import card as cards
-from pixart_tune.adapters.layouts import LoraWeights, to_state_dict
+from pixart_tune.adapters.layouts import LoraModule, LoraWeights, to_state_dict
 from pixart_tune.adapters.loader import read_lora
 from pixart_tune.adapters.merge import refuse_overwriting_inputs, write_weights
-from pixart_tune.base import ADAPTER_WEIGHTS, REAL_MODEL_ID
+from pixart_tune.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS, REAL_MODEL_ID
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
+from pixart_tune.generation import save_png
 from pixart_tune.hub import looks_like_path
 
-# Export format -> (layout, which loader the file is for).
+# Export format -> (layout, what loads it). "city96" is the "PixArt Load LoRA" node of
+# city96's ComfyUI_ExtraModels (PixArt/lora.py @193c2fd, the newest); what it does
+# with each file was found by running its code on them (tests/test_city96.py).
 FORMATS: dict[str, tuple[str, str]] = {
-    "diffusers": ("diffusers", "diffusers-style keys (`transformer.` prefix, lora_A/lora_B + alpha): ComfyUI core 'Load LoRA', diffusers-style scripts, pixart-tune"),
-    "comfyui": ("comfyui", "ComfyUI core 'Load LoRA' in the original checkpoint names (`diffusion_model.blocks.N.attn.qkv`, fused q/k/v)"),
-    "pixart": ("pixart", "the original PixArt code's names (`blocks.N.attn.qkv`, fused q/k/v), as city96's ComfyUI_ExtraModels PixArt loader read them up to its PEFT/OneTrainer rework; for ComfyUI today use `comfyui`"),
-    "onetrainer": ("onetrainer", "OneTrainer and kohya-style tools (`lora_transformer_*`, lora_down/lora_up + alpha)"),
+    "diffusers": (
+        "diffusers",
+        (
+            "ComfyUI core 'Load LoRA' on a PixArt model from ComfyUI's own loaders (exact), diffusers-style scripts, "
+            "pixart-tune; city96's 'PixArt Load LoRA' raises KeyError on it unless adaln_single.linear is trained, "
+            "and then takes alpha from a JSON beside the file (else 8) and skips self-attention q/k/v and cross-attention k/v"
+        ),
+    ),
+    "comfyui": (
+        "comfyui",
+        (
+            "ComfyUI core 'Load LoRA' / LoraLoaderModelOnly (exact), on PixArt loaded by ComfyUI's own loaders or by "
+            "city96's 'PixArt Checkpoint Loader'; city96's 'PixArt Load LoRA' raises on it (Unable to detect model depth)"
+        ),
+    ),
+    "pixart": (
+        "pixart",
+        (
+            "the original PixArt checkpoint names without a prefix (blocks.N.attn.qkv); no current ComfyUI loader reads "
+            "them (city96's 'PixArt Load LoRA' did before June 2024 and raises since); in ComfyUI use comfyui"
+        ),
+    ),
+    "onetrainer": (
+        "onetrainer",
+        (
+            "OneTrainer (lora_transformer_*, exact); city96's 'PixArt Load LoRA' loads it whatever was trained: exact on "
+            "cross-attention q, both attention outputs, feed-forward and the layers outside the blocks, while ComfyUI "
+            "0.1.1+ skips self-attention q/k/v and cross-attention k/v ('ERROR lora ... attn.qkv'; 1/3 and 1/2 strength "
+            "before 0.1.1), so prefer the comfyui file with the core loader; ComfyUI core ignores this file for PixArt"
+        ),
+    ),
 }
+PEFT_FILE_NOTE = (
+    "PEFT / pixart-tune (with adapter_config.json); city96's 'PixArt Load LoRA' raises KeyError on it unless "
+    "adaln_single.linear is trained, and then skips self-attention q/k/v and cross-attention k/v"
+)
+# The exports a publish folder carries beside the PEFT adapter: one per ComfyUI LoRA node.
+PUBLISHED_FORMATS = ("comfyui", "onetrainer")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 logger = logging.getLogger(__name__)
 
 
 def export_file(weights: LoraWeights, fmt: str, out: str | Path) -> Path:
-    """Writes ``weights`` in format ``fmt`` to the .safetensors file ``out``, atomically."""
+    """Writes ``weights`` in format ``fmt`` to the .safetensors file ``out``, atomically.
+
+    The header keeps the adapter's metadata, with local paths made names.
+    """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     layout, _ = FORMATS[fmt]
+    if fmt == "onetrainer":
+        weights = city96_ready(weights)
     state = to_state_dict(weights, layout)
-    header = dict(weights.metadata)
+    header = public_metadata(weights.metadata)
     header.update(format="pt", pixart_tune_layout=layout)
     out = Path(out)
     with atomic_path(out) as tmp:
         save_file(state, str(tmp), metadata=header)
     return out
+
+
+# --- city96's ComfyUI_ExtraModels ---------------------------------------------------------
+
+# The attention layers city96's loader needs in every block, grouped as it fuses them.
+_CITY96_GROUPS = (
+    ("attn1.to_q", "attn1.to_k", "attn1.to_v"), ("attn1.to_out.0",), ("attn2.to_q",), ("attn2.to_k", "attn2.to_v"), ("attn2.to_out.0",),
+)
+_BLOCK_INDEX = re.compile(r"transformer_blocks\.(\d+)\.")
+
+
+def city96_ready(weights: LoraWeights) -> LoraWeights:
+    """The same update, arranged so city96's "PixArt Load LoRA" node loads it from OneTrainer names.
+
+    That loader (``PixArt/diffusers_convert.py``, ``convert_lora_state_dict``) counts
+    the blocks by their ``attn1.to_k`` LoRAs and then requires attn1 and attn2
+    ``to_q``, ``to_k``, ``to_v`` and ``to_out.0`` in each of them (a KeyError
+    otherwise); it stacks the up matrices of q, k, v (and of cross-attention k, v),
+    so they must share a rank; and it passes alpha on only for the layers outside
+    the blocks and, per fused layer, the ``attn1.to_q`` (``attn2.to_k``) one, so every
+    other layer gets scale 1. Hence, all exact for any reader of the layout:
+
+    - each module's scale is folded into its up matrix and alpha = rank;
+    - attention layers the adapter lacks, in blocks 0 to its last, are zero LoRAs;
+    - the parts of a fused group are zero-padded to the group's largest rank.
+
+    What no file can fix: city96's code for the fused self-attention q/k/v and
+    cross-attention k/v ran only on ComfyUI before 0.1.1 (at 1/3 and 1/2 strength:
+    it divides alpha by the stacked rank); since then ComfyUI applies the patches
+    itself and logs a shape error for those two layers of each block.
+    """
+    weights.check_plain("city96's ComfyUI_ExtraModels loader")
+    modules = {name: LoraModule(m.down, m.up * m.scale, float(m.rank)) for name, m in weights.modules.items()}
+    blocks = [int(match.group(1)) for name in modules if (match := _BLOCK_INDEX.match(name))]
+    width = _hidden_size(modules)
+    for block in range(max(blocks, default=0) + 1):
+        for group in _CITY96_GROUPS:
+            names = [f"transformer_blocks.{block}.{part}" for part in group]
+            rank = max((modules[name].rank for name in names if name in modules), default=1)
+            for name in names:
+                module = modules.get(name)
+                if module is not None and module.rank == rank:
+                    continue
+                down = torch.zeros(rank, module.down.shape[1] if module else width)
+                up = torch.zeros(module.up.shape[0] if module else width, rank)
+                if module is not None:
+                    down[: module.rank] = module.down.float()
+                    up[:, : module.rank] = module.up.float()
+                modules[name] = LoraModule(down, up, float(rank))
+    return dataclasses.replace(weights, modules=modules)
+
+
+def _hidden_size(modules: dict[str, LoraModule]) -> int:
+    """The transformer's width, read off a LoRA's shapes (every attention layer is width x width)."""
+    for name, module in modules.items():
+        if module.down.ndim != 2:
+            if name == "pos_embed.proj":
+                return module.up.shape[0]
+            continue
+        if re.search(r"attn[12]\.|ff\.net\.0\.proj$|adaln_single\.linear$|proj_out$", name):
+            return module.down.shape[1]
+        if name.endswith(("ff.net.2", "caption_projection.linear_2", "timestep_embedder.linear_2")):
+            return module.up.shape[0]
+    raise UserError("cannot tell the transformer's width from this LoRA (no attention, feed-forward or output layer)")
+
+
+# --- names, not local paths ---------------------------------------------------------------
+
+# Keys (of the header, the training config, merge records) whose values name a model or a file.
+_REFERENCE_KEYS = ("base_model", "model", "path", "output_dir", "init_adapter", "resized_from", "merged_from", "source", "out")
+_WINDOWS_PATH = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\)")
+# A path inside free text: /, ~/ or C:\ not preceded by a letter, digit, dot, colon or slash.
+_PATH_IN_TEXT = re.compile(r"(?<![\w.:/\\])(?:~|[A-Za-z]:)?[/\\][^\s,;'\"\])}]+")
+
+
+def is_local_path(text: str, reference: bool = False) -> bool:
+    """Absolute (``/``, ``~``, ``C:\\``, ``\\\\server``), or with ``reference`` (the value names a model
+    or file) any path-like text (``./tiny``, ``runs/a/adapter``) that is not a Hub id."""
+    if "://" in text or "\n" in text:
+        return False
+    if text.startswith(("/", "~")) or _WINDOWS_PATH.match(text):
+        return True
+    return reference and (looks_like_path(text) or "\\" in text) and not looks_like_hub_id(text)
+
+
+def local_name(text: str) -> str:
+    """The last component of a path (``/home/me/models/tiny/`` -> ``tiny``)."""
+    parts = [part for part in re.split(r"[\\/]", text) if part not in ("", ".", "..", "~")]
+    return parts[-1] if parts else "."
+
+
+def public_value(value: Any, reference: bool = False) -> Any:
+    """``value`` (decoded JSON) with every local path replaced by its name."""
+    if isinstance(value, str):
+        return local_name(value) if is_local_path(value, reference) else value
+    if isinstance(value, list):
+        return [public_value(item, reference) for item in value]
+    if isinstance(value, dict):
+        return {public_value(key): public_value(item, reference or key in _REFERENCE_KEYS) for key, item in value.items()}
+    return value
+
+
+def public_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """A safetensors header fit to publish: local paths, also inside JSON values, replaced by names.
+
+    The trainer records ``base_model`` and the training config as given (a model
+    folder, the datasets, the output folder), ``merge`` the adapters it merged;
+    Hub ids stay as they are.
+    """
+    out = {}
+    for key, text in metadata.items():
+        value = _json_or_none(text)
+        if value is None:
+            out[key] = public_value(text, key in _REFERENCE_KEYS)
+            continue
+        public = public_value(value, key in _REFERENCE_KEYS)
+        out[key] = text if public == value else json.dumps(public)
+    return out
+
+
+def _json_or_none(text: Any) -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return None
+
+
+def copy_public_image(source: Path, target: Path) -> None:
+    """Copies a sample image; a PNG's text chunks (generation parameters) lose their local paths.
+
+    pixart-tune's own PNGs are written again from their ``pixart-tune`` JSON; other
+    chunks keep their text, with paths inside it made names.
+    """
+    if source.suffix.lower() != ".png":
+        shutil.copy2(source, target)
+        return
+    with Image.open(source) as handle:
+        text = dict(getattr(handle, "text", {}) or {})
+        image = handle.copy()
+    parameters = _json_or_none(text.get("pixart-tune"))
+    if isinstance(parameters, dict):
+        save_png(image, target, public_value(parameters))
+        return
+    info = PngInfo()
+    for key, value in text.items():
+        decoded = _json_or_none(value)
+        if isinstance(decoded, (dict, list)):
+            info.add_text(key, json.dumps(public_value(decoded)))
+        else:
+            info.add_text(key, _PATH_IN_TEXT.sub(lambda match: local_name(match.group(0)), value))
+    image.save(target, pnginfo=info)
 
 
 def export_adapter(
@@ -156,7 +354,12 @@ def publish(
     repo_id: str | None = None,
     allow_pickle: bool = False,
 ) -> Path:
-    """Writes a folder ready for the Hub: PEFT adapter, one file per ComfyUI loader, images, README.md."""
+    """Writes a folder ready for the Hub: PEFT adapter, one file per ComfyUI LoRA node, images, README.md.
+
+    Nothing in it names a local path: the header's paths become names, the PEFT
+    config's ``base_model_name_or_path`` is the card's base model (a Hub id), and the
+    samples' PNG text is rewritten without them.
+    """
     path = Path(path)
     weights = read_lora(path, allow_pickle)
     values = cards.decoded(weights.metadata)
@@ -170,6 +373,9 @@ def publish(
                 "the adapter was trained on %r, which is not a Hub id; the model card names %s as its base "
                 "(pass --base-model to name another)", recorded, base_model,
             )
+    elif is_local_path(base_model, reference=True):
+        raise UserError(f"--base-model {base_model} is a local path; name the base model by its Hub id (owner/name)")
+    weights = dataclasses.replace(weights, metadata=public_metadata(weights.metadata))
     words = list(trigger_words) or [str(w) for w in (values.get("trigger_words") or []) if str(w)]
     images = _expand(samples) if samples is not None else find_samples(path)
     out = Path(out)
@@ -179,8 +385,11 @@ def publish(
         for item in (tmp / "peft").iterdir():
             item.rename(tmp / item.name)
         (tmp / "peft").rmdir()
-        files = {ADAPTER_WEIGHTS: "PEFT / pixart-tune (with `adapter_config.json`)"}
-        for fmt in ("comfyui", "pixart"):
+        config = json.loads((tmp / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = base_model
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
+        files = {ADAPTER_WEIGHTS: PEFT_FILE_NOTE}
+        for fmt in PUBLISHED_FORMATS:
             file = export_file(weights, fmt, tmp / f"{name}_{fmt}.safetensors")
             files[file.name] = FORMATS[fmt][1]
         shown = []
@@ -188,11 +397,12 @@ def publish(
             (tmp / "images").mkdir()
         for index, image in enumerate(images):
             target = tmp / "images" / f"sample_{index}{image.suffix.lower()}"
-            shutil.copy2(image, target)
+            copy_public_image(image, target)
             shown.append(cards.Sample(f"images/{target.name}", sample_prompt(image, weights.metadata)))
         info = cards.CardInfo(
             name=name, base_model=base_model, license=license, trigger_words=words, tags=list(tags),
             samples=shown, metadata=weights.metadata, files=files, repo_id=repo_id,
+            comfyui_file=f"{name}_comfyui.safetensors", city96_file=f"{name}_onetrainer.safetensors",
         )
         cards.write_card(info, tmp)
     return out
@@ -281,7 +491,7 @@ def export(config: ExportConfig) -> list[str]:
             license=config.license, tags=config.tag, samples=config.samples, repo_id=config.push_to_hub,
             allow_pickle=config.allow_pickle_runs_code,
         )
-        written.append(f"wrote the publish folder {folder} (README.md, adapter, ComfyUI files, images)")
+        written.append(f"wrote the publish folder {folder} (README.md, PEFT adapter, {', '.join(PUBLISHED_FORMATS)} files, images)")
         if config.push_to_hub:
             written.append(f"uploaded to {push_to_hub(folder, config.push_to_hub, config.private)}")
     return written
