@@ -342,3 +342,72 @@ def test_the_python_api_doc_runs_on_the_tiny_model(tiny_model, adapters, tmp_pat
     assert namespace["image"].size == (256, 256)
     assert pipe.get_list_adapters() == {}
     assert all(old in text for old in substitutions), "the doc changed: update the substitutions"
+
+
+# --- the same calls as on a pipeline diffusers supports -------------------------------------------
+
+
+def _sana_like():
+    """diffusers' own LoRA methods on a tiny Sana transformer: the reference for names, active sets and errors."""
+    from diffusers import SanaTransformer2DModel
+    from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    def sana():
+        torch.manual_seed(0)
+        return SanaTransformer2DModel(
+            patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=4,
+            num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8, sample_size=8,
+        )
+
+    def lora(targets: list[str]) -> dict[str, torch.Tensor]:
+        model = sana()
+        model.add_adapter(LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+        return {f"transformer.{k}": v for k, v in get_peft_model_state_dict(model).items()}
+
+    class SanaLike(SanaLoraLoaderMixin):
+        hf_device_map = None  # what the offloading check of diffusers' loader reads off a pipeline
+        components: dict = {}
+
+        def __init__(self):
+            self.transformer = sana()
+
+    return SanaLike(), (lora(["to_q"]), lora(["to_v"]))
+
+
+def _script(pipe, first, second) -> list:
+    """What each call returns or raises (type, and the message up to a set whose order varies)."""
+    calls = [
+        lambda: pipe.load_lora_weights(first), pipe.get_active_adapters, pipe.get_list_adapters,
+        lambda: pipe.load_lora_weights(second), pipe.get_active_adapters,
+        lambda: pipe.load_lora_weights(first, adapter_name="x"), pipe.get_active_adapters, pipe.get_list_adapters,
+        lambda: pipe.load_lora_weights(second, adapter_name="x"),
+        lambda: pipe.set_adapters(["x", "default_0"], [0.5, 1.0]), pipe.get_active_adapters,
+        lambda: pipe.set_adapters(["nope"]),
+        lambda: pipe.set_adapters(["x", "default_0"], [1.0]),
+        pipe.disable_lora, pipe.get_active_adapters, pipe.enable_lora,
+        lambda: pipe.delete_adapters("nope"), pipe.get_list_adapters,
+        lambda: pipe.delete_adapters(["x"]), pipe.get_active_adapters, pipe.get_list_adapters,
+        pipe.fuse_lora, lambda: pipe.fused_loras, pipe.unfuse_lora, lambda: pipe.fused_loras,
+        lambda: pipe.fuse_lora(components=["text_encoder"]),
+        lambda: pipe.load_lora_weights(first, adapter_name="zz", hotswap=True),
+        pipe.unload_lora_weights, pipe.get_list_adapters, pipe.get_active_adapters,
+        lambda: pipe.load_lora_weights(second), pipe.get_active_adapters,
+    ]
+    answers = []
+    for call in calls:
+        try:
+            answers.append(("returns", call()))
+        except Exception as error:  # the answer under test
+            answers.append((type(error).__name__ if not isinstance(error, ValueError) else "ValueError", str(error).split(": {")[0]))
+    return answers
+
+
+def test_the_calls_answer_as_diffusers_answers_for_a_pipeline_it_supports(tiny_model, adapters, caplog):
+    reference, loras = _sana_like()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = _script(reference, *loras)
+        answers = _script(pipeline(tiny_model), adapters["a"], adapters["c"])
+    assert answers == expected
