@@ -2,8 +2,11 @@
 
 The canonical form, :class:`LoraWeights`, holds per diffusers module name
 (``transformer_blocks.0.attn1.to_q``) a down matrix A (r x in), an up matrix B
-(out x r) and its alpha, so the update is ``alpha / r * B @ A``. Every layout
-people produce reads into it and writes out of it:
+(out x r) and its alpha, so the update is ``alpha / r * B @ A``. The patch
+embedding ``pos_embed.proj`` is a Conv2d (kernel and stride = patch size); its
+LoRA has PEFT's Conv2d shapes, A (r, in, kh, kw) and B (out, r, 1, 1), and its
+update is ``B @ A`` on the flattened A, reshaped to the conv weight (as ComfyUI
+and OneTrainer compute it). Every layout people produce reads into it and writes out of it:
 
 ==============  ==========================================================================  =========================
 layout          keys                                                                        written by / loaded by
@@ -23,21 +26,35 @@ original names. The original PixArt checkpoint fuses self-attention q, k, v into
 one ``attn.qkv`` linear and cross-attention k, v into ``cross_attn.kv_linear``; a
 LoRA on the separate layers is written there exactly, as stacked A matrices and a
 block-diagonal B, and a fused LoRA reads back as one LoRA per part.
+
+Beside the transformer's LoRA a file may carry:
+
+* a T5 text-encoder LoRA (``lora_te_encoder_block_0_layer_0_SelfAttention_q``,
+  ``text_encoder.encoder.block.0...``, ``text_encoders.t5xxl.transformer.encoder.block.0...``,
+  as OneTrainer writes them): read into ``LoraWeights.text_encoder`` under
+  transformers' ``T5EncoderModel`` module names;
+* DoRA magnitudes: PEFT's ``lora_magnitude_vector`` (one per output row) and
+  OneTrainer's / ComfyUI's ``dora_scale``. A ``dora_scale`` of shape (out, 1)
+  (OneTrainer's ``decompose_output_axis``) is PEFT's magnitude. OneTrainer's
+  default, shape (1, in), normalises the columns of ``W + dW`` instead, which
+  PEFT's DoRA cannot express: it is kept as :class:`InputDora` and becomes the
+  exact weight change once the base weights are at hand
+  (:func:`pixart_tune.adapters.loader.resolve_input_dora`).
+
+Modules without an ``.alpha`` tensor take theirs from an :class:`AlphaSource`;
+:mod:`pixart_tune.adapters.loader` documents the order in which it is looked for.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import math
 import re
 from typing import Iterable
 
 import torch
 
+from pixart_tune.adapters.lora import peft_alpha
 from pixart_tune.errors import UserError
-
-logger = logging.getLogger(__name__)
 
 LAYOUTS = ("peft", "diffusers", "peft-model", "peft-unet", "onetrainer", "comfyui", "pixart")
 
@@ -55,7 +72,12 @@ _SUFFIXES = {
     ".lora_B.weight": "up",
     ".lora_down.weight": "down",
     ".lora_up.weight": "up",
+    ".lora_linear_layer.down.weight": "down",
+    ".lora_linear_layer.up.weight": "up",
     ".alpha": "alpha",
+    ".dora_scale": "dora_scale",
+    ".lora_magnitude_vector.weight": "magnitude",
+    ".lora_magnitude_vector": "magnitude",
 }
 
 # Parts of a fused original layer: original name -> diffusers names, in row order.
@@ -83,6 +105,7 @@ _OUTER_NAMES = {
     "y_embedder.y_proj.fc1": "caption_projection.linear_1",
     "y_embedder.y_proj.fc2": "caption_projection.linear_2",
     "final_layer.linear": "proj_out",
+    "x_embedder.proj": "pos_embed.proj",
 }
 
 # Names that betray a LoRA for another model family, for the refusal message.
@@ -96,19 +119,20 @@ _FOREIGN_FAMILIES = (
 
 @dataclasses.dataclass
 class LoraModule:
-    """One LoRA update ``alpha / rank * up @ down`` of a linear layer."""
+    """One LoRA update ``alpha / rank * up @ down`` of a linear layer, or of a Conv2d (reshaped to its weight)."""
 
     down: torch.Tensor
-    """A: (rank, in_features)."""
+    """A: (rank, in_features), or (rank, in_channels, kh, kw) for a Conv2d."""
     up: torch.Tensor
-    """B: (out_features, rank)."""
+    """B: (out_features, rank), or (out_channels, rank, 1, 1) for a Conv2d."""
     alpha: float
 
     def __post_init__(self) -> None:
-        if self.down.ndim != 2 or self.up.ndim != 2:
+        conv = self.down.ndim == 4
+        if self.down.ndim not in (2, 4) or self.up.ndim != self.down.ndim or (conv and tuple(self.up.shape[2:]) != (1, 1)):
             raise UserError(
-                f"only LoRA on linear layers is supported (got down {tuple(self.down.shape)}, up {tuple(self.up.shape)}); "
-                "convolution LoRAs cannot be applied to PixArt-Sigma's linear layers"
+                f"LoRA down {tuple(self.down.shape)} and up {tuple(self.up.shape)} are neither a linear LoRA (2-D and 2-D) "
+                "nor a Conv2d LoRA (down rank x in x kh x kw, up out x rank x 1 x 1)"
             )
         if self.down.shape[0] != self.up.shape[1]:
             raise UserError(f"LoRA down {tuple(self.down.shape)} and up {tuple(self.up.shape)} have different ranks")
@@ -121,9 +145,51 @@ class LoraModule:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the weight it changes: (out, in), or (out, in, kh, kw) for a Conv2d."""
+        return (self.up.shape[0], *self.down.shape[1:])
+
     def delta(self) -> torch.Tensor:
         """The weight update this LoRA adds at scale 1, in fp32."""
-        return self.scale * (self.up.float() @ self.down.float())
+        return self.scale * (self.up.float().flatten(1) @ self.down.float().flatten(1)).reshape(self.weight_shape)
+
+
+@dataclasses.dataclass
+class InputDora:
+    """OneTrainer's default DoRA: ``W' = (W + dW) * m / ||W + dW||`` with one norm per input column.
+
+    Each column's norm runs over the rows of every part together (q, k and v of a
+    fused ``attn.qkv``, as OneTrainer trains it on the fused layer) and over a
+    Conv2d's kernel positions; its ``norm_epsilon`` (fp32 eps) is added to it.
+    """
+
+    parts: tuple[str, ...]
+    """Module names whose weights are stacked by rows (one name for an unfused layer)."""
+    magnitude: torch.Tensor
+    """m: one value per input feature (input channel of a Conv2d)."""
+
+
+ALPHA_STORED = "stored with the weights"
+NO_ALPHA = "nowhere (alpha = rank, scale 1: a guess)"
+
+
+@dataclasses.dataclass
+class AlphaSource:
+    """The alpha of modules that carry no ``.alpha`` tensor, and where it was found."""
+
+    where: str = NO_ALPHA
+    alpha: float | None = None
+    """One alpha for every module; None means alpha = rank (scale 1)."""
+    configs: dict[str, dict] = dataclasses.field(default_factory=dict)
+    """PEFT LoraConfig fields (r, lora_alpha, rank_pattern, alpha_pattern, use_rslora) per component
+    (``transformer``, ``text_encoder``; ``""`` for every component)."""
+
+    def alpha_of(self, component: str, name: str, rank: int) -> float:
+        config = self.configs.get(component, self.configs.get(""))
+        if config is not None:
+            return peft_alpha(config, name, rank)
+        return float(self.alpha) if self.alpha is not None else float(rank)
 
 
 @dataclasses.dataclass
@@ -136,14 +202,25 @@ class LoraWeights:
     layout: str = "peft"
     """The layout it was read from."""
     dora_magnitudes: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    """DoRA magnitude vectors per module (empty for plain LoRA)."""
+    """PEFT DoRA magnitude per module, one value per output row (empty for plain LoRA)."""
+    dora_inputs: list[InputDora] = dataclasses.field(default_factory=list)
+    """OneTrainer's per-input-column DoRA groups, applied by :func:`pixart_tune.adapters.loader.resolve_input_dora`."""
+    text_encoder: LoraWeights | None = None
+    """The T5 part of a file that also trained the text encoder (T5EncoderModel module names)."""
+    alpha_source: str = ALPHA_STORED
+    """Where the alpha came from (a file's ``.alpha`` tensors, its header, a JSON beside it, or nowhere)."""
 
     @property
     def ranks(self) -> set[int]:
         return {m.rank for m in self.modules.values()}
 
+    @property
+    def alpha_guessed(self) -> bool:
+        """No alpha was stored for some modules: they apply at alpha = rank, the strength ComfyUI assumes."""
+        return NO_ALPHA in self.alpha_source
+
     def check_plain(self, what: str) -> None:
-        if self.dora_magnitudes:
+        if self.dora_magnitudes or self.dora_inputs:
             raise UserError(
                 f"{what} needs a plain LoRA, this adapter is DoRA (its update is not a low-rank product); "
                 "fuse it into the base model with 'pixart-tune merge --fuse' instead"
@@ -200,7 +277,7 @@ def underscored(name: str) -> str:
 
 
 def split_key(key: str) -> tuple[str, str] | None:
-    """(module part, kind) of a LoRA tensor key, kind in down/up/alpha; None for other tensors."""
+    """(module part, kind) of a LoRA tensor key, kind in down/up/alpha/dora_scale/magnitude; None for other tensors."""
     for suffix, kind in _SUFFIXES.items():
         if key.endswith(suffix):
             return key[: -len(suffix)], kind
@@ -215,11 +292,11 @@ def detect_layout(keys: Iterable[str]) -> str:
     """
     keys = list(keys)
     modules = [split_key(k) for k in keys]
-    unknown = [k for k, m in zip(keys, modules) if m is None and not _is_dora_key(k)]
+    unknown = [k for k, m in zip(keys, modules) if m is None]
     if unknown:
         raise UserError(
             f"{len(unknown)} tensors are not LoRA weights (e.g. {unknown[0]!r}); only LoRA (lora_A/lora_B, "
-            "lora_down/lora_up, alpha) is supported, not LoHa, LoKr or full-weight diffs"
+            "lora_down/lora_up, alpha, DoRA magnitudes) is supported, not LoHa, LoKr or full-weight diffs"
         )
     names = [m[0] for m in modules if m is not None]
     if not names:
@@ -243,10 +320,6 @@ def detect_layout(keys: Iterable[str]) -> str:
     )
 
 
-def _is_dora_key(key: str) -> bool:
-    return key.endswith("lora_magnitude_vector") or key.endswith("lora_magnitude_vector.weight")
-
-
 def _refuse_foreign_family(names: list[str]) -> None:
     for pattern, family in _FOREIGN_FAMILIES:
         hits = [n for n in names if pattern.search(n)]
@@ -257,79 +330,134 @@ def _refuse_foreign_family(names: list[str]) -> None:
             )
 
 
-_TEXT_ENCODER_KEY = re.compile(r"^lora_te\d?_")
+# A T5 text-encoder LoRA beside the transformer's, by writer: kohya and OneTrainer LEGACY / KOHYA (underscored
+# names), diffusers and OneTrainer DIFFUSERS, ComfyUI and OneTrainer COMFY.
+TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "text_encoder.", "text_encoders.t5xxl.transformer.")
+_T5_MODULE = re.compile(r"encoder[._]block[._](\d+)[._]layer[._](\d+)[._](SelfAttention|DenseReluDense)[._](q|k|v|o|wi_0|wi_1|wi|wo)")
 
 
-def _without_text_encoder(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drops the text-encoder part of a kohya / OneTrainer file that also trained T5.
-
-    The transformer part still applies (as ComfyUI's PixArt loaders do it); a file
-    with nothing but text-encoder weights is left whole, for detect_layout to refuse.
-    """
-    text = [key for key in state if _TEXT_ENCODER_KEY.match(key)]
-    if not text or len(text) == len(state):
-        return state
-    logger.warning(
-        "skipping %d text-encoder LoRA tensors (e.g. %s): only the transformer's LoRA is applied; "
-        "the prompts are encoded by the base T5", len(text), text[0],
-    )
-    skipped = set(text)
-    return {key: tensor for key, tensor in state.items() if key not in skipped}
+def split_text_encoder(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(transformer part, T5 part) of a flat state dict; T5 keys become ``encoder.block.0.layer.0.SelfAttention.q...``."""
+    transformer, text, foreign = {}, {}, []
+    for key, tensor in state.items():
+        prefix = next((p for p in TEXT_ENCODER_PREFIXES if key.startswith(p)), None)
+        parsed = split_key(key[len(prefix) :]) if prefix else None
+        if prefix is None:
+            transformer[key] = tensor
+        elif parsed and (match := _T5_MODULE.fullmatch(parsed[0])):
+            block, layer, kind, name = match.groups()
+            text[f"encoder.block.{block}.layer.{layer}.{kind}.{name}{key[len(prefix) + len(parsed[0]) :]}"] = tensor
+        else:
+            foreign.append(key)
+    if foreign:
+        raise UserError(
+            f"{len(foreign)} text-encoder LoRA tensors are not for T5, PixArt-Sigma's text encoder (e.g. {foreign[0]!r}); "
+            "this LoRA is for a text encoder of another model"
+        )
+    if text and not transformer:
+        raise UserError(
+            "the file holds only a text-encoder (T5) LoRA and nothing for the transformer; pixart-tune applies "
+            "a T5 LoRA only as the text-encoder part of a PixArt-Sigma LoRA"
+        )
+    return transformer, text
 
 
 def from_state_dict(
     state: dict[str, torch.Tensor],
     module_names: Iterable[str],
-    default_alpha: float | None = None,
+    alphas: AlphaSource | None = None,
     metadata: dict[str, str] | None = None,
 ) -> LoraWeights:
     """Reads a flat LoRA state dict in any supported layout into canonical form.
 
-    ``module_names`` are the diffusers names of the transformer's linear layers (to
-    undo underscored names). ``default_alpha`` applies to modules without an alpha
-    tensor; None means alpha = rank (scale 1), as ComfyUI assumes.
+    ``module_names`` are the diffusers names of the transformer's layers (to undo
+    underscored names). Modules without an ``.alpha`` tensor take the alpha of
+    ``alphas`` (by default none: alpha = rank, scale 1, as ComfyUI assumes). A T5
+    part goes to ``text_encoder``.
     """
-    state = _without_text_encoder(state)
-    layout = detect_layout(state)
-    known = list(module_names)
-    lookup = _name_lookup(layout, known)
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    dora: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        if _is_dora_key(key):
-            module = key.rsplit(".lora_magnitude_vector", 1)[0]
-            dora[_strip(layout, module)] = tensor
-            continue
-        module, kind = split_key(key)
-        grouped.setdefault(module, {})[kind] = tensor
-    modules: dict[str, LoraModule] = {}
-    unmatched: list[str] = []
-    for raw, parts in grouped.items():
-        if "down" not in parts or "up" not in parts:
-            raise UserError(f"LoRA module {raw} has {', '.join(sorted(parts))} but needs both down (A) and up (B) weights")
-        alpha = float(parts["alpha"].float().item()) if "alpha" in parts else default_alpha
+    alphas = alphas or AlphaSource()
+    transformer_state, text_state = split_text_encoder(state)
+    layout = detect_layout(transformer_state)
+    lookup = _name_lookup(layout, list(module_names))
+    reader, unmatched = _Reader(alphas, "transformer"), []
+    for raw, parts in _grouped(transformer_state).items():
         stripped = _strip(layout, raw)
         if layout in _FUSED_LAYOUTS:
             original = lookup.get(stripped) if layout == "kohya-original" else stripped
-            parts_of = diffusers_names(original) if original else None
-            if parts_of is None:
-                unmatched.append(raw)
-                continue
-            modules.update(split_fused(parts["down"], parts["up"], alpha, parts_of))
-            continue
-        target = lookup.get(stripped) if layout == "onetrainer" else stripped
-        if target is None:
+            names = diffusers_names(original) if original else None
+        else:
+            target = lookup.get(stripped) if layout == "onetrainer" else stripped
+            names = (target,) if target else None
+        if names is None:
             unmatched.append(raw)
             continue
-        modules[target] = LoraModule(parts["down"], parts["up"], alpha if alpha is not None else parts["down"].shape[0])
+        reader.add(raw, parts, names)
     if unmatched:
         raise UserError(
             f"{len(unmatched)} LoRA modules of the {layout} layout match no PixArt-Sigma layer (e.g. {unmatched[0]!r}); "
             "the file is for a different model"
         )
-    if not modules:
+    if not reader.modules:
         raise UserError("every LoRA weight in the file is zero, so it would change nothing (an untrained adapter?)")
-    return LoraWeights(modules, dict(metadata or {}), layout, dora)
+    weights = reader.weights(layout, metadata)
+    if text_state:
+        text = _Reader(alphas, "text_encoder")
+        for raw, parts in _grouped(text_state).items():
+            text.add(raw, parts, (raw,))
+        weights.text_encoder = text.weights(layout, {})
+    return weights
+
+
+def _grouped(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        module, kind = split_key(key)
+        grouped.setdefault(module, {})[kind] = tensor
+    return grouped
+
+
+class _Reader:
+    """Collects canonical modules, DoRA magnitudes and where their alphas came from."""
+
+    def __init__(self, alphas: AlphaSource, component: str):
+        self.alphas, self.component = alphas, component
+        self.modules: dict[str, LoraModule] = {}
+        self.magnitudes: dict[str, torch.Tensor] = {}
+        self.inputs: list[InputDora] = []
+        self.stored = self.looked_up = 0
+
+    def add(self, raw: str, parts: dict[str, torch.Tensor], names: tuple[str, ...]) -> None:
+        if "down" not in parts or "up" not in parts:
+            raise UserError(f"LoRA module {raw} has {', '.join(sorted(parts))} but needs both down (A) and up (B) weights")
+        down, up = parts["down"], parts["up"]
+        if "alpha" in parts:
+            alpha, self.stored = float(parts["alpha"].float().item()), self.stored + 1
+        else:
+            alpha, self.looked_up = self.alphas.alpha_of(self.component, names[0] if len(names) == 1 else raw, down.shape[0]), self.looked_up + 1
+        dora, magnitude = parts.get("dora_scale"), parts.get("magnitude")
+        try:
+            if len(names) == 1:
+                self.modules[names[0]] = LoraModule(down, up, alpha)
+            else:
+                self.modules.update(split_fused(down, up, alpha, names, keep_all=dora is not None or magnitude is not None))
+        except UserError as error:
+            raise UserError(f"LoRA module {raw}: {error}") from error
+        if magnitude is not None or (dora is not None and dora.shape[0] == up.shape[0]):
+            # PEFT's magnitude, or OneTrainer's decompose_output_axis: one value per output row (ComfyUI's test).
+            self.magnitudes.update(zip(names, (magnitude if magnitude is not None else dora).float().flatten().chunk(len(names))))
+        elif dora is not None:
+            if dora.numel() != down.shape[1]:
+                raise UserError(f"LoRA module {raw}: dora_scale {tuple(dora.shape)} fits neither its {up.shape[0]} outputs nor its {down.shape[1]} inputs")
+            self.inputs.append(InputDora(names, dora.float().flatten()))
+
+    def weights(self, layout: str, metadata: dict[str, str] | None) -> LoraWeights:
+        if not self.looked_up:
+            where = "alpha tensors in the file"
+        elif not self.stored:
+            where = self.alphas.where
+        else:
+            where = f"alpha tensors in the file; {self.alphas.where} for {self.looked_up} modules without one"
+        return LoraWeights(self.modules, dict(metadata or {}), layout, self.magnitudes, self.inputs, alpha_source=where)
 
 
 _FUSED_LAYOUTS = ("comfyui", "pixart", "kohya-original")
@@ -355,19 +483,20 @@ def _name_lookup(layout: str, module_names: list[str]) -> dict[str, str]:
     return {}
 
 
-def split_fused(down: torch.Tensor, up: torch.Tensor, alpha: float | None, names: tuple[str, ...]) -> dict[str, LoraModule]:
+def split_fused(down: torch.Tensor, up: torch.Tensor, alpha: float | None, names: tuple[str, ...], keep_all: bool = False) -> dict[str, LoraModule]:
     """Per-part LoRAs of a LoRA on a fused layer (rows of ``up`` split evenly over ``names``).
 
     Part i's update is exactly ``up_i @ down``. Columns of ``up_i`` that are all zero
     (the off-diagonal blocks of a block-diagonal export) contribute nothing and are
-    dropped, so a LoRA written from separate q/k/v LoRAs reads back at their ranks.
+    dropped, so a LoRA written from separate q/k/v LoRAs reads back at their ranks;
+    ``keep_all`` keeps every part whole (DoRA rescales even a part the LoRA leaves alone).
     """
     if up.shape[0] % len(names):
         raise UserError(f"fused LoRA up weight has {up.shape[0]} rows, not divisible into {len(names)} parts")
     scale = (alpha if alpha is not None else down.shape[0]) / down.shape[0]
     out = {}
     for name, up_part in zip(names, up.chunk(len(names), dim=0)):
-        used = up_part.abs().sum(dim=0) != 0
+        used = torch.ones(up_part.shape[1], dtype=torch.bool) if keep_all else up_part.abs().sum(dim=0) != 0
         rank = int(used.sum())
         if rank == 0:
             continue
@@ -443,59 +572,3 @@ def fuse_original(weights: LoraWeights) -> dict[str, LoraModule]:
             column += module.rank
         fused[original] = LoraModule(down, up, common * down.shape[0])
     return fused
-
-
-def uniform(weights: LoraWeights) -> tuple[int, float, dict[str, torch.Tensor]]:
-    """(rank, alpha, PEFT state dict) with one rank and alpha for every module.
-
-    PEFT folders written by ``write_adapter`` carry a single r and alpha; modules of
-    lower rank are padded with zero rows of A and zero columns of B (no change to the
-    update) and differing scales are folded into B.
-    """
-    weights.check_plain("writing a PEFT adapter folder")
-    rank = max(weights.ranks)
-    # Keep the common alpha when the modules agree, so the file reads like the original.
-    alphas = {m.alpha for m in weights.modules.values()}
-    alpha = alphas.pop() if len(alphas) == 1 and len(weights.ranks) == 1 else float(rank)
-    target_scale = alpha / rank
-    state = {}
-    for name, module in weights.modules.items():
-        down = torch.zeros(rank, module.down.shape[1])
-        up = torch.zeros(module.up.shape[0], rank)
-        down[: module.rank] = module.down.float()
-        up[:, : module.rank] = module.up.float() * (module.scale / target_scale)
-        state[f"{name}.lora_A.weight"] = down
-        state[f"{name}.lora_B.weight"] = up
-    return rank, alpha, state
-
-
-def from_peft_state(state: dict[str, torch.Tensor], config: dict) -> dict[str, LoraModule]:
-    """Canonical modules of a PEFT state dict and its ``adapter_config.json`` contents.
-
-    Honours ``rank_pattern`` / ``alpha_pattern`` (per-module overrides, matched as
-    PEFT matches them: a regex on the end of the module name) and rslora, whose
-    alpha / sqrt(r) scale is re-expressed against the canonical alpha / r.
-    """
-    default_rank = int(config.get("r", 8))
-    default_alpha = float(config.get("lora_alpha", default_rank))
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rslora = bool(config.get("use_rslora", False))
-    downs = {k[: -len(".lora_A.weight")]: v for k, v in state.items() if k.endswith(".lora_A.weight")}
-    modules = {}
-    for name, down in downs.items():
-        up = state.get(f"{name}.lora_B.weight")
-        if up is None:
-            raise UserError(f"adapter has lora_A but no lora_B weight for {name}")
-        rank = int(_pattern_value(rank_pattern, name, default_rank))
-        alpha = float(_pattern_value(alpha_pattern, name, default_alpha))
-        scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-        modules[name] = LoraModule(down, up, scale * down.shape[0])
-    return modules
-
-
-def _pattern_value(patterns: dict, name: str, default: float) -> float:
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
-            return value
-    return default

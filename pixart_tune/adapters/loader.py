@@ -1,11 +1,35 @@
-"""Load PixArt-Sigma LoRAs of any layout onto a transformer, several at once.
+"""Load PixArt-Sigma LoRAs of any layout onto a transformer (and T5), several at once.
 
 ``read_lora`` turns a path (a PEFT adapter folder or one ``.safetensors`` file in
 any layout of :mod:`pixart_tune.adapters.layouts`) into canonical
 :class:`~pixart_tune.adapters.layouts.LoraWeights`; ``check_fits`` refuses weights
 made for another base with a message naming what does not match; ``apply_lora``
-injects them through PEFT under an adapter name; ``load_adapters`` does all of it
-for a list of (path, scale) specs and activates exactly those.
+injects them through PEFT under an adapter name (``apply_text_lora`` does the same
+for the T5 part of a file that also trained the text encoder); ``load_adapters``
+does all of it for a list of (path, scale) specs and activates exactly those.
+
+Where a module's alpha comes from, first found wins (:func:`alpha_source` finds
+sources 2 to 6 for the modules without source 1; ``LoraWeights.alpha_source`` says
+which applied):
+
+1. its ``<module>.alpha`` tensor in the file (kohya, OneTrainer's LEGACY, COMFY and
+   ORIGINAL formats, ComfyUI, this toolkit's exports);
+2. the safetensors header ``lora_adapter_metadata``: the PEFT LoraConfig as JSON,
+   keys prefixed by component (``{"transformer.r": 4, "transformer.lora_alpha": 16}``),
+   as diffusers' ``save_lora_weights(..., transformer_lora_adapter_metadata=)`` and
+   SimpleTuner write it; r, lora_alpha, rank_pattern, alpha_pattern and use_rslora
+   apply as PEFT applies them when diffusers loads the file;
+3. the header of a OneTrainer file (``ot_revision``): without alpha tensors it is
+   OneTrainer's DIFFUSERS format, whose alpha is folded into lora_B (scale 1);
+4. the header keys ``lora_alpha`` (this toolkit) and ``ss_network_alpha`` (kohya);
+5. a JSON beside the file: ``<stem>.json``, ``<stem>.config.json`` or
+   ``adapter_config.json`` (``lora_alpha`` or ``alpha``; a PEFT config applies whole);
+6. ``adapter_config.json`` one folder up, for a file in ``transformer_lora/`` (the
+   PixArt-sigma LoRA script saves its PEFT folder there and the file without alpha);
+7. nowhere: alpha = rank (scale 1), as ComfyUI and diffusers assume, and a warning
+   that the file's strength is a guess.
+
+A PEFT adapter folder takes everything from its ``adapter_config.json``.
 
 Only safetensors is read by default. Pickle-based files (``.bin``, ``.pt``,
 ``.ckpt``) can execute arbitrary code when loaded, so they are refused unless the
@@ -16,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 import warnings
@@ -28,11 +53,24 @@ from peft.functional import cast_adapter_dtype, inject_adapter_in_model, set_pef
 from safetensors import safe_open
 
 from pixart_tune.adapters import lora
-from pixart_tune.adapters.layouts import PREFIXES, LoraWeights, from_peft_state, from_state_dict, pixart_module_names
+from pixart_tune.adapters.layouts import (
+    NO_ALPHA,
+    PREFIXES,
+    AlphaSource,
+    LoraModule,
+    LoraWeights,
+    from_state_dict,
+    pixart_module_names,
+)
 from pixart_tune.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from pixart_tune.errors import UserError
 
+logger = logging.getLogger(__name__)
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# diffusers' LORA_ADAPTER_METADATA_KEY: the header key of the PEFT config as JSON.
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+
 
 @dataclasses.dataclass
 class AdapterSpec:
@@ -63,8 +101,19 @@ def parse_spec(text: str) -> AdapterSpec:
 
 
 def read_lora(path: str | Path, allow_pickle: bool = False) -> LoraWeights:
-    """Canonical weights of the LoRA at ``path`` (folder or file, any supported layout)."""
+    """Canonical weights of the LoRA at ``path`` (folder or file, any supported layout).
+
+    A problem with the file is a :class:`UserError` whose message names it.
+    """
     path = Path(path)
+    try:
+        return _read(path, allow_pickle)
+    except UserError as error:
+        message = str(error)
+        raise UserError(message if str(path) in message else f"{path}: {message}") from error
+
+
+def _read(path: Path, allow_pickle: bool) -> LoraWeights:
     if not path.exists():
         raise UserError(f"adapter {path} does not exist; pass an adapter folder or a .safetensors file")
     if path.is_dir():
@@ -77,44 +126,51 @@ def read_lora(path: str | Path, allow_pickle: bool = False) -> LoraWeights:
         # The weights of a PEFT folder: its config holds what scales them (rsLoRA, patterns).
         return _read_folder(path.parent, allow_pickle)
     state, metadata = _read_safetensors(path)
-    return _from_flat(state, metadata, _sidecar_alpha(path))
+    return _from_flat(state, metadata, path)
 
 
 def _read_folder(path: Path, allow_pickle: bool) -> LoraWeights:
     config_file = path / ADAPTER_CONFIG
     weights = path / ADAPTER_WEIGHTS
     if config_file.is_file() and weights.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
         state, metadata = _read_safetensors(weights)
         # PEFT's save_pretrained writes base_model.model.<module>; older PixArt scripts
         # unet.base_model.model.; diffusers-style tools transformer. The config
         # (rsLoRA, rank and alpha patterns) applies to the module names behind them.
-        state = {_strip_prefix(key): tensor for key, tensor in state.items()}
-        modules = from_peft_state(state, config)
-        dora = {k.rsplit(".lora_magnitude_vector", 1)[0]: v for k, v in state.items() if "lora_magnitude_vector" in k}
-        if not modules:
-            raise UserError(f"{weights} holds no LoRA weights")
-        return LoraWeights(modules, metadata, "peft", dora)
+        return _from_peft(_strip_prefixes(state), _json(config_file), metadata)
     if config_file.is_file() and (path / "adapter_model.bin").is_file():
         return _read_pickle(path / "adapter_model.bin", allow_pickle, config_file)
     files = sorted(path.glob("*.safetensors"))
     if len(files) == 1:
-        return read_lora(files[0], allow_pickle)
+        return _read(files[0], allow_pickle)
     raise UserError(
         f"{path} is not an adapter folder: it needs {ADAPTER_WEIGHTS} + {ADAPTER_CONFIG}, or exactly one .safetensors file "
         f"(found {len(files)}); pass the file itself"
     )
 
 
+def _from_peft(state: dict[str, torch.Tensor], config: dict, metadata: dict[str, str]) -> LoraWeights:
+    """Canonical weights of a PEFT state dict (prefixes stripped) scaled by its ``adapter_config.json``."""
+    modules = {}
+    for key, down in state.items():
+        if key.endswith(".lora_A.weight"):
+            name = key[: -len(".lora_A.weight")]
+            up = state.get(f"{name}.lora_B.weight")
+            if up is None:
+                raise UserError(f"adapter has lora_A but no lora_B weight for {name}")
+            modules[name] = LoraModule(down, up, lora.peft_alpha(config, name, down.shape[0]))
+    if not modules:
+        raise UserError("the adapter folder holds no LoRA weights")
+    dora = {k.rsplit(".lora_magnitude_vector", 1)[0]: v.float().flatten() for k, v in state.items() if ".lora_magnitude_vector" in k}
+    return LoraWeights(modules, metadata, "peft", dora, alpha_source=ADAPTER_CONFIG)
+
+
 # The prefixes a PEFT folder's keys carry, by the tool that saved it.
 _PEFT_PREFIXES = tuple(PREFIXES[layout] for layout in ("peft-unet", "peft-model", "diffusers"))
 
 
-def _strip_prefix(key: str) -> str:
-    for prefix in _PEFT_PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix) :]
-    return key
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {next((key[len(p) :] for p in _PEFT_PREFIXES if key.startswith(p)), key): tensor for key, tensor in state.items()}
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -138,68 +194,149 @@ def _read_pickle(path: Path, allow_pickle: bool, config_file: Path | None = None
         state = state["state_dict"]
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if config_file is not None:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        return LoraWeights(from_peft_state(state, config), {}, "peft")
-    return _from_flat(state, {}, _sidecar_alpha(path))
+        return _from_peft(_strip_prefixes(state), _json(config_file), {})
+    return _from_flat(state, {}, path)
 
 
-def _from_flat(state: dict[str, torch.Tensor], metadata: dict[str, str], fallback_alpha: float | None) -> LoraWeights:
+def _from_flat(state: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> LoraWeights:
     blocks = [int(m.group(1)) for k in state for m in [re.search(r"(?:transformer_)?blocks[._](\d+)[._]", k)] if m]
     names = pixart_module_names(max(blocks, default=-1) + 1)
-    if fallback_alpha is None and "lora_alpha" in metadata:
-        fallback_alpha = float(metadata["lora_alpha"])
-    return from_state_dict(state, names, fallback_alpha, metadata)
+    weights = from_state_dict(state, names, alpha_source(path, metadata), metadata)
+    if weights.alpha_guessed or (weights.text_encoder and weights.text_encoder.alpha_guessed):
+        logger.warning(
+            "%s stores no alpha (no .alpha tensors, header or adapter_config.json): it applies at alpha = rank "
+            "(scale 1), as ComfyUI and diffusers assume, so its strength is a guess; put its training alpha in "
+            "%s as {\"lora_alpha\": ...} if you know it", path, path.with_suffix(".json").name,
+        )
+    return weights
 
 
-def _sidecar_alpha(path: Path) -> float | None:
-    """Alpha from a JSON next to the file, as other PixArt tools write it."""
-    for candidate in (path.with_suffix(".json"), path.with_name(f"{path.stem}.config.json"), path.with_name(ADAPTER_CONFIG)):
-        if candidate.is_file():
-            try:
-                data = json.loads(candidate.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                continue
-            alpha = data.get("lora_alpha") or data.get("alpha")
-            if alpha:
-                return float(alpha)
-    return None
+def alpha_source(path: Path, header: dict[str, str]) -> AlphaSource:
+    """The alpha of the modules of ``path`` that carry no ``.alpha`` tensor: sources 2 to 7 of the module docstring."""
+    if ADAPTER_METADATA_KEY in header:
+        return AlphaSource(f"the {ADAPTER_METADATA_KEY} header", configs=_adapter_metadata(header[ADAPTER_METADATA_KEY]))
+    if "ot_revision" in header or "ot_branch" in header:
+        return AlphaSource("folded into lora_B (OneTrainer's DIFFUSERS format)")
+    for key in ("lora_alpha", "ss_network_alpha"):
+        value = _number(header.get(key))
+        if value is not None:
+            return AlphaSource(f"the {key} header", alpha=value)
+    beside = [path.with_suffix(".json"), path.with_name(f"{path.stem}.config.json"), path.with_name(ADAPTER_CONFIG)]
+    places = [(file, f"{file.name} beside it") for file in beside]
+    if path.parent.name == "transformer_lora":
+        places.append((path.parent.parent / ADAPTER_CONFIG, f"{ADAPTER_CONFIG} one folder up"))
+    for file, where in places:
+        if not file.is_file():
+            continue
+        try:
+            data = _json(file)
+        except UserError as error:
+            logger.warning("ignoring %s for the alpha: %s", file, error)
+            continue
+        if "peft_type" in data or ("r" in data and "lora_alpha" in data):
+            return AlphaSource(where, configs={"": data})
+        value = _number(data.get("lora_alpha", data.get("alpha")))
+        if value is not None:
+            return AlphaSource(where, alpha=value)
+    return AlphaSource(NO_ALPHA)
+
+
+def _adapter_metadata(raw: str) -> dict[str, dict]:
+    """diffusers' ``lora_adapter_metadata`` header as LoraConfig fields per component (``transformer.r`` -> r)."""
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise UserError(
+            f"its '{ADAPTER_METADATA_KEY}' header is not valid JSON ({error}), so its alpha cannot be read; "
+            "re-save the file with the tool that wrote it"
+        ) from error
+    if not isinstance(data, dict):
+        raise UserError(f"its '{ADAPTER_METADATA_KEY}' header is not a JSON object of LoraConfig fields")
+    configs: dict[str, dict] = {}
+    for key, value in data.items():
+        component, _, field = key.rpartition(".")
+        configs.setdefault(component, {})[field] = value
+    for component, config in configs.items():
+        for field in ("r", "lora_alpha"):
+            if field in config and _number(config[field]) is None:
+                raise UserError(f"its '{ADAPTER_METADATA_KEY}' header gives {component}.{field} = {config[field]!r}, not a number")
+    return configs
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} is not readable JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return data
 
 
 # --- fitting and applying -------------------------------------------------------------
 
 
-def check_fits(transformer: torch.nn.Module, weights: LoraWeights, source: str = "adapter") -> None:
-    """Refuses weights that do not fit this transformer, naming the first mismatch."""
-    layers = {name: module for name, module in _linear_layers(transformer)}
-    missing = [name for name in weights.modules if name not in layers]
+def check_fits(model: torch.nn.Module, weights: LoraWeights, source: str = "adapter") -> None:
+    """Refuses weights that do not fit ``model`` (the transformer, or T5 for a text-encoder part), naming the first mismatch."""
+    layers = dict(_adaptable_layers(model))
+    names = list(weights.modules) + [name for group in weights.dora_inputs for name in group.parts]
+    missing = [name for name in names if name not in layers]
     if missing:
-        blocks = sum(1 for name in layers if name.endswith("attn1.to_q"))
+        t5 = any(".SelfAttention." in name for name in layers)
+        blocks = sum(1 for name in layers if name.endswith(("attn1.to_q", "SelfAttention.q")))
         raise UserError(
-            f"{source}: {len(missing)} of {len(weights.modules)} LoRA modules have no layer in this model "
-            f"(e.g. {missing[0]}; the model has {blocks} transformer blocks); it was made for a different base model"
+            f"{source}: {len(missing)} of {len(names)} LoRA modules have no layer in this model (e.g. {missing[0]}; "
+            f"the model has {blocks} {'T5' if t5 else 'transformer'} blocks); it was made for a different base model"
         )
     for name, module in weights.modules.items():
         layer = layers[name]
-        want = (layer.out_features, layer.in_features)
-        have = (module.up.shape[0], module.down.shape[1])
+        want, have = tuple(layer.weight.shape), module.weight_shape
+        if isinstance(layer, torch.nn.Conv2d) != (len(have) == 4):
+            kinds = ("a Conv2d", "a linear layer") if len(have) == 4 else ("a linear", "a Conv2d")
+            raise UserError(f"{source}: the LoRA for {name} is {kinds[0]} LoRA but this model's layer is {kinds[1]}; it was made for another model")
+        if want != have and len(want) == 4:
+            raise UserError(
+                f"{source}: the Conv2d LoRA for {name} has a {have[2]}x{have[3]} kernel over {have[1]} -> {have[0]} channels "
+                f"but this model's layer has a {want[2]}x{want[3]} kernel over {want[1]} -> {want[0]} channels; "
+                "it was made for a different base model (another patch size or width)"
+            )
         if want != have:
             raise UserError(
                 f"{source}: LoRA for {name} maps {have[1]} -> {have[0]} features but this model's layer maps "
                 f"{want[1]} -> {want[0]}; it was made for a different base model (another width)"
             )
+    for name, magnitude in weights.dora_magnitudes.items():
+        if name in layers and magnitude.numel() != layers[name].weight.shape[0]:
+            raise UserError(f"{source}: the DoRA magnitude of {name} has {magnitude.numel()} values for {layers[name].weight.shape[0]} outputs")
+    for group in weights.dora_inputs:
+        inputs = layers[group.parts[0]].weight.shape[1]
+        if group.magnitude.numel() != inputs:
+            raise UserError(f"{source}: the DoRA magnitude of {group.parts[0]} has {group.magnitude.numel()} values for {inputs} inputs")
 
 
-def _linear_layers(transformer: torch.nn.Module):
-    for name, module in transformer.named_modules():
+def _adaptable_layers(model: torch.nn.Module):
+    """(name, base layer) of every Linear and Conv2d a LoRA can target, PEFT wrappers seen through."""
+    kinds = (torch.nn.Linear, torch.nn.Conv2d)
+    for name, module in model.named_modules():
         base = getattr(module, "base_layer", None)
-        if isinstance(base, torch.nn.Linear):
+        if isinstance(base, kinds):
             yield name, base
-        elif isinstance(module, torch.nn.Linear) and not name.endswith(("lora_A", "lora_B")) and ".lora_" not in name and ".base_layer" not in name:
+        elif isinstance(module, kinds) and ".lora_" not in name and ".base_layer" not in name and not name.endswith(("lora_A", "lora_B")):
             yield name, module
 
 
 def peft_config(weights: LoraWeights) -> LoraConfig:
-    """A LoraConfig that reproduces each module's rank and alpha exactly."""
+    """A LoraConfig that reproduces each module's rank and alpha exactly (a Conv2d target gets PEFT's Conv2d LoRA)."""
     rank = max(weights.ranks)
     return LoraConfig(
         r=rank,
@@ -214,19 +351,79 @@ def peft_config(weights: LoraWeights) -> LoraConfig:
 
 
 def apply_lora(transformer: torch.nn.Module, weights: LoraWeights, adapter_name: str, scale: float = 1.0, source: str = "adapter") -> None:
-    """Injects ``weights`` into ``transformer`` as a new, frozen ``adapter_name`` (fp32 LoRA weights) at ``scale``."""
-    check_fits(transformer, weights, source)
+    """Injects ``weights`` into ``transformer`` as a new, frozen ``adapter_name`` (fp32 LoRA weights) at ``scale``.
+
+    Only the transformer's part: a text-encoder part goes into T5 with :func:`apply_text_lora`.
+    """
+    _inject(transformer, weights, adapter_name, scale, source)
+
+
+def apply_text_lora(text_encoder: torch.nn.Module, weights: LoraWeights, adapter_name: str, scale: float = 1.0, source: str = "adapter") -> bool:
+    """Injects the T5 part of ``weights`` into a transformers ``T5EncoderModel`` as ``adapter_name``; False when there is none."""
+    if weights.text_encoder is None:
+        return False
+    _inject(text_encoder, weights.text_encoder, adapter_name, scale, f"{source} (its text-encoder part)")
+    return True
+
+
+def skip_text_encoder(weights: LoraWeights, source: str, why: str) -> None:
+    """Warns that the T5 part of ``weights`` is left out, for callers without a text encoder."""
+    if weights.text_encoder is not None:
+        logger.warning("%s: the text-encoder (T5) part of this LoRA is not applied: %s", source, why)
+
+
+def _inject(model: torch.nn.Module, weights: LoraWeights, adapter_name: str, scale: float, source: str) -> None:
+    check_fits(model, weights, source)
+    if weights.dora_inputs:
+        layers = dict(_adaptable_layers(model))
+        weights = resolve_input_dora(weights, {name: layers[name].weight for group in weights.dora_inputs for name in group.parts})
+    if weights.dora_magnitudes and set(weights.dora_magnitudes) != set(weights.modules):
+        raise UserError(f"{source}: {len(weights.dora_magnitudes)} of its {len(weights.modules)} modules are DoRA; PEFT applies DoRA to all of an adapter's modules or none")
     with warnings.catch_warnings():
         # Several adapters in one model is the point here, not an accident.
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        inject_adapter_in_model(peft_config(weights), transformer, adapter_name=adapter_name)
+        inject_adapter_in_model(peft_config(weights), model, adapter_name=adapter_name)
     # PEFT makes the LoRA layers in the base layer's dtype and device; upcast before
     # loading, or fp32 weights copied into bf16 layers would be rounded.
-    cast_adapter_dtype(transformer, adapter_name=adapter_name)
-    _load_state(transformer, weights, adapter_name, source)
-    for parameter in transformer.parameters():
+    cast_adapter_dtype(model, adapter_name=adapter_name)
+    _load_state(model, weights, adapter_name, source)
+    for parameter in model.parameters():
         parameter.requires_grad_(False)
-    lora.set_scale(transformer, adapter_name, scale)
+    lora.set_scale(model, adapter_name, scale)
+
+
+def resolve_input_dora(weights: LoraWeights, base_weights: dict[str, torch.Tensor]) -> LoraWeights:
+    """``weights`` with each per-input DoRA group (OneTrainer's default) as plain LoRAs of its exact weight change.
+
+    ``W' = (W + dW) * m / ||W + dW||`` with column norms (the rows of a fused
+    layer's parts together, a Conv2d's kernel positions too, plus OneTrainer's fp32
+    ``norm_epsilon``), as OneTrainer's ``DoRAModule.forward`` computes it. PEFT's DoRA
+    normalises rows, so ``W' - W`` is written as a full-rank LoRA (rank min(out, in)):
+    exact at scale 1, and ``W + s (W' - W)`` at scale s, ComfyUI's strength rule for DoRA.
+    """
+    if not weights.dora_inputs:
+        return weights
+    modules = dict(weights.modules)
+    for group in weights.dora_inputs:
+        base = {name: base_weights[name].detach().float() for name in group.parts}
+        patched = {name: base[name] + modules[name].delta().to(base[name].device) for name in group.parts}
+        squares = sum(w.transpose(0, 1).reshape(w.shape[1], -1).square().sum(dim=1) for w in patched.values())
+        factor = group.magnitude.to(squares.device).float() / (squares.sqrt() + torch.finfo(torch.float32).eps)
+        for name, weight in patched.items():
+            modules[name] = full_rank((weight * factor.view(1, -1, *[1] * (weight.ndim - 2)) - base[name]).cpu())
+    return dataclasses.replace(weights, modules=modules, dora_inputs=[])
+
+
+def full_rank(delta: torch.Tensor) -> LoraModule:
+    """A LoRA whose update is exactly ``delta`` (rank min(out, in x kh x kw), alpha = rank)."""
+    out, flat = delta.shape[0], delta.reshape(delta.shape[0], -1)
+    tail = (1, 1) if delta.ndim == 4 else ()
+    if out <= flat.shape[1]:
+        down, up = flat.reshape(delta.shape), torch.eye(out).reshape(out, out, *tail)
+    else:
+        size = flat.shape[1]
+        down, up = torch.eye(size).reshape(size, *delta.shape[1:]), flat.reshape(out, size, *tail)
+    return LoraModule(down.contiguous(), up.contiguous(), float(down.shape[0]))
 
 
 def mismatches(transformer: torch.nn.Module, weights: LoraWeights, adapter_name: str = "default") -> list[str]:
@@ -250,6 +447,8 @@ def mismatches(transformer: torch.nn.Module, weights: LoraWeights, adapter_name:
     for have, want in sorted({(weights.modules[n].scale, layers[n].scaling[adapter_name]) for n in shared}):
         if not math.isclose(have, want, rel_tol=1e-6):
             problems.append(f"alpha/rank scale={have:g} (recipe: {want:g})")
+    if weights.dora_inputs:
+        problems.append("dora on the input axis (OneTrainer's default), which PEFT cannot train")
     dora_here = any(layers[n].use_dora.get(adapter_name, False) for n in shared)
     if bool(weights.dora_magnitudes) != dora_here:
         problems.append(f"dora={bool(weights.dora_magnitudes)} (recipe: {dora_here})")
@@ -271,6 +470,7 @@ def load_into(
     mismatch is refused as "``source`` does not match ``target``: what differs; ``advice``".
     """
     check_fits(transformer, weights, source)
+    skip_text_encoder(weights, source, "training here trains the transformer's LoRA only")
     problems = mismatches(transformer, weights, adapter_name)
     if problems:
         raise UserError(f"{source} does not match {target}: {'; '.join(problems)}" + (f"; {advice}" if advice else ""))
@@ -284,7 +484,9 @@ def _load_state(transformer: torch.nn.Module, weights: LoraWeights, adapter_name
         state[f"{name}.lora_A.weight"] = module.down.float()
         state[f"{name}.lora_B.weight"] = module.up.float()
     for name, magnitude in weights.dora_magnitudes.items():
-        state[f"{name}.lora_magnitude_vector"] = magnitude.float()
+        # PEFT keeps a Conv2d's magnitude as (1, out, 1, 1), a linear layer's as (out,).
+        shape = transformer.get_submodule(name).lora_magnitude_vector[adapter_name].weight.shape
+        state[f"{name}.lora_magnitude_vector"] = magnitude.float().reshape(shape)
     result = set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]
     if unexpected:
@@ -292,15 +494,31 @@ def _load_state(transformer: torch.nn.Module, weights: LoraWeights, adapter_name
 
 
 def load_adapters(
-    transformer: torch.nn.Module, specs: Sequence[AdapterSpec], allow_pickle: bool = False, prefix: str = "adapter"
+    transformer: torch.nn.Module,
+    specs: Sequence[AdapterSpec],
+    allow_pickle: bool = False,
+    prefix: str = "adapter",
+    text_encoder: torch.nn.Module | None = None,
 ) -> list[str]:
-    """Applies every spec with its own scale and activates exactly those; returns the adapter names."""
-    names = []
+    """Applies every spec with its own scale and activates exactly those; returns the adapter names.
+
+    A file's T5 part goes into ``text_encoder`` under the same name, or is left out
+    with a warning when no text encoder is given.
+    """
+    names, text_names = [], []
     for index, spec in enumerate(specs):
         name = f"{prefix}_{index}"
+        weights = read_lora(spec.path, allow_pickle)
         lora.remove(transformer, name)
-        apply_lora(transformer, read_lora(spec.path, allow_pickle), name, spec.scale, source=spec.path)
+        apply_lora(transformer, weights, name, spec.scale, source=spec.path)
         names.append(name)
+        if text_encoder is None:
+            skip_text_encoder(weights, spec.path, "no text encoder was given to apply it to")
+            continue
+        lora.remove(text_encoder, name)
+        if apply_text_lora(text_encoder, weights, name, spec.scale, source=spec.path):
+            text_names.append(name)
     lora.activate(transformer, names)
+    if text_encoder is not None:
+        lora.activate(text_encoder, text_names)
     return names
-

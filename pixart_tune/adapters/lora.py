@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -146,6 +148,26 @@ def write_adapter(
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata=header)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(_jsonable(config), indent=2), encoding="utf-8")
     return out
+
+
+def peft_alpha(config: dict, name: str, rank: int) -> float:
+    """The alpha that gives module ``name`` (rank ``rank``) the scale PEFT gives it under LoraConfig fields ``config``.
+
+    r and lora_alpha default as LoraConfig's do; ``rank_pattern`` / ``alpha_pattern``
+    override them per module (a regex on the end of the name, PEFT's
+    ``get_pattern_key``); rsLoRA's alpha / sqrt(r) is re-expressed against alpha / rank.
+    """
+    defaults = LoraConfig.__dataclass_fields__
+    r = float(_pattern_value(config.get("rank_pattern") or {}, name, config.get("r", defaults["r"].default)))
+    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", defaults["lora_alpha"].default)))
+    return (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r) * rank
+
+
+def _pattern_value(patterns: dict, name: str, default: float) -> float:
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return value
+    return default
 
 
 def set_scale(transformer: torch.nn.Module, adapter_name: str, scale: float) -> None:

@@ -12,7 +12,12 @@ The math is pure functions on canonical :class:`LoraModule` values:
   best rank-k approximation); exact when ``rank`` reaches the sum's rank.
 
 The SVD never forms the out x in update: with up = Q_B R_B and down^T = Q_A R_A,
-``up @ down = Q_B (R_B R_A^T) Q_A^T``, so only an r x r matrix is decomposed.
+``up @ down = Q_B (R_B R_A^T) Q_A^T``, so only an r x r matrix is decomposed. A
+Conv2d LoRA (the patch embedding ``pos_embed.proj``) is decomposed on its flattened
+update (out x in*kh*kw) and reshaped back to PEFT's Conv2d LoRA shapes.
+
+Only the transformer's part of an adapter is merged, resized or fused; a T5 part
+(OneTrainer files that trained the text encoder) is left out with a warning.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ import torch
 from peft.utils.merge_utils import task_arithmetic
 
 from pixart_tune.adapters import lora
-from pixart_tune.adapters.layouts import LoraModule, LoraWeights, uniform
-from pixart_tune.adapters.loader import AdapterSpec, apply_lora, parse_spec, read_lora
+from pixart_tune.adapters.layouts import LoraModule, LoraWeights
+from pixart_tune.adapters.loader import AdapterSpec, apply_lora, parse_spec, read_lora, skip_text_encoder
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
 
@@ -67,9 +72,10 @@ def truncated_svd(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[Lora
     """Best rank-``rank`` LoRA of ``up @ down``; returns (module, energy kept, total energy).
 
     Energy is the squared Frobenius norm, i.e. the sum of squared singular values;
-    the kept fraction is what a rank-k truncation preserves of it.
+    the kept fraction is what a rank-k truncation preserves of it. A Conv2d LoRA's
+    (down rank x in x kh x kw, up out x rank x 1 x 1) comes back in those shapes.
     """
-    up64, down64 = up.double(), down.double()
+    up64, down64 = up.double().flatten(1), down.double().flatten(1)
     q_up, r_up = torch.linalg.qr(up64)
     q_down, r_down = torch.linalg.qr(down64.T)
     u, s, vh = torch.linalg.svd(r_up @ r_down.T)
@@ -77,8 +83,8 @@ def truncated_svd(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[Lora
     total = float((s**2).sum())
     kept = float((s[:k] ** 2).sum())
     # B = U_k S_k, A = V_k^T: the convention of PEFT's and kohya's SVD merges.
-    new_up = (q_up @ u[:, :k]) * s[:k]
-    new_down = vh[:k] @ q_down.T
+    new_up = ((q_up @ u[:, :k]) * s[:k]).reshape(up.shape[0], k, *up.shape[2:])
+    new_down = (vh[:k] @ q_down.T).reshape(k, *down.shape[1:])
     return LoraModule(new_down.float().contiguous(), new_up.float().contiguous(), float(k)), kept, total
 
 
@@ -111,7 +117,7 @@ def merge_weights(adapters: Sequence[LoraWeights], weights: Sequence[float], met
     kept_total, energy_total = 0.0, 0.0
     for name in names:
         present = [(a.modules[name], w) for a, w in zip(adapters, weights) if name in a.modules]
-        shapes = {(m.up.shape[0], m.down.shape[1]) for m, _ in present}
+        shapes = {m.weight_shape for m, _ in present}
         if len(shapes) > 1:
             raise UserError(f"the adapters disagree on the shape of {name} ({sorted(shapes)}): they were made for different base models")
         modules, ws = [m for m, _ in present], [w for _, w in present]
@@ -143,6 +149,30 @@ def resize_weights(adapter: LoraWeights, rank: int) -> MergeResult:
 # --- files ---------------------------------------------------------------------------
 
 
+def uniform(weights: LoraWeights) -> tuple[int, float, dict[str, torch.Tensor]]:
+    """(rank, alpha, PEFT state dict) with one rank and alpha for every module.
+
+    PEFT folders written by ``write_adapter`` carry a single r and alpha; modules of
+    lower rank are padded with zero rows of A and zero columns of B (no change to the
+    update) and differing scales are folded into B.
+    """
+    weights.check_plain("writing a PEFT adapter folder")
+    rank = max(weights.ranks)
+    # Keep the common alpha when the modules agree, so the file reads like the original.
+    alphas = {m.alpha for m in weights.modules.values()}
+    alpha = alphas.pop() if len(alphas) == 1 and len(weights.ranks) == 1 else float(rank)
+    target_scale = alpha / rank
+    state = {}
+    for name, module in weights.modules.items():
+        down = torch.zeros(rank, *module.down.shape[1:])
+        up = torch.zeros(module.up.shape[0], rank, *module.up.shape[2:])
+        down[: module.rank] = module.down.float()
+        up[:, : module.rank] = module.up.float() * (module.scale / target_scale)
+        state[f"{name}.lora_A.weight"] = down
+        state[f"{name}.lora_B.weight"] = up
+    return rank, alpha, state
+
+
 def write_weights(weights: LoraWeights, out: str | Path, metadata: dict | None = None) -> Path:
     """Writes canonical weights as a PEFT adapter folder (one rank and alpha, alpha stored)."""
     rank, alpha, state = uniform(weights)
@@ -158,7 +188,7 @@ def merge_adapters(specs: list[AdapterSpec], out: str | Path, method: str = "lin
     if not specs:
         raise UserError("give at least one adapter to merge")
     refuse_overwriting_inputs([spec.path for spec in specs], out)
-    adapters = [read_lora(spec.path, allow_pickle) for spec in specs]
+    adapters = _read_transformer_parts(specs, allow_pickle, "a merged adapter holds the transformer's LoRA only")
     result = merge_weights(adapters, [spec.scale for spec in specs], method, rank)
     metadata = {
         "merged_from": [{"path": s.path, "weight": s.scale} for s in specs],
@@ -174,7 +204,8 @@ def merge_adapters(specs: list[AdapterSpec], out: str | Path, method: str = "lin
 def resize_adapter(path: str | Path, out: str | Path, rank: int, allow_pickle: bool = False) -> tuple[Path, float]:
     """Writes ``path``'s adapter truncated to ``rank`` at ``out``; returns (folder, fraction of energy kept)."""
     refuse_overwriting_inputs([path], out)
-    result = resize_weights(read_lora(path, allow_pickle), rank)
+    [adapter] = _read_transformer_parts([AdapterSpec(str(path))], allow_pickle, "a resized adapter holds the transformer's LoRA only")
+    result = resize_weights(adapter, rank)
     folder = write_weights(result.weights, out, {"resized_from": str(path), "energy_kept": round(result.energy_kept, 6)})
     return folder, result.energy_kept
 
@@ -197,7 +228,7 @@ def fuse_adapters(model: str, specs: list[AdapterSpec], out: str | Path, dtype: 
     refuse_overwriting_inputs([source], out, "the base model's folder")
     if out.resolve().is_relative_to(source.resolve()):
         raise UserError(f"the output {out} lies inside the base model's folder {source}; choose a new folder outside it")
-    adapters = [read_lora(spec.path, allow_pickle) for spec in specs]
+    adapters = _read_transformer_parts(specs, allow_pickle, "the fused pipeline keeps the base model's T5")
     transformer = load_transformer(str(source), dtype=torch.float32)
     fuse_into(transformer, adapters, [spec.scale for spec in specs], [spec.path for spec in specs])
     if resolve_dtype(dtype) != torch.float32:
@@ -214,6 +245,13 @@ def fuse_adapters(model: str, specs: list[AdapterSpec], out: str | Path, dtype: 
             encoding="utf-8",
         )
     return out
+
+
+def _read_transformer_parts(specs: Sequence[AdapterSpec], allow_pickle: bool, why: str) -> list[LoraWeights]:
+    adapters = [read_lora(spec.path, allow_pickle) for spec in specs]
+    for spec, adapter in zip(specs, adapters):
+        skip_text_encoder(adapter, spec.path, why)
+    return adapters
 
 
 def fuse_into(transformer: torch.nn.Module, adapters: Sequence[LoraWeights], scales: Sequence[float], sources: Sequence[str] | None = None) -> None:
