@@ -16,6 +16,7 @@ from pixart_tune.adapters.merge import (
     merge_cat,
     merge_linear,
     merge_svd,
+    public_name,
     resize_adapter,
     truncated_svd,
 )
@@ -99,7 +100,9 @@ def test_exact_merges_equal_the_unmerged_adapters(method, tiny_model, adapters, 
     folder = merge_adapters(specs, tmp_path / method, method=method, rank=rank)
     merged = read_lora(folder)
     assert merged.ranks == {6} and float(merged.metadata["energy_kept"]) == pytest.approx(1.0)
-    assert json.loads(merged.metadata["merged_from"])[1] == {"path": str(adapters["c"]), "weight": WEIGHTS[1]}
+    # Inputs are recorded by name: a published file must not carry the machine's local paths.
+    assert json.loads(merged.metadata["merged_from"])[1] == {"name": "c", "weight": WEIGHTS[1]}
+    assert str(adapters["c"].parent) not in json.dumps(merged.metadata)
     assert_close(_merged(tiny_model, folder), _unmerged(tiny_model, specs), output(load_transformer(tiny_model)))
 
 
@@ -135,7 +138,10 @@ def test_fused_pipeline_loads_with_plain_diffusers_and_equals_the_adapters(tiny_
     assert not any("lora" in name for name, _ in pipe.transformer.named_parameters())
     assert_close(output(pipe.transformer), _unmerged(tiny_model, specs), output(load_transformer(tiny_model)))
     # Only the transformer is new; the base model's folder is untouched.
-    assert (folder / "text_encoder").is_dir() and (folder / "fused_adapters.json").is_file()
+    assert (folder / "text_encoder").is_dir()
+    # The record names the base model and adapters; it carries no path of this machine.
+    record = json.loads((folder / "fused_adapters.json").read_text())
+    assert record == {"base_model": "tiny", "adapters": [{"name": "a", "scale": 0.7}, {"name": "c", "scale": 1.3}]}
     assert not (tmp_path / "fused" / "transformer" / "adapter_config.json").exists()
 
 
@@ -143,6 +149,7 @@ def test_merge_verb_resizes_and_refuses_to_overwrite(tiny_model, adapters, tmp_p
     out = tmp_path / "small"
     assert cli([str(adapters["a"]), "--resize", "1", "--out", str(out)]) == 0
     assert "energy kept" in capsys.readouterr().out and read_lora(out).ranks == {1}
+    assert read_lora(out).metadata["resized_from"] == "a"
     with pytest.raises(UserError, match="exists.*--overwrite"):
         cli([str(adapters["a"]), "--resize", "1", "--out", str(out)])
     with pytest.raises(UserError, match="one of the input adapters"):
@@ -154,6 +161,14 @@ def test_dora_adapters_refuse_low_rank_merging():
     weights = LoraWeights({"proj_out": _random_module(2, 1)}, dora_magnitudes={"proj_out": torch.ones(12)})
     with pytest.raises(UserError, match="DoRA.*--fuse"):
         weights.check_plain("merging")
+
+
+def test_merged_files_name_their_inputs_without_local_paths(tmp_path):
+    assert public_name("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS") == "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
+    assert public_name("/home/someone/loras/style.safetensors") == "style.safetensors"
+    (tmp_path / "runs" / "owner").mkdir(parents=True)
+    assert public_name(str(tmp_path / "runs" / "owner")) == "owner"
+    assert public_name("./runs/style/") == "style"
 
 
 def test_truncated_svd_handles_rank_above_the_matrix_rank():

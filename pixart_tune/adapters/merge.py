@@ -18,6 +18,8 @@ update (out x in*kh*kw) and reshaped back to PEFT's Conv2d LoRA shapes.
 
 Only the transformer's part of an adapter is merged, resized or fused; a T5 part
 (OneTrainer files that trained the text encoder) is left out with a warning.
+Merged files record their inputs by name (file or folder name, or hub id), never by
+local path.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pixart_tune.adapters.layouts import LoraModule, LoraWeights
 from pixart_tune.adapters.loader import AdapterSpec, apply_lora, parse_spec, read_lora, skip_text_encoder
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
+from pixart_tune.hub import looks_like_path
 
 METHODS = ("linear", "cat", "svd")
 
@@ -173,6 +176,14 @@ def uniform(weights: LoraWeights) -> tuple[int, float, dict[str, torch.Tensor]]:
     return rank, alpha, state
 
 
+def public_name(path: str | Path) -> str:
+    """What a merged file records of an input: a hub id as given, else the file or folder name (never a local path)."""
+    text = str(path)
+    if text.count("/") == 1 and not looks_like_path(text) and not Path(text).exists():
+        return text
+    return Path(text).resolve().name
+
+
 def write_weights(weights: LoraWeights, out: str | Path, metadata: dict | None = None) -> Path:
     """Writes canonical weights as a PEFT adapter folder (one rank and alpha, alpha stored)."""
     rank, alpha, state = uniform(weights)
@@ -191,7 +202,7 @@ def merge_adapters(specs: list[AdapterSpec], out: str | Path, method: str = "lin
     adapters = _read_transformer_parts(specs, allow_pickle, "a merged adapter holds the transformer's LoRA only")
     result = merge_weights(adapters, [spec.scale for spec in specs], method, rank)
     metadata = {
-        "merged_from": [{"path": s.path, "weight": s.scale} for s in specs],
+        "merged_from": [{"name": public_name(s.path), "weight": s.scale} for s in specs],
         "merge_method": method,
         "energy_kept": round(result.energy_kept, 6),
     }
@@ -206,7 +217,7 @@ def resize_adapter(path: str | Path, out: str | Path, rank: int, allow_pickle: b
     refuse_overwriting_inputs([path], out)
     [adapter] = _read_transformer_parts([AdapterSpec(str(path))], allow_pickle, "a resized adapter holds the transformer's LoRA only")
     result = resize_weights(adapter, rank)
-    folder = write_weights(result.weights, out, {"resized_from": str(path), "energy_kept": round(result.energy_kept, 6)})
+    folder = write_weights(result.weights, out, {"resized_from": public_name(path), "energy_kept": round(result.energy_kept, 6)})
     return folder, result.energy_kept
 
 
@@ -241,7 +252,7 @@ def fuse_adapters(model: str, specs: list[AdapterSpec], out: str | Path, dtype: 
             _link_or_copy(item, tmp / item.name)
         transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
         (tmp / "fused_adapters.json").write_text(
-            json.dumps({"base_model": model, "adapters": [{"path": s.path, "scale": s.scale} for s in specs]}, indent=2),
+            json.dumps({"base_model": public_name(model), "adapters": [{"name": public_name(s.path), "scale": s.scale} for s in specs]}, indent=2),
             encoding="utf-8",
         )
     return out
