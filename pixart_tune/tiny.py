@@ -19,6 +19,19 @@ from pixart_tune.base import INTERPOLATION_SCALE, MAX_TOKENS
 from pixart_tune.models import XL2_TRANSFORMER_CONFIG
 from pixart_tune.tiny_vae import build_tiny_vae
 
+TINY_BETA_END = 0.005
+"""Last DDPM beta of the tiny pipeline's schedule (PixArt-Sigma's is 0.02).
+
+Sampling estimates the clean latent as (x_t - sqrt(1 - a) eps) / sqrt(a), a the
+alpha-bar of the step. PixArt's schedule ends at a = 4e-5, so the first steps
+multiply the model's noise error by about 156: only a trained denoiser survives
+that, and the tiny transformer is random, so every sample came out as saturated
+colour noise, with or without a LoRA. Ending at 0.005 (a = 0.078 at t = 999)
+multiplies it by 3.5, and what a LoRA learns shows in samples drawn from pure
+noise. The trainer and the sampler read the schedule from the model folder, so
+the same code serves both schedules.
+"""
+
 # A small corpus for the tiny tokenizer: photo and art vocabulary, so that real
 # captions split into real pieces instead of <unk>.
 _WORDS = """a an the of in on at with and or to from by for photo photograph picture painting drawing
@@ -113,9 +126,10 @@ def build_tiny_pipeline(seed: int = 0):
     )
     vae = build_tiny_vae(seed)
     transformer = PixArtTransformer2DModel.from_config(tiny_transformer_config(caption_channels=32))
-    # The scheduler PixArt-Sigma ships: DPM-Solver++ over the linear DDPM betas.
+    # PixArt-Sigma's scheduler (DPM-Solver++ over linear DDPM betas, epsilon
+    # prediction) with a shorter schedule: betas up to TINY_BETA_END, not 0.02.
     scheduler = DPMSolverMultistepScheduler(
-        beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000, prediction_type="epsilon"
+        beta_start=0.0001, beta_end=TINY_BETA_END, beta_schedule="linear", num_train_timesteps=1000, prediction_type="epsilon"
     )
     return PixArtSigmaPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
