@@ -1,8 +1,9 @@
 """Sampling with adapters: the ``sample`` verb's comparison grids and the app's previews.
 
 ``Sampler`` keeps one pipeline loaded and applies any number of adapters (any
-layout the loader reads, each at its own scale) between generations, drawing
-through :func:`pixart_tune.generation.generate`.
+layout the loader reads, each at its own scale) between generations, through the
+diffusers-style LoRA methods of :mod:`pixart_tune.adapters.pipeline_lora` (a file's
+T5 part goes into the text encoder), drawing through :func:`pixart_tune.generation.generate`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-from pixart_tune.adapters import lora
 from pixart_tune.adapters.layouts import LoraWeights
-from pixart_tune.adapters.loader import AdapterSpec, apply_lora, parse_spec, read_lora
+from pixart_tune.adapters.loader import AdapterSpec, parse_spec, read_lora
+from pixart_tune.adapters.pipeline_lora import enable_lora
 from pixart_tune.base import bucket_table, dtype_for, resolution_of
 from pixart_tune.errors import UserError
 from pixart_tune.generation import generate, image_grid, save_png
-from pixart_tune.models import default_device, load_pipeline
+from pixart_tune.models import default_device, load_pipeline, quiet_loading
 
 __all__ = ["AdapterSpec", "SampleConfig", "Sampler", "sample"]
 
@@ -46,8 +47,10 @@ class Sampler:
         self.device = torch.device(device) if device else default_device()
         self.dtype = dtype_for(dtype, self.device)
         self.allow_pickle = allow_pickle
+        quiet_loading()  # the sampler's callers show their own progress, not the libraries' loading bars
         try:
-            self.pipe = load_pipeline(self.model, self.dtype).to(self.device)
+            # diffusers' LoRA methods (pixart_tune.adapters.pipeline_lora): a file's T5 part follows its transformer part.
+            self.pipe = enable_lora(load_pipeline(self.model, self.dtype).to(self.device))
         except (OSError, ValueError) as error:
             raise UserError(
                 f"cannot load a PixArt-Sigma pipeline from {self.model!r}: {error}. Give a pipeline folder in the "
@@ -93,10 +96,10 @@ class Sampler:
             with warnings.catch_warnings():
                 # PEFT warns when the removed adapter was active; activate() sets them right after.
                 warnings.filterwarnings("ignore", message=".*was active which is now deleted")
-                lora.remove(self.transformer, cached[1])
+                self.pipe.delete_adapters(cached[1])
         self._counter += 1
         name = f"adapter_{self._counter}"
-        apply_lora(self.transformer, weights, name, source=source)
+        self.pipe.load_lora_weights(weights, adapter_name=name, source=source)
         self._loaded[path] = (stat, name)
         return name
 
@@ -110,9 +113,7 @@ class Sampler:
         # Scale 0 means off: not "scaled to nothing", which a DoRA adapter is not (its
         # magnitude still rescales the weights at scaling 0).
         scales = {name: scale for name, scale in scales.items() if scale != 0}
-        lora.activate(self.transformer, list(scales))
-        for name, scale in scales.items():
-            lora.set_scale(self.transformer, name, scale)
+        self.pipe.set_adapters(list(scales), list(scales.values()))
 
     def generate(
         self,

@@ -17,27 +17,18 @@ strength) and PEFT's layers in the transformer:
   is what makes ``pipe.load_lora_weights(...)`` work on a pipeline built by any
   code, and it adds names only, never replacing one.
 
-Where this differs from diffusers, on purpose:
-
-- ``load_lora_weights`` reads every layout the toolkit reads (PEFT folders,
-  diffusers, OneTrainer/kohya, ComfyUI and original PixArt names ...), accepts
-  the toolkit's :class:`~pixart_tune.adapters.layouts.LoraWeights` as well as a
-  state dict, and refuses pickle files unless ``allow_pickle=True``;
-- without ``adapter_name`` it picks ``default_N`` as diffusers does, but skips a
-  name already in use instead of loading over it;
-- ``set_adapters([])`` runs the base model (diffusers raises ``KeyError``); a
-  per-module weight dict matches whole dotted name parts, so
-  ``"transformer_blocks.1"`` does not also catch blocks 10 to 19;
-- ``fuse_lora`` keeps a CPU copy of each weight it changes, and ``unfuse_lora``
-  puts it back bit for bit (diffusers subtracts the update again, which leaves
-  rounding error in bf16/fp16) and returns every adapter to the weight
-  ``set_adapters`` gave it (diffusers leaves ``lora_scale`` multiplied in);
-  ``lora_scale`` applies to exactly the adapters fused;
-- an inference API: ``load_lora_weights`` leaves the transformer frozen, new
-  adapter included (PEFT marks it trainable), and the other methods never
-  change which parameters train (PEFT's switches would);
-- unknown names in ``delete_adapters`` and ``fuse_lora`` are skipped as in
-  diffusers, with a warning.
+Where it differs from diffusers, on purpose (docs/python-api.md has the table):
+every layout the toolkit reads, ``LoraWeights`` too, pickle only with
+``allow_pickle=True``; default names skip names in use; ``set_adapters([])`` runs
+the base model; per-module weights match whole dotted name parts; ``unfuse_lora``
+restores each fused weight bit for bit (diffusers subtracts, which leaves bf16
+rounding) and each adapter's weight; the transformer stays frozen; unknown names
+in ``delete_adapters`` / ``fuse_lora`` are skipped with a warning. A file's T5
+part (OneTrainer writes one when the text encoder trained) loads into
+``pipe.text_encoder`` under the same name and follows the transformer part in
+``set_adapters`` (at the adapter's number weight; 1.0 for per-module weights),
+``delete_adapters``, ``unload_lora_weights`` and ``disable_lora``/``enable_lora``;
+``fuse_lora`` fuses the transformer only.
 """
 
 from __future__ import annotations
@@ -58,7 +49,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from pixart_tune.adapters import lora
 from pixart_tune.adapters.layouts import LoraWeights, from_state_dict, pixart_module_names
-from pixart_tune.adapters.loader import apply_lora, load_into, read_lora
+from pixart_tune.adapters.loader import apply_lora, apply_text_lora, load_into, read_lora
 from pixart_tune.errors import UserError
 from pixart_tune.hub import hub_trouble, looks_like_path
 
@@ -193,9 +184,11 @@ def load(
     lora_source: Any,
     adapter_name: str | None = None,
     hotswap: bool = False,
+    text_encoder: torch.nn.Module | None = None,
     **kwargs: Any,
 ) -> str:
-    """:meth:`PixArtSigmaLoraLoaderMixin.load_lora_weights` on a transformer; returns the adapter's name."""
+    """:meth:`PixArtSigmaLoraLoaderMixin.load_lora_weights` on a transformer (and the T5 part into
+    ``text_encoder`` when given); returns the adapter's name."""
     allow_pickle = bool(kwargs.pop("allow_pickle", False))
     label = kwargs.pop("source", None)
     where = {key: kwargs.pop(key) for key in ("weight_name", "subfolder") if key in kwargs}
@@ -225,8 +218,11 @@ def load(
         return adapter_name
     name = adapter_name or _default_name(transformer, loaded)
     apply_lora(transformer, weights, name, source=label)  # frozen, like every parameter of the transformer after it
-    if getattr(weights, "text_encoder", None):
-        logger.warning("%s: its T5 text-encoder LoRA is not applied by load_lora_weights (the transformer part is)", label)
+    if weights.text_encoder is not None:
+        if text_encoder is None:
+            logger.warning("%s: its T5 text-encoder LoRA is not applied: no text encoder is loaded (the transformer part is)", label)
+        else:
+            apply_text_lora(text_encoder, weights, name, source=label)
     return name
 
 
@@ -420,6 +416,23 @@ def _transformer_of(pipe: Any) -> PixArtTransformer2DModel:
     return transformer
 
 
+def _text_encoder_of(pipe: Any) -> torch.nn.Module:
+    """The pipeline's text encoder, or an empty module where it has none (no LoRA layers: every method skips it)."""
+    return getattr(pipe, "text_encoder", None) or torch.nn.Module()
+
+
+def _follow(text_encoder: torch.nn.Module, names: Sequence[str], weights: Sequence[Any]) -> None:
+    """The T5 parts follow the transformer's active set: those of ``names`` active, at their weight."""
+    with _keeping_grad_flags(text_encoder):
+        for layer in _tuner_layers(text_encoder).values():
+            present = [(n, w) for n, w in zip(names, weights) if n in _adapters_of(layer)]
+            layer.enable_adapters(bool(present))
+            if present:
+                layer.set_adapter([n for n, _ in present], inference_mode=True)
+                for name, weight in present:
+                    layer.set_scale(name, 1.0 if weight is None or isinstance(weight, Mapping) else float(weight))
+
+
 class PixArtSigmaLoraLoaderMixin:
     """diffusers' pipeline LoRA methods (``LoraBaseMixin``) for PixArt pipelines: LoRAs go into ``self.transformer``."""
 
@@ -439,7 +452,8 @@ class PixArtSigmaLoraLoaderMixin:
         place (same targets, ranks and alphas). Pickle files need ``allow_pickle=True``;
         ``source=`` names the LoRA in error messages (default: the path).
         """
-        load(_transformer_of(self), pretrained_model_name_or_path_or_dict, adapter_name, hotswap, **kwargs)
+        name = load(_transformer_of(self), pretrained_model_name_or_path_or_dict, adapter_name, hotswap, _text_encoder_of(self), **kwargs)
+        _follow(_text_encoder_of(self), [name], [1.0])
 
     def set_adapters(self, adapter_names: str | list[str], adapter_weights: Any = None) -> None:
         """Makes exactly ``adapter_names`` active, each at its weight (default 1.0).
@@ -451,6 +465,9 @@ class PixArtSigmaLoraLoaderMixin:
         name or a list of another length raises ``ValueError``; ``[]`` runs the base model.
         """
         set_adapters(_transformer_of(self), adapter_names, adapter_weights)
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
+        _follow(_text_encoder_of(self), names, weights)
 
     def get_active_adapters(self) -> list[str]:
         """The names of the active adapters (also while LoRA is disabled)."""
@@ -458,8 +475,8 @@ class PixArtSigmaLoraLoaderMixin:
 
     def get_list_adapters(self) -> dict[str, list[str]]:
         """``{"transformer": [every loaded adapter]}``, or ``{}`` with none loaded."""
-        names = list_adapters(_transformer_of(self))
-        return {COMPONENT: names} if names else {}
+        lists = {COMPONENT: list_adapters(_transformer_of(self)), "text_encoder": list_adapters(_text_encoder_of(self))}
+        return {component: names for component, names in lists.items() if names}
 
     def fuse_lora(
         self,
@@ -485,18 +502,23 @@ class PixArtSigmaLoraLoaderMixin:
     def unload_lora_weights(self) -> None:
         """Removes every LoRA layer, leaving the transformer's own modules (with fused updates kept in them)."""
         unload(_transformer_of(self))
+        unload(_text_encoder_of(self))
 
     def delete_adapters(self, adapter_names: list[str] | str) -> None:
         """Removes these adapters; names not loaded are skipped with a warning."""
         delete_adapters(_transformer_of(self), adapter_names)
+        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+            lora.remove(_text_encoder_of(self), name)
 
     def disable_lora(self) -> None:
         """Runs the base model until :meth:`enable_lora`; the active set and weights are kept."""
         set_enabled(_transformer_of(self), False)
+        set_enabled(_text_encoder_of(self), False)
 
     def enable_lora(self) -> None:
         """Undoes :meth:`disable_lora`."""
         set_enabled(_transformer_of(self), True)
+        set_enabled(_text_encoder_of(self), True)
 
     @property
     def fused_loras(self) -> set[str]:
