@@ -8,6 +8,14 @@ Loader"; city96's own "PixArt Load LoRA" node reads the ``onetrainer`` file (see
 :func:`city96_ready` for what it applies). Every file stores alpha as a one-element
 ``<module>.alpha`` tensor, and nothing written here carries a local path: the
 header's paths become folder or file names (:func:`public_metadata`).
+
+LyCORIS adapters (LoKr, LoHa, alone or beside LoRA modules) export under ``comfyui``
+and ``diffusers`` in the LyCORIS tensor names ComfyUI core reads (``lokr_w1`` ...,
+``hada_w1_a`` ..., with ``alpha``; :func:`pixart_tune.adapters.lycoris.to_comfyui_state`).
+``onetrainer`` and ``pixart`` hold plain LoRA only and refuse them, naming the formats
+that can, and ``merge --method svd --rank R``, which turns them into a LoRA (an
+approximation the user asks for, never done silently). A publish folder of a LyCORIS
+adapter carries the ``comfyui`` and ``diffusers`` files and no PEFT folder.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from safetensors.torch import save_file
 from pixart_tune.adapters import card as cards
 from pixart_tune.adapters.layouts import LoraModule, LoraWeights, to_state_dict
 from pixart_tune.adapters.loader import read_lora
-from pixart_tune.adapters.merge import refuse_overwriting_inputs, write_weights
+from pixart_tune.adapters.merge import flat_state, refuse_overwriting_inputs, write_weights
 from pixart_tune.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS, REAL_MODEL_ID
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
@@ -77,6 +85,12 @@ PEFT_FILE_NOTE = (
 )
 # The exports a publish folder carries beside the PEFT adapter: one per ComfyUI LoRA node.
 PUBLISHED_FORMATS = ("comfyui", "onetrainer")
+# Those of a LyCORIS adapter (no PEFT folder: it may need several PEFT configs).
+LYCORIS_FORMATS = ("comfyui", "diffusers")
+LYCORIS_ADVICE = (
+    "export it with --format comfyui (ComfyUI core's LoRA loaders) or --format diffusers, or turn it into a plain LoRA "
+    "first with 'pixart-tune merge ADAPTER --method svd --rank R --out FOLDER'"
+)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 logger = logging.getLogger(__name__)
@@ -90,9 +104,11 @@ def export_file(weights: LoraWeights, fmt: str, out: str | Path) -> Path:
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     layout, _ = FORMATS[fmt]
+    if fmt not in LYCORIS_FORMATS:
+        weights.check_lora_only(f"the {fmt} format", LYCORIS_ADVICE)
     if fmt == "onetrainer":
         weights = city96_ready(weights)
-    state = to_state_dict(weights, layout)
+    state = flat_state(weights, layout) if weights.lycoris else to_state_dict(weights, layout)
     header = public_metadata(weights.metadata)
     header.update(format="pt", pixart_tune_layout=layout)
     out = Path(out)
@@ -381,15 +397,17 @@ def publish(
     out = Path(out)
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        write_weights(weights, tmp / "peft")
-        for item in (tmp / "peft").iterdir():
-            item.rename(tmp / item.name)
-        (tmp / "peft").rmdir()
-        config = json.loads((tmp / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-        config["base_model_name_or_path"] = base_model
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
-        files = {ADAPTER_WEIGHTS: PEFT_FILE_NOTE}
-        for fmt in PUBLISHED_FORMATS:
+        files = {}
+        if not weights.lycoris:
+            write_weights(weights, tmp / "peft")
+            for item in (tmp / "peft").iterdir():
+                item.rename(tmp / item.name)
+            (tmp / "peft").rmdir()
+            config = json.loads((tmp / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+            config["base_model_name_or_path"] = base_model
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
+            files[ADAPTER_WEIGHTS] = PEFT_FILE_NOTE
+        for fmt in LYCORIS_FORMATS if weights.lycoris else PUBLISHED_FORMATS:
             file = export_file(weights, fmt, tmp / f"{name}_{fmt}.safetensors")
             files[file.name] = FORMATS[fmt][1]
         shown = []
@@ -402,7 +420,7 @@ def publish(
         info = cards.CardInfo(
             name=name, base_model=base_model, license=license, trigger_words=words, tags=list(tags),
             samples=shown, metadata=weights.metadata, files=files, repo_id=repo_id,
-            comfyui_file=f"{name}_comfyui.safetensors", city96_file=f"{name}_onetrainer.safetensors",
+            comfyui_file=f"{name}_comfyui.safetensors", city96_file=None if weights.lycoris else f"{name}_onetrainer.safetensors",
         )
         cards.write_card(info, tmp)
     return out
@@ -477,6 +495,8 @@ def export(config: ExportConfig) -> list[str]:
         if not config.out:
             raise UserError("--format needs --out (a .safetensors file, or a folder for --format all)")
         formats = list(FORMATS) if config.format == "all" else [config.format]
+        if config.format == "all" and read_lora(config.adapter, config.allow_pickle_runs_code).lycoris:
+            formats = list(LYCORIS_FORMATS)  # the formats that hold LoKr / LoHa
         out = Path(config.out)
         if len(formats) == 1 and out.suffix and out.suffix != ".safetensors":
             raise UserError(f"--out {out}: exports are .safetensors files; name it {out.with_suffix('.safetensors').name}")

@@ -41,6 +41,9 @@ Beside the transformer's LoRA a file may carry:
   exact weight change once the base weights are at hand
   (:func:`pixart_tune.adapters.loader.resolve_input_dora`).
 
+and LyCORIS modules (LoKr ``lokr_*``, LoHa ``hada_*``, any naming :mod:`pixart_tune.adapters.lycoris`
+reads), kept whole in ``LoraWeights.lycoris``; a file may hold only those.
+
 Modules without an ``.alpha`` tensor take theirs from an :class:`AlphaSource`;
 :mod:`pixart_tune.adapters.loader` documents the order in which it is looked for.
 """
@@ -49,12 +52,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
 from pixart_tune.adapters.lora import peft_alpha
 from pixart_tune.errors import UserError
+
+if TYPE_CHECKING:
+    from pixart_tune.adapters.lycoris import LycorisModule
 
 LAYOUTS = ("peft", "diffusers", "peft-model", "peft-unet", "onetrainer", "comfyui", "pixart")
 
@@ -209,10 +215,18 @@ class LoraWeights:
     """The T5 part of a file that also trained the text encoder (T5EncoderModel module names)."""
     alpha_source: str = ALPHA_STORED
     """Where the alpha came from (a file's ``.alpha`` tensors, its header, a JSON beside it, or nowhere)."""
+    lycoris: dict[str, LycorisModule] = dataclasses.field(default_factory=dict)
+    """LoKr / LoHa modules by diffusers module name (:mod:`pixart_tune.adapters.lycoris`), each with its own scale."""
 
     @property
     def ranks(self) -> set[int]:
         return {m.rank for m in self.modules.values()}
+
+    def check_lora_only(self, what: str, advice: str) -> None:
+        """Refuses an adapter with LoKr / LoHa modules where only plain LoRA can go, in one line with ``advice``."""
+        if self.lycoris:
+            kinds = "/".join(sorted({type(m).__name__[:4].replace("Lokr", "LoKr").replace("Loha", "LoHa") for m in self.lycoris.values()}))
+            raise UserError(f"{what} holds plain LoRA only and this adapter has {len(self.lycoris)} {kinds} modules; {advice}")
 
     @property
     def alpha_guessed(self) -> bool:
@@ -288,15 +302,16 @@ def detect_layout(keys: Iterable[str]) -> str:
     """The layout of a flat LoRA state dict, from its key names.
 
     Raises a :class:`UserError` naming what the keys look like when they are not a
-    PixArt-Sigma LoRA (another model family, LoHa/LoKr tensors, no LoRA keys at all).
+    PixArt-Sigma LoRA (another model family, full-weight diffs, no LoRA keys at all).
+    LoKr / LoHa keys are not LoRA layouts: :func:`from_state_dict` splits them off first.
     """
     keys = list(keys)
     modules = [split_key(k) for k in keys]
     unknown = [k for k, m in zip(keys, modules) if m is None]
     if unknown:
         raise UserError(
-            f"{len(unknown)} tensors are not LoRA weights (e.g. {unknown[0]!r}); only LoRA (lora_A/lora_B, "
-            "lora_down/lora_up, alpha, DoRA magnitudes) is supported, not LoHa, LoKr or full-weight diffs"
+            f"{len(unknown)} tensors are not LoRA weights (e.g. {unknown[0]!r}); LoRA (lora_A/lora_B, "
+            "lora_down/lora_up, alpha, DoRA magnitudes) is read here, LoHa and LoKr by from_state_dict, not full-weight diffs"
         )
     names = [m[0] for m in modules if m is not None]
     if not names:
@@ -375,7 +390,15 @@ def from_state_dict(
     ``alphas`` (by default none: alpha = rank, scale 1, as ComfyUI assumes). A T5
     part goes to ``text_encoder``.
     """
+    from pixart_tune.adapters.lycoris import lycoris_keys, read_lycoris
+
     alphas = alphas or AlphaSource()
+    module_names = list(module_names)
+    if lycoris := lycoris_keys(state):  # LoKr / LoHa modules, and the plain LoRA beside them if any
+        rest = {k: v for k, v in state.items() if k not in lycoris}
+        weights = from_state_dict(rest, module_names, alphas, metadata) if rest else LoraWeights({}, dict(metadata or {}), "lycoris")
+        weights.lycoris = read_lycoris({k: state[k] for k in lycoris}, module_names)
+        return weights
     transformer_state, text_state = split_text_encoder(state)
     layout = detect_layout(transformer_state)
     lookup = _name_lookup(layout, list(module_names))

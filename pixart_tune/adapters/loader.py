@@ -31,6 +31,12 @@ which applied):
 
 A PEFT adapter folder takes everything from its ``adapter_config.json``.
 
+LyCORIS (LoKr, LoHa) reads into ``LoraWeights.lycoris`` (:mod:`pixart_tune.adapters.lycoris`):
+flat files in any naming, the LyCORIS part of a mixed file, and PEFT folders whose
+``adapter_config.json`` says ``peft_type`` LOKR or LOHA. A LyCORIS module carries its own
+alpha (none: scale 1, LyCORIS' rule, not a guess). ``apply_lora`` injects it through PEFT
+under the same adapter name as the file's LoRA part, so one name switches and scales both.
+
 Only safetensors is read by default. Pickle-based files (``.bin``, ``.pt``,
 ``.ckpt``) can execute arbitrary code when loaded, so they are refused unless the
 caller passes ``allow_pickle=True`` (the CLI's ``--allow-pickle-runs-code``).
@@ -50,9 +56,10 @@ from typing import Sequence
 import torch
 from peft import LoraConfig
 from peft.functional import cast_adapter_dtype, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
-from pixart_tune.adapters import lora
+from pixart_tune.adapters import lora, lycoris
 from pixart_tune.adapters.layouts import (
     NO_ALPHA,
     PREFIXES,
@@ -151,6 +158,9 @@ def _read_folder(path: Path, allow_pickle: bool) -> LoraWeights:
 
 def _from_peft(state: dict[str, torch.Tensor], config: dict, metadata: dict[str, str]) -> LoraWeights:
     """Canonical weights of a PEFT state dict (prefixes stripped) scaled by its ``adapter_config.json``."""
+    if str(config.get("peft_type", "")).upper() in ("LOKR", "LOHA"):
+        found = lycoris.read_peft_lycoris(state, config, _module_names(state))
+        return LoraWeights({}, metadata, "peft", alpha_source=ADAPTER_CONFIG, lycoris=found)
     modules = {}
     for key, down in state.items():
         if key.endswith(".lora_A.weight"):
@@ -198,10 +208,14 @@ def _read_pickle(path: Path, allow_pickle: bool, config_file: Path | None = None
     return _from_flat(state, {}, path)
 
 
-def _from_flat(state: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> LoraWeights:
+def _module_names(state: dict[str, torch.Tensor]) -> list[str]:
+    """Diffusers names of a PixArt-Sigma transformer with as many blocks as the keys reach."""
     blocks = [int(m.group(1)) for k in state for m in [re.search(r"(?:transformer_)?blocks[._](\d+)[._]", k)] if m]
-    names = pixart_module_names(max(blocks, default=-1) + 1)
-    weights = from_state_dict(state, names, alpha_source(path, metadata), metadata)
+    return pixart_module_names(max(blocks, default=-1) + 1)
+
+
+def _from_flat(state: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> LoraWeights:
+    weights = from_state_dict(state, _module_names(state), alpha_source(path, metadata), metadata)
     if weights.alpha_guessed or (weights.text_encoder and weights.text_encoder.alpha_guessed):
         logger.warning(
             "%s stores no alpha (no .alpha tensors, header or adapter_config.json): it applies at alpha = rank "
@@ -322,6 +336,13 @@ def check_fits(model: torch.nn.Module, weights: LoraWeights, source: str = "adap
         inputs = layers[group.parts[0]].weight.shape[1]
         if group.magnitude.numel() != inputs:
             raise UserError(f"{source}: the DoRA magnitude of {group.parts[0]} has {group.magnitude.numel()} values for {inputs} inputs")
+    both = sorted(set(weights.modules) & set(weights.lycoris))
+    if both:
+        raise UserError(f"{source}: {both[0]} has both a LoRA and a LoKr/LoHa module in one file; PEFT holds one kind per layer and adapter")
+    try:
+        lycoris.fit_shapes(weights.lycoris, model)
+    except UserError as error:
+        raise UserError(f"{source}: {error}") from None
 
 
 def _adaptable_layers(model: torch.nn.Module):
@@ -379,14 +400,17 @@ def _inject(model: torch.nn.Module, weights: LoraWeights, adapter_name: str, sca
         weights = resolve_input_dora(weights, {name: layers[name].weight for group in weights.dora_inputs for name in group.parts})
     if weights.dora_magnitudes and set(weights.dora_magnitudes) != set(weights.modules):
         raise UserError(f"{source}: {len(weights.dora_magnitudes)} of its {len(weights.modules)} modules are DoRA; PEFT applies DoRA to all of an adapter's modules or none")
-    with warnings.catch_warnings():
-        # Several adapters in one model is the point here, not an accident.
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        inject_adapter_in_model(peft_config(weights), model, adapter_name=adapter_name)
-    # PEFT makes the LoRA layers in the base layer's dtype and device; upcast before
-    # loading, or fp32 weights copied into bf16 layers would be rounded.
-    cast_adapter_dtype(model, adapter_name=adapter_name)
-    _load_state(model, weights, adapter_name, source)
+    if weights.modules:
+        with warnings.catch_warnings():
+            # Several adapters in one model is the point here, not an accident.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            inject_adapter_in_model(peft_config(weights), model, adapter_name=adapter_name)
+        # PEFT makes the LoRA layers in the base layer's dtype and device; upcast before
+        # loading, or fp32 weights copied into bf16 layers would be rounded.
+        cast_adapter_dtype(model, adapter_name=adapter_name)
+        _load_state(model, weights, adapter_name, source)
+    if weights.lycoris:
+        lycoris.inject(model, weights.lycoris, adapter_name)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     lora.set_scale(model, adapter_name, scale)
@@ -427,13 +451,18 @@ def full_rank(delta: torch.Tensor) -> LoraModule:
 
 
 def mismatches(transformer: torch.nn.Module, weights: LoraWeights, adapter_name: str = "default") -> list[str]:
-    """How ``weights`` differ from the adapter ``adapter_name`` already injected: targets, rank, scale, DoRA.
+    """How ``weights`` differ from the adapter ``adapter_name`` already injected: type, targets, rank (LoKr / LoHa:
+    tensor shapes), scale, DoRA.
 
     Empty when :func:`load_into` can load them exactly. A training run's own LoRA
     (resumed, or started from a stage-1 adapter) must be the same shape as the file.
     """
-    layers = {name: layer for name, layer in lora.lora_layers(transformer).items() if adapter_name in layer.lora_A}
-    problems = []
+    every = {name: layer for name, layer in lora.lora_layers(transformer).items() if lora.has_adapter(layer, adapter_name)}
+    layers = {name: layer for name, layer in every.items() if isinstance(layer, LoraLayer)}
+    others = {name: layer for name, layer in every.items() if name not in layers}
+    have, want = _types(weights.lycoris.values(), weights.modules), _types(others.values(), layers)
+    problems = [f"type={'+'.join(have)} (recipe: {'+'.join(want)})"] if want and have != want else []
+    problems += _lycoris_mismatches(others, weights, adapter_name)
     outside = sorted(set(weights.modules) - set(layers))
     lacking = sorted(set(layers) - set(weights.modules))
     if outside:
@@ -487,10 +516,44 @@ def _load_state(transformer: torch.nn.Module, weights: LoraWeights, adapter_name
         # PEFT keeps a Conv2d's magnitude as (1, out, 1, 1), a linear layer's as (out,).
         shape = transformer.get_submodule(name).lora_magnitude_vector[adapter_name].weight.shape
         state[f"{name}.lora_magnitude_vector"] = magnitude.float().reshape(shape)
+    for name, module in weights.lycoris.items():
+        tensors = lycoris.peft_tensors(module)
+        if module.rank is None:  # both LoKr halves full: its scale is in w1, the layer's own scale is applied too
+            tensors["lokr_w1"] = tensors["lokr_w1"] / transformer.get_submodule(name).scaling[adapter_name]
+        state.update({f"{name}.{key}": value for key, value in tensors.items()})
     result = set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
-    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+    unexpected = [k for k in result.unexpected_keys if any(f".{p}" in k for p in ("lora_", "lokr_", "hada_"))]
     if unexpected:
         raise UserError(f"{source}: LoRA weights match no layer of this model: {', '.join(unexpected[:3])}")
+
+
+def _lycoris_mismatches(layers: dict, weights: LoraWeights, adapter_name: str) -> list[str]:
+    """:func:`mismatches` for the LoKr / LoHa part: type, targets, tensor shapes (rank, factor) and scale."""
+    problems = []
+    outside, lacking = sorted(set(weights.lycoris) - set(layers)), sorted(set(layers) - set(weights.lycoris))
+    if weights.lycoris and outside:
+        problems.append(f"targets: {len(outside)} of its LoKr/LoHa modules are not targeted here (e.g. {outside[0]})")
+    if lacking:
+        problems.append(f"targets: {len(lacking)} targeted LoKr/LoHa modules are not in it (e.g. {lacking[0]})")
+    for name in sorted(set(weights.lycoris) & set(layers)):
+        module, layer = weights.lycoris[name], layers[name]
+        have = {key: tuple(value.shape) for key, value in lycoris.peft_tensors(module).items()}
+        want = {key: tuple(getattr(layer, key)[adapter_name].shape) for key in layer.adapter_layer_names if adapter_name in getattr(layer, key)}
+        if have != want:
+            kind = "LoKr" if any(k.startswith("lokr") for k in want) else "LoHa"
+            problems.append(f"{kind} tensors {_shapes(have)} (recipe: {_shapes(want)}; another type, rank or factor)")
+        elif module.rank is not None and not math.isclose(module.scale, layer.scaling[adapter_name], rel_tol=1e-6):
+            problems.append(f"alpha/rank scale={module.scale:g} (recipe: {layer.scaling[adapter_name]:g})")
+    return problems
+
+
+def _types(modules, lora_modules) -> list[str]:
+    names = {type(m).__name__[:4].lower() for m in modules} | ({"lora"} if lora_modules else set())
+    return sorted(names)
+
+
+def _shapes(shapes: dict[str, tuple[int, ...]]) -> str:
+    return ", ".join(f"{key} {'x'.join(map(str, shape))}" for key, shape in sorted(shapes.items()))
 
 
 def load_adapters(

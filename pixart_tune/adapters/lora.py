@@ -6,8 +6,12 @@ PEFT's public functional API on the plain diffusers model. Reading an adapter ba
 (any layout, this one included) is :mod:`pixart_tune.adapters.loader`'s job.
 
 The on-disk format is PEFT's: ``adapter_model.safetensors`` (keys such as
-``transformer_blocks.0.attn1.to_q.lora_A.weight``) + ``adapter_config.json``, with
-training metadata as strings in the safetensors header.
+``transformer_blocks.0.attn1.to_q.lora_A.weight``, or ``...to_q.lokr_w1`` for a LoKr)
++ ``adapter_config.json``, with training metadata as strings in the safetensors header.
+
+Besides LoRA, ``LoraSettings.type`` trains PEFT's LyCORIS adapters, LoKr and LoHa; the
+helpers here (``lora_layers``, ``set_scale``, ``activate``, ``remove``) treat their
+layers (PEFT's ``LycorisLayer``) exactly like LoRA layers.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from peft import LoraConfig
+from peft import LoHaConfig, LoKrConfig, LoraConfig
 from peft.functional import (
     cast_adapter_dtype,
     delete_adapter,
@@ -30,6 +34,7 @@ from peft.functional import (
     set_adapter,
 )
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lycoris_utils import LycorisLayer
 from safetensors.torch import save_file
 
 from pixart_tune.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -49,34 +54,62 @@ TARGET_PRESETS: dict[str, str] = {
 }
 
 
+ADAPTER_TYPES = ("lora", "loha", "lokr")
+PEFT_TYPES = {"lora": "LORA", "loha": "LOHA", "lokr": "LOKR"}
+AdapterLayer = LoraLayer | LycorisLayer
+
+
 @dataclasses.dataclass
 class LoraSettings:
+    type: str = "lora"
+    """lora, loha (Hadamard product of two rank-r products) or lokr (Kronecker product), through PEFT's
+    LoraConfig / LoHaConfig / LoKrConfig. rank, alpha and targets apply to all three; dropout, rslora and
+    dora to lora only; factor to lokr only."""
     rank: int = 16
-    """LoRA rank r."""
+    """Rank r (LoKr: of its decomposed half; a half whose sides are at most 2 r stays a full matrix)."""
     alpha: float = 16.0
-    """LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with rslora)."""
+    """Alpha; the update is scaled by alpha / r (alpha / sqrt(r) with rslora)."""
     dropout: float = 0.0
-    """Dropout on the LoRA branch's input while training (0 = none)."""
+    """Dropout on the LoRA branch's input while training (0 = none; lora only)."""
     targets: str = "attention"
     """A preset (attention, attention_ff, all_linear) or a regex over module names."""
     rslora: bool = False
-    """Rank-stabilised scaling alpha / sqrt(r)."""
+    """Rank-stabilised scaling alpha / sqrt(r) (lora only)."""
     dora: bool = False
-    """Weight-decomposed LoRA (DoRA); slower, sometimes better for subjects."""
+    """Weight-decomposed LoRA (DoRA); slower, sometimes better for subjects (lora only)."""
+    factor: int = -1
+    """LoKr: the size of the first Kronecker factor (PEFT's decompose_factor; -1 splits each side
+    near its square root, as LyCORIS does by default)."""
 
     def __post_init__(self) -> None:
+        if self.type not in ADAPTER_TYPES:
+            raise ValueError(f"type must be one of {', '.join(ADAPTER_TYPES)}, got {self.type!r}")
         if self.rank < 1:
             raise ValueError(f"rank must be at least 1, got {self.rank}")
         if self.alpha <= 0:
             raise ValueError(f"alpha must be positive, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.type != "lora":
+            used = [name for name, on in (("dropout", self.dropout), ("rslora", self.rslora), ("dora", self.dora)) if on]
+            if used:
+                raise ValueError(f"{', '.join(used)} apply to type lora only, not {self.type}")
+        if self.type != "lokr" and self.factor != -1:
+            raise ValueError(f"factor applies to type lokr only, not {self.type}")
+        if self.factor == 0 or self.factor < -1:
+            raise ValueError(f"factor must be -1 or a positive size, got {self.factor}")
 
     @property
     def target_regex(self) -> str:
         return TARGET_PRESETS.get(self.targets, self.targets)
 
-    def peft_config(self) -> LoraConfig:
+    def peft_config(self) -> LoraConfig | LoHaConfig | LoKrConfig:
+        if self.type == "loha":
+            return LoHaConfig(r=self.rank, alpha=self.alpha, target_modules=self.target_regex, init_weights=True)
+        if self.type == "lokr":
+            return LoKrConfig(
+                r=self.rank, alpha=self.alpha, target_modules=self.target_regex, decompose_factor=self.factor, init_weights=True
+            )
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,
@@ -106,8 +139,14 @@ def inject_lora(transformer: torch.nn.Module, settings: LoraSettings, adapter_na
     return transformer
 
 
-def lora_layers(transformer: torch.nn.Module) -> dict[str, LoraLayer]:
-    return {name: m for name, m in transformer.named_modules() if isinstance(m, LoraLayer)}
+def lora_layers(transformer: torch.nn.Module) -> dict[str, AdapterLayer]:
+    """PEFT's LoRA and LyCORIS (LoKr, LoHa) layers of ``transformer``, by module name."""
+    return {name: m for name, m in transformer.named_modules() if isinstance(m, (LoraLayer, LycorisLayer))}
+
+
+def has_adapter(layer: AdapterLayer, adapter_name: str) -> bool:
+    """Whether ``layer`` holds weights of ``adapter_name`` (a LoRA's lora_A, a LoKr's or LoHa's factors)."""
+    return adapter_name in (layer.lora_A if isinstance(layer, LoraLayer) else layer._available_adapters)
 
 
 def trainable_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -137,11 +176,13 @@ def write_adapter(
     """Writes a PEFT adapter folder from a state dict (alpha always stored)."""
     header = {"format": "pt", "lora_rank": str(settings.rank), "lora_alpha": str(settings.alpha)}
     header["lora_targets"] = settings.targets
+    if settings.type != "lora":
+        header["lora_type"] = settings.type
     for key, value in (metadata or {}).items():
         header[key] = value if isinstance(value, str) else json.dumps(value)
     config = settings.peft_config().to_dict()
     config["target_modules"] = settings.target_regex
-    config["peft_type"] = "LORA"
+    config["peft_type"] = PEFT_TYPES[settings.type]
     out = Path(out)
     with atomic_path(out) as tmp:
         tmp.mkdir()
@@ -173,7 +214,7 @@ def _pattern_value(patterns: dict, name: str, default: float) -> float:
 def set_scale(transformer: torch.nn.Module, adapter_name: str, scale: float) -> None:
     """Sets the strength of one adapter (1.0 = as trained)."""
     for layer in lora_layers(transformer).values():
-        if adapter_name in layer.lora_A:
+        if has_adapter(layer, adapter_name):
             layer.set_scale(adapter_name, scale)
 
 
@@ -215,7 +256,7 @@ def disabled_adapters(transformer: torch.nn.Module) -> Iterator[None]:
 
 
 def remove(transformer: torch.nn.Module, adapter_name: str) -> None:
-    if any(adapter_name in layer.lora_A for layer in lora_layers(transformer).values()):
+    if any(has_adapter(layer, adapter_name) for layer in lora_layers(transformer).values()):
         delete_adapter(transformer, adapter_name=adapter_name, prefix="lora_")
 
 

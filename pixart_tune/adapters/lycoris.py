@@ -427,7 +427,8 @@ def _peft_loha_shapes(weight: Sequence[int], r: int, effective: bool) -> dict[st
     return {f"hada_{key[0]}{i}{key[1:]}": shape for i in (1, 2) for key, shape in one.items()}
 
 
-def _peft_tensors(module: LycorisModule) -> dict[str, torch.Tensor]:
+def peft_tensors(module: LycorisModule) -> dict[str, torch.Tensor]:
+    """PEFT parameter name (``lokr_w1``, ``hada_w1_a``, ...) -> fp32 tensor, in the shapes PEFT gives them."""
     tensors = {key: value.detach().float() for key, value in module.tensors().items() if key != "alpha"}
     if isinstance(module, LokrModule) and module.w2_b is not None and module.t2 is None:
         tensors["lokr_w2_b"] = tensors["lokr_w2_b"].reshape(module.w2_b.shape[0], -1)
@@ -443,7 +444,7 @@ def _peft_rank(module: LycorisModule) -> int:
 
 def _settings(module: LycorisModule) -> list[tuple]:
     """The PEFT settings ((kind, factor, decompose_both, effective_conv2d)) that recreate ``module``'s tensors."""
-    have = {key: tuple(value.shape) for key, value in _peft_tensors(module).items()}
+    have = {key: tuple(value.shape) for key, value in peft_tensors(module).items()}
     r = _peft_rank(module)
     if isinstance(module, LohaModule):
         return [("loha", None, None, eff) for eff in (False, True) if _peft_loha_shapes(module.shape, r, eff) == have]
@@ -496,7 +497,7 @@ def _peft_part(setting: tuple, modules: dict[str, LycorisModule]) -> PeftPart:
         config = LoHaConfig(**common)
     else:
         config = LoKrConfig(**common, decompose_both=bool(both), decompose_factor=int(factor))
-    state = {f"{name}.{key}": value for name, module in modules.items() for key, value in _peft_tensors(module).items()}
+    state = {f"{name}.{key}": value for name, module in modules.items() for key, value in peft_tensors(module).items()}
     return PeftPart(config, state)
 
 

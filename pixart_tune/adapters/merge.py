@@ -16,6 +16,16 @@ The SVD never forms the out x in update: with up = Q_B R_B and down^T = Q_A R_A,
 Conv2d LoRA (the patch embedding ``pos_embed.proj``) is decomposed on its flattened
 update (out x in*kh*kw) and reshaped back to PEFT's Conv2d LoRA shapes.
 
+LyCORIS modules (LoKr, LoHa) have no common low-rank form with a LoRA, so they merge
+as full updates: a layer only one adapter changes keeps its module (times the weight);
+a layer several change gets the exact sum sum_i w_i dW_i as one full-update LoKr
+(``kron([[1]], sum)``, the size of the layer's weight). ``svd`` (and ``--resize``)
+turns every module into a plain LoRA of ``rank`` by SVD of its full update
+(:func:`pixart_tune.adapters.lycoris.lora_from_delta`), the way to get a LoRA for tools
+that read no LyCORIS. A result with LyCORIS modules is written as one flat file
+(:data:`LYCORIS_FILE`, the ``diffusers`` layout ComfyUI core reads) in the output folder.
+Fusing adds every update to the base weights through PEFT's own ``merge``.
+
 Only the transformer's part of an adapter is merged, resized or fused; a T5 part
 (OneTrainer files that trained the text encoder) is left out with a warning.
 Merged files record their inputs by name (file or folder name, or hub id), never by
@@ -35,15 +45,19 @@ from typing import Sequence
 
 import torch
 from peft.utils.merge_utils import task_arithmetic
+from safetensors.torch import save_file
 
-from pixart_tune.adapters import lora
-from pixart_tune.adapters.layouts import LoraModule, LoraWeights
+from pixart_tune.adapters import lora, lycoris
+from pixart_tune.adapters.layouts import LoraModule, LoraWeights, original_name, to_state_dict
 from pixart_tune.adapters.loader import AdapterSpec, apply_lora, parse_spec, read_lora, skip_text_encoder
 from pixart_tune.errors import UserError
+from pixart_tune.models import XL2_TRANSFORMER_CONFIG
 from pixart_tune.fsutil import atomic_path
 from pixart_tune.hub import looks_like_path
 
 METHODS = ("linear", "cat", "svd")
+LYCORIS_FILE = "adapter_lycoris.safetensors"
+"""The file of a merged or resized adapter that holds LoKr / LoHa modules (read as a one-file folder)."""
 
 
 # --- pure math -----------------------------------------------------------------------
@@ -114,6 +128,8 @@ def merge_weights(adapters: Sequence[LoraWeights], weights: Sequence[float], met
         adapter.check_plain("merging")
     if method == "svd" and rank is not None and rank < 1:
         raise UserError(f"--rank must be at least 1, got {rank}")
+    if any(adapter.lycoris for adapter in adapters):
+        return _merge_full(adapters, weights, method, rank)
     names = sorted({name for adapter in adapters for name in adapter.modules})
     svd_rank = rank or max(r for adapter in adapters for r in adapter.ranks)
     merged: dict[str, LoraModule] = {}
@@ -136,14 +152,59 @@ def merge_weights(adapters: Sequence[LoraWeights], weights: Sequence[float], met
     return MergeResult(LoraWeights(merged, {}, "peft"), energy)
 
 
+def _merge_full(adapters: Sequence[LoraWeights], weights: Sequence[float], method: str, rank: int | None) -> MergeResult:
+    """A merge with LoKr / LoHa modules (module docstring): full updates, or plain LoRAs of ``rank`` for ``svd``."""
+    if method == "svd" and rank is None:
+        ranks = [r for adapter in adapters for r in adapter.ranks]
+        if not ranks:
+            raise UserError("--method svd turns LoKr/LoHa into a LoRA and needs --rank (LoKr/LoHa have no LoRA rank to keep)")
+        rank = max(ranks)
+    plain, full, svd = {}, {}, {}
+    for name in sorted({name for adapter in adapters for name in [*adapter.modules, *adapter.lycoris]}):
+        present = [(a.modules.get(name) or a.lycoris[name], w) for a, w in zip(adapters, weights) if name in a.modules or name in a.lycoris]
+        shapes = {tuple(_full_delta(name, m).shape) for m, _ in present}
+        if len(shapes) > 1:
+            raise UserError(f"the adapters disagree on the shape of {name} ({sorted(shapes)}): they were made for different base models")
+        if method == "svd":
+            svd[name] = sum(w * _full_delta(name, m) for m, w in present)
+        elif all(isinstance(m, LoraModule) for m, _ in present):
+            plain[name] = (merge_linear if method == "linear" else merge_cat)([m for m, _ in present], [w for _, w in present])
+        elif len(present) == 1:
+            module, w = present[0]
+            field = "w1" if getattr(module, "w1", None) is not None else "w1_a"
+            full[name] = dataclasses.replace(module, **{field: getattr(module, field).float() * w})
+        else:
+            full[name] = lycoris.LokrModule.from_delta(sum(w * _full_delta(name, m) for m, w in present))
+    kept_total, energy_total = 0.0, 0.0
+    for name, delta in svd.items():
+        plain[name], kept, total = lycoris.lora_from_delta(delta, rank)
+        kept_total, energy_total = kept_total + kept, energy_total + total
+    return MergeResult(LoraWeights(plain, {}, "peft", lycoris=full), kept_total / energy_total if energy_total else 1.0)
+
+
+def _full_delta(name: str, module: LoraModule | lycoris.LycorisModule) -> torch.Tensor:
+    """A module's update shaped like its layer's weight: a LoKr/LoHa on the patch embedding read from a file
+    with a flattened kernel (LyCORIS' conv ``w2_b``) gets back the conv shape (out, latent channels, k, k)."""
+    delta = module.delta()
+    if name == "pos_embed.proj" and delta.ndim == 2:
+        channels = XL2_TRANSFORMER_CONFIG["in_channels"]
+        kernel = math.isqrt(delta.shape[1] // channels)
+        delta = delta.reshape(delta.shape[0], channels, kernel, kernel)
+    return delta
+
+
 def resize_weights(adapter: LoraWeights, rank: int) -> MergeResult:
-    """Every module truncated to at most ``rank`` by SVD."""
+    """Every module truncated to at most ``rank`` by SVD (LoKr / LoHa modules become plain LoRAs)."""
     adapter.check_plain("resizing")
     if rank < 1:
         raise UserError(f"rank must be at least 1, got {rank}")
     out, kept_total, energy_total = {}, 0.0, 0.0
     for name, module in adapter.modules.items():
         out[name], kept, total = truncated_svd(module.up * module.scale, module.down, rank)
+        kept_total += kept
+        energy_total += total
+    for name, module in adapter.lycoris.items():
+        out[name], kept, total = lycoris.lora_from_delta(_full_delta(name, module), rank)
         kept_total += kept
         energy_total += total
     return MergeResult(LoraWeights(out, dict(adapter.metadata), adapter.layout), kept_total / energy_total if energy_total else 1.0)
@@ -184,8 +245,32 @@ def public_name(path: str | Path) -> str:
     return Path(text).resolve().name
 
 
+def flat_state(weights: LoraWeights, layout: str) -> dict[str, torch.Tensor]:
+    """One flat state dict of the LoRA and LyCORIS modules of ``weights`` in ``layout`` (``diffusers`` or ``comfyui``).
+
+    In ``comfyui`` q/k/v share one fused layer: a LoRA on a layer whose fused
+    neighbour holds a LoKr/LoHa goes in with it as an exact full update.
+    """
+    modules, found = dict(weights.modules), dict(weights.lycoris)
+    if layout == "comfyui":
+        taken = {original_name(name)[0] for name in found}
+        for name in [n for n in modules if original_name(n)[0] in taken]:
+            found[name] = lycoris.LokrModule.from_delta(modules.pop(name).delta())
+    state = to_state_dict(dataclasses.replace(weights, modules=modules, lycoris={}), layout) if modules else {}
+    return {**state, **lycoris.to_comfyui_state(found, layout)}
+
+
 def write_weights(weights: LoraWeights, out: str | Path, metadata: dict | None = None) -> Path:
-    """Writes canonical weights as a PEFT adapter folder (one rank and alpha, alpha stored)."""
+    """Writes canonical weights as a PEFT adapter folder (one rank and alpha, alpha stored).
+
+    With LyCORIS modules: a folder holding :data:`LYCORIS_FILE` (module docstring).
+    """
+    if weights.lycoris:
+        header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in {**weights.metadata, **(metadata or {})}.items()}
+        with atomic_path(Path(out)) as tmp:
+            tmp.mkdir()
+            save_file(flat_state(weights, "diffusers"), str(tmp / LYCORIS_FILE), metadata={**header, "format": "pt"})
+        return Path(out)
     rank, alpha, state = uniform(weights)
     targets = "|".join(re.escape(name) for name in sorted(weights.modules))
     settings = lora.LoraSettings(rank=rank, alpha=alpha, targets=targets)
@@ -278,7 +363,7 @@ def fuse_into(transformer: torch.nn.Module, adapters: Sequence[LoraWeights], sca
         apply_lora(transformer, adapter, name, scale, source=source)
         names.append(name)
     for module_name, layer in list(lora.lora_layers(transformer).items()):
-        active = [n for n in names if n in layer.lora_A]
+        active = [n for n in names if lora.has_adapter(layer, n)]
         if active:
             layer.merge(safe_merge=True, adapter_names=active)
         parent_name, _, child = module_name.rpartition(".")
@@ -399,4 +484,7 @@ def merge(config: MergeConfig) -> MergeOutcome:
     folder = merge_adapters(specs, out, config.method, config.rank, config.allow_pickle_runs_code)
     merged = read_lora(folder)
     energy = float(merged.metadata.get("energy_kept", 1.0))
-    return MergeOutcome(folder, f"wrote {folder} ({config.method}, rank {max(merged.ranks)}, {energy:.2%} of the update's energy kept)", notes)
+    what = f"rank {max(merged.ranks)}" if merged.ranks else ""
+    if merged.lycoris:
+        what = f"{what + ' LoRA and ' if what else ''}{len(merged.lycoris)} LoKr/LoHa modules (full updates where adapters overlap)"
+    return MergeOutcome(folder, f"wrote {folder} ({config.method}, {what}, {energy:.2%} of the update's energy kept)", notes)
