@@ -56,6 +56,7 @@ from typing import Sequence
 import torch
 from peft import LoraConfig
 from peft.functional import cast_adapter_dtype, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.lokr.layer import LoKrLayer
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
@@ -408,7 +409,7 @@ def _inject(model: torch.nn.Module, weights: LoraWeights, adapter_name: str, sca
         # PEFT makes the LoRA layers in the base layer's dtype and device; upcast before
         # loading, or fp32 weights copied into bf16 layers would be rounded.
         cast_adapter_dtype(model, adapter_name=adapter_name)
-        _load_state(model, weights, adapter_name, source)
+        _load_state(model, dataclasses.replace(weights, lycoris={}), adapter_name, source)
     if weights.lycoris:
         lycoris.inject(model, weights.lycoris, adapter_name)
     for parameter in model.parameters():
@@ -548,8 +549,9 @@ def _lycoris_mismatches(layers: dict, weights: LoraWeights, adapter_name: str) -
 
 
 def _types(modules, lora_modules) -> list[str]:
-    names = {type(m).__name__[:4].lower() for m in modules} | ({"lora"} if lora_modules else set())
-    return sorted(names)
+    """lokr / loha of LyCORIS modules or PEFT layers, and lora when ``lora_modules`` is not empty."""
+    names = {"lokr" if isinstance(m, (LoKrLayer, lycoris.LokrModule)) else "loha" for m in modules}
+    return sorted(names | ({"lora"} if lora_modules else set()))
 
 
 def _shapes(shapes: dict[str, tuple[int, ...]]) -> str:

@@ -38,6 +38,7 @@ from pixart_tune.training import diffusion, plots
 from pixart_tune.training.config import TrainConfig
 from pixart_tune.training.dataset import Batch, BucketBatchSampler, TrainingSet, check_fits_model, collate, dataset_fingerprint
 from pixart_tune.training.optim import build_lr_scheduler, build_optimizer
+from pixart_tune.training.outputs import write_comfyui_file
 from pixart_tune.training.validation import Validator, encode_prompts, save_grid
 
 logger = logging.getLogger(__name__)
@@ -477,6 +478,8 @@ class Trainer:
         if self.is_main:
             try:
                 save_adapter(self.accelerator.unwrap_model(self.model), out, self.lora, self.metadata())
+                if self.lora.type != "lora":  # a PEFT LoKr / LoHa folder is nothing ComfyUI reads
+                    write_comfyui_file(out)
             except Exception as error:
                 if ckpt.is_disk_full(error):
                     again = (
