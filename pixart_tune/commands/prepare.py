@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 from pixart_tune.commands.parsing import ConfigFlags, verb_parser
 from pixart_tune.errors import UserError
+from pixart_tune.fsutil import os_error_text, printable
 
 SUMMARY = "scan, caption, bucket and cache a folder of images or a dataset"
 
@@ -58,7 +60,12 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     config = flags.config(args)
 
-    report = prepare_dataset(config)
+    try:
+        report = prepare_dataset(config)
+    except OSError as error:  # a full disk, or --out made unwritable while prepare ran
+        where = printable(str(error.filename or config.out))
+        fix = "free some space and re-run prepare" if error.errno == errno.ENOSPC else "fix it and re-run prepare"
+        raise UserError(f"cannot write {where} ({os_error_text(error)}); {fix}: finished cache entries are kept") from None
     print(summary(report, config.out))
     if not report["accepted"]:
         raise UserError(f"no usable image in {config.source}: see the reasons above (also in {Path(config.out) / REPORT})")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from pixart_tune.base import MANIFEST
 from pixart_tune.errors import UserError
-from pixart_tune.fsutil import atomic_path
+from pixart_tune.fsutil import atomic_path, os_error_text, read_regular
 
 # 2: an item lists every caption variant (``captions``, ``text_keys``). Format 1
 # (one ``caption`` / ``text_key``) is still read; a version that reads only 1 refuses
@@ -121,7 +122,8 @@ class FeatureCache:
         return self.root / "latents" / f"{key}.safetensors"
 
     def has_latent(self, key: str) -> bool:
-        return self.latent_path(key).is_file()
+        """Whether the entry is there and whole (a damaged one counts as missing, so it is encoded again)."""
+        return entry_intact(self.latent_path(key))
 
     def write_latent(self, key: str, latent: torch.Tensor) -> None:
         _write(self.latent_path(key), {"latent": latent})
@@ -134,7 +136,7 @@ class FeatureCache:
         return self.root / "text" / f"{key}.safetensors"
 
     def has_text(self, key: str) -> bool:
-        return self.text_path(key).is_file()
+        return entry_intact(self.text_path(key))
 
     def write_text(self, key: str, embeds: torch.Tensor, mask: torch.Tensor) -> None:
         """Stores the valid tokens of one prompt (``embeds`` [T, D], ``mask`` [T])."""
@@ -164,11 +166,24 @@ class FeatureCache:
         path = self.root / MANIFEST
         if not path.is_file():
             raise UserError(f"{self.root} is not a prepared dataset (no {MANIFEST}); run 'pixart-tune prepare' first")
-        data = json.loads(path.read_text(encoding="utf-8"))
+        def damaged(why: str) -> UserError:
+            return UserError(f"{path} is damaged ({why}); re-run 'pixart-tune prepare' with the same source and --out to rewrite it")
+
+        try:
+            data = json.loads(read_regular(path).decode("utf-8"))
+        except OSError as error:
+            raise UserError(f"cannot read {path} ({os_error_text(error)})") from None
+        except ValueError as error:  # UnicodeDecodeError and JSONDecodeError
+            raise damaged(f"not JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise damaged("not a JSON object")
         if data.get("format") not in READABLE_FORMATS:
             readable = " or ".join(map(str, READABLE_FORMATS))
             raise UserError(f"{path} has cache format {data.get('format')}, this version reads {readable}; re-run prepare")
-        return Manifest.from_json(data)
+        try:
+            return Manifest.from_json(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise damaged(f"{type(error).__name__}: {error}") from None
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -179,4 +194,31 @@ def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def _read(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"cache entry {path} is missing; re-run 'pixart-tune prepare' on this dataset")
-    return load_file(str(path))
+    if not entry_intact(path):
+        raise UserError(f"cache entry {path} is damaged (cut short or overwritten); re-run 'pixart-tune prepare' on this dataset: it encodes damaged entries again")
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises its own SafetensorError, not an OSError
+        raise UserError(f"cache entry {path} is damaged ({error}); re-run 'pixart-tune prepare' on this dataset: it encodes damaged entries again") from None
+
+
+def entry_intact(path: Path) -> bool:
+    """Whether ``path`` is a regular safetensors file whose header parses and whose tensors fill it exactly.
+
+    Reads the header only (a few hundred bytes): cheap enough for every entry of a
+    re-run, and it catches what a crash, a full disk or a stray copy leaves: a
+    file cut short, an empty file, garbage in place of a header.
+    """
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode) or info.st_size < 8:
+            return False
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if length > min(info.st_size - 8, 100_000_000):
+                return False
+            header = json.loads(handle.read(length))
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        return bool(ends) and 8 + length + max(ends) == info.st_size
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return False

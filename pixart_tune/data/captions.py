@@ -20,8 +20,11 @@ composed the same way, and training draws one of them each time it sees the imag
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+
+from pixart_tune.fsutil import os_error_text, printable, read_regular
 
 CAPTION_SOURCES = ("sidecar", "metadata", "filename", "captioner")
 SIDECAR_SUFFIXES = (".txt", ".caption")
@@ -37,7 +40,9 @@ def decode_text(data: bytes) -> str:
     its encoding, the last resort is latin-1, which maps every byte.
     """
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return data.decode("utf-16")
+        # A UTF-16 file cut short ends in half a character (an odd byte count): drop that
+        # half; a lone surrogate left by a careless tool becomes U+FFFD, then nothing.
+        return data[: len(data) - len(data) % 2].decode("utf-16", "replace").replace("\ufffd", "")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -63,23 +68,33 @@ def split_variants(text: str) -> list[str]:
     return distinct([clean(line) for line in text.splitlines()])
 
 
-def sidecar_text(image_path: Path, root: Path | None = None) -> str | None:
+def sidecar_text(image_path: Path, root: Path | None = None, unread: list[dict[str, str]] | None = None, name: str | None = None) -> str | None:
     """Text of the first ``.txt`` / ``.caption`` file beside ``image_path`` that is not blank (a blank ``.txt`` lets a ``.caption`` speak).
 
     With ``root``, a sidecar that is a symlink leading outside ``root`` is ignored, as
-    images are: prepare reads nothing outside the source folder.
+    images are: prepare reads nothing outside the source folder. Only regular files
+    are opened (a FIFO would block); a sidecar that exists but cannot be read is
+    listed in ``unread`` (named ``name`` plus its suffix) and the next source speaks.
     """
     real_root = root.resolve() if root is not None else None
     for suffix in SIDECAR_SUFFIXES:
         sidecar = image_path.with_suffix(suffix)
-        if real_root is not None and sidecar.is_symlink():
-            target = sidecar.resolve()
-            if target != real_root and real_root not in target.parents:
+        try:
+            if real_root is not None and sidecar.is_symlink():
+                target = sidecar.resolve()
+                if target != real_root and real_root not in target.parents:
+                    continue
+            if not os.path.lexists(sidecar):
                 continue
-        if sidecar.is_file():
-            text = decode_text(sidecar.read_bytes())
-            if text.strip():
-                return text
+            text = decode_text(read_regular(sidecar))
+        except (OSError, RuntimeError) as error:  # RuntimeError: Python 3.11's "Symlink loop" from resolve
+            if unread is not None:
+                shown = str(Path(name).with_suffix(suffix)) if name else printable(str(sidecar))
+                why = os_error_text(error) if isinstance(error, OSError) else "symlink loop"
+                unread.append({"source": shown, "reason": f"caption file not read ({why}); the next caption source is used"})
+            continue
+        if text.strip():
+            return text
     return None
 
 

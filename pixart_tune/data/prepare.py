@@ -24,19 +24,19 @@ from PIL import ImageColor
 from tqdm.auto import tqdm
 
 from pixart_tune import models
-from pixart_tune.base import DTYPE_CHOICES, MANIFEST, MAX_TOKENS, REAL_MODEL_ID, REPORT, RESOLUTIONS, SCAN_INDEX, auto_dtype, resolve_dtype
+from pixart_tune.base import DTYPE_CHOICES, MAX_TOKENS, REAL_MODEL_ID, REPORT, RESOLUTIONS, auto_dtype, resolve_dtype
 from pixart_tune.data.buckets import CROPS
 from pixart_tune.data.cache import CacheItem, FeatureCache, Manifest, content_key
 from pixart_tune.data.captioner import MAX_NEW_TOKENS, Captioner
 from pixart_tune.data.captions import CAPTION_SOURCES, clean, compose, distinct, filename_caption, sidecar_text, split_variants
 from pixart_tune.data.duplicates import DuplicateFinder
 from pixart_tune.data.images import DEFAULT_MAX_PIXELS, ImageSkip
+from pixart_tune.data.outdir import check_out, locked_out
 from pixart_tune.data.scanindex import ScanIndex
 from pixart_tune.data.sources import SOURCE_KINDS, Entry, open_source
 from pixart_tune.data.stage import Bucketed, ImageStage, Outcome, StageSettings
 from pixart_tune.encoders import LatentEncoder, TextEncoder, component_fingerprint
-from pixart_tune.errors import UserError
-from pixart_tune.fsutil import atomic_path
+from pixart_tune.fsutil import atomic_path, printable, read_regular
 from pixart_tune.hub import resolve_component
 
 
@@ -185,6 +185,8 @@ class _Run:
         self.device = config.torch_device()
         self.accepted: list[_Accepted] = []
         self.skipped: list[dict[str, str]] = []
+        self.unread: list[dict[str, str]] = []
+        """Files other than images (metadata, caption files) that exist but could not be read."""
         self.duplicates: list[list[str]] = []
         self.counts = Counter()
         self.vae_dtype = resolve_dtype(self.config.vae_dtype)
@@ -283,8 +285,11 @@ class _Run:
         return Path(self.config.out) / "captions" / f"{key}.txt"
 
     def read_caption(self, key: str) -> str | None:
-        path = self.caption_path(key)
-        return path.read_text(encoding="utf-8") if path.is_file() else None
+        """The captioner's output for ``key``, if an earlier run wrote it whole (a damaged one is written again)."""
+        try:
+            return read_regular(self.caption_path(key)).decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
 
     @property
     def captioner_enabled(self) -> bool:
@@ -298,7 +303,7 @@ class _Run:
         for where in self.config.caption_order:
             several: list[str] = []
             if where == "sidecar" and entry.path is not None:
-                text = sidecar_text(entry.path, Path(self.config.source))
+                text = sidecar_text(entry.path, Path(self.config.source), self.unread, entry.source)
                 several = split_variants(text) if text else []
                 captions = several if variants else distinct([clean(text or "")])
             elif where == "metadata":
@@ -324,6 +329,7 @@ class _Run:
             return
         latents = self.latents.encode([pixels for _, pixels in batch])
         for (key, _), latent in zip(batch, latents):
+            self.counts["repaired"] += self.cache.latent_path(key).exists()  # there, but damaged
             self.cache.write_latent(key, latent.clone())
         self.counts["latents_encoded"] += len(batch)
 
@@ -384,6 +390,7 @@ class _Run:
             chunk = todo[start : start + config.text_batch_size]
             embeds, masks = text.encode(chunk)
             for caption, embed, mask in zip(chunk, embeds, masks):
+                self.counts["repaired"] += self.cache.text_path(keys[caption]).exists()  # there, but damaged
                 self.cache.write_text(keys[caption], embed.clone(), mask)
             self.counts["texts_encoded"] += len(chunk)
             bar.update(len(chunk))
@@ -396,40 +403,20 @@ class _Run:
         return keys, keys[""], overlong
 
 
-# What prepare writes into --out; anything else there belongs to the user.
-_OUTPUTS = {MANIFEST, REPORT, SCAN_INDEX, "latents", "text", "captions"}
-
-
-def _refuse_foreign_out(out: Path) -> None:
-    """Refuses an --out folder holding files prepare did not write (it would overwrite them)."""
-    if not out.is_dir():
-        return
-    # Hidden entries are atomic writes in flight (.name.XXXX.tmp) of an interrupted run.
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in _OUTPUTS and not p.name.startswith("."))
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise UserError(
-            f"--out {out} holds files prepare did not write ({shown}); give a new or empty folder, "
-            "or the folder of an earlier prepare run to update it"
-        )
-
-
 def prepare_dataset(config: PrepareConfig) -> dict[str, Any]:
     """Prepares ``config.source`` into ``config.out``; returns the report also written as report.json."""
     source, out = config.source, Path(config.out)
     if not config.progress:
         models.quiet_loading()
-    if Path(source).exists():
-        real_source, real_out = Path(source).resolve(), out.resolve()
-        if real_out == real_source or real_source in real_out.parents:
-            raise UserError(f"--out {out} is inside the source {source}; prepare never writes into the source, choose a folder outside it")
-        if real_out in real_source.parents:
-            # The source could be one of prepare's own subfolders (text/, latents/) of --out.
-            raise UserError(f"the source {source} is inside --out {out}; choose an --out folder beside the source, not around it")
-    _refuse_foreign_out(out)
+    check_out(source, out)
+    with locked_out(out):
+        return _prepare(config, source, out)
+
+
+def _prepare(config: PrepareConfig, source: str, out: Path) -> dict[str, Any]:
     start = time.perf_counter()
     run = _Run(config)
-    entries, total = open_source(source, config.source_kind, config.split, config.image_column, config.caption_column)
+    entries, total = open_source(source, config.source_kind, config.split, config.image_column, config.caption_column, run.unread)
     for entry, outcome in tqdm(run.stage.run(entries), total=total, desc="read, check and encode images (VAE)", unit="image", disable=not config.progress):
         run.add(entry, outcome)
     run.finish_images()
@@ -462,6 +449,7 @@ def prepare_dataset(config: PrepareConfig) -> dict[str, Any]:
             for a in run.accepted
         ],
         "skipped": run.skipped,
+        "unread": run.unread,
         "duplicates": run.duplicates,
         "overlong_captions": overlong,
         "buckets": {f"{h}x{w}": n for (h, w), n in sorted(Counter(a.bucket for a in run.accepted).items())},
@@ -470,6 +458,7 @@ def prepare_dataset(config: PrepareConfig) -> dict[str, Any]:
             "seen": seen,
             "accepted": len(run.accepted),
             "skipped": len(run.skipped),
+            "unread": len(run.unread),
             "duplicates": len(run.duplicates),
             "latents_encoded": run.counts["latents_encoded"],
             "latents_reused": run.counts["latents_reused"],
@@ -481,15 +470,27 @@ def prepare_dataset(config: PrepareConfig) -> dict[str, Any]:
             "captions_generated": run.counts["captions_generated"],
             "captions_reused": run.counts["captions_reused"],
             "images_decoded": run.stage.decoded,
+            "cache_entries_repaired": run.counts["repaired"],
         },
         "models_loaded": run.models_loaded,
         "seconds": round(seconds, 3),
         "images_per_second": round(seen / seconds, 2) if seconds > 0 else None,
         "config": dataclasses.asdict(config),
     }
+    report = _printable(report)  # file names that are not UTF-8 cannot go into a UTF-8 report as they are
     with atomic_path(out / REPORT) as tmp:
         tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
     return report
+
+
+def _printable(value: Any) -> Any:
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_printable(v) for v in value]
+    return value
 
 
 def _vae_scaling_factor(model: str) -> float:
@@ -508,6 +509,11 @@ def summary(report: dict[str, Any], out: str, limit: int = 20) -> str:
         lines += [f"  {s['source']}: {s['reason']}" for s in report["skipped"][:limit]]
         if len(report["skipped"]) > limit:
             lines.append(f"  ... and {len(report['skipped']) - limit} more (see report.json)")
+    if report.get("unread"):
+        lines.append(f"could not read {len(report['unread'])} other files (not used):")
+        lines += [f"  {s['source']}: {s['reason']}" for s in report["unread"][:limit]]
+        if len(report["unread"]) > limit:
+            lines.append(f"  ... and {len(report['unread']) - limit} more (see report.json)")
     if report["duplicates"]:
         kept = "all copies kept" if report["config"]["keep_duplicates"] else "first copy kept"
         lines.append(f"exact duplicates {len(report['duplicates'])} ({kept}):")
@@ -535,5 +541,7 @@ def summary(report: dict[str, Any], out: str, limit: int = 20) -> str:
         f"{counts['texts_encoded']} captions encoded, {counts['texts_reused']} reused; "
         f"{counts.get('images_decoded', 0)} images decoded; models loaded: {', '.join(report.get('models_loaded') or ['none'])}"
     )
+    if counts.get("cache_entries_repaired"):
+        lines.append(f"  {counts['cache_entries_repaired']} damaged cache entries were encoded again")
     lines.append(f"report: {Path(out) / REPORT}")
     return "\n".join(lines)

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
+import os
 from pathlib import Path
 from typing import Callable, Iterator
 
-from pixart_tune.data.scan import scan_folder
+from pixart_tune.data.scan import Found, scan_folder
 from pixart_tune.errors import UserError
+from pixart_tune.fsutil import os_error_text, printable, read_regular
 
 SOURCE_KINDS = ("auto", "folder", "saved", "hub")
 CAPTION_COLUMNS = ("text", "caption", "prompt", "description", "captions", "sentence")
@@ -54,12 +57,17 @@ def detect_kind(source: str) -> str:
     raise UserError(f"source {source} does not exist; give a folder of images, a save_to_disk folder or a Hugging Face dataset name")
 
 
-def open_source(source: str, kind: str = "auto", split: str = "train", image_column: str | None = None, caption_column: str | None = None) -> tuple[Iterator[Entry], int | None]:
-    """(entries, their number when known) for ``source``."""
+def open_source(
+    source: str, kind: str = "auto", split: str = "train", image_column: str | None = None, caption_column: str | None = None,
+    unread: list[dict[str, str]] | None = None,
+) -> tuple[Iterator[Entry], int | None]:
+    """(entries, their number when known) for ``source``; metadata files that could not be read go into ``unread``."""
     kind = detect_kind(source) if kind == "auto" else kind
     if kind == "folder":
-        # Walking twice is cheap next to decoding, and gives the progress bar its total.
-        return folder_entries(source, caption_column), sum(1 for _ in scan_folder(source))
+        # The whole tree is listed first (small records): its count is the progress bar's total, and every
+        # file found is then accounted for, even when a folder vanishes while images are being encoded.
+        found = list(scan_folder(source))
+        return folder_entries(source, caption_column, unread, found), len(found)
     if kind == "saved":
         import datasets
 
@@ -83,48 +91,79 @@ def open_source(source: str, kind: str = "auto", split: str = "train", image_col
     return dataset_entries(data, split, image_column, caption_column), getattr(data, "num_rows", None)
 
 
-def folder_entries(root: str | Path, caption_column: str | None = None) -> Iterator[Entry]:
+def folder_entries(root: str | Path, caption_column: str | None = None, unread: list[dict[str, str]] | None = None, found: list[Found] | None = None) -> Iterator[Entry]:
+    """The images of a folder (``found``: its scan, when already made); unreadable metadata files go into ``unread``."""
     root = Path(root)
-    metadata = read_metadata(root)
-    for found in scan_folder(root):
-        row = metadata.get(found.source, {})
+    metadata = read_metadata(root, unread)
+    for item in scan_folder(root) if found is None else found:
+        row = metadata.get(item.source, {})
         yield Entry(
-            source=found.source,
-            name=found.path.name,
-            read=None if found.skip else found.path.read_bytes,
-            path=found.path,
+            source=item.source,
+            name=text_name(item.path.name),
+            read=None if item.skip else functools.partial(read_regular, item.path),
+            path=item.path,
             metadata_caption=pick_caption(row, caption_column),
             metadata_captions=pick_captions(row, caption_column),
-            skip=found.skip,
+            skip=item.skip,
         )
 
 
-def read_metadata(root: Path) -> dict[str, dict]:
+def text_name(name: str) -> str:
+    """A file name as text for a caption: undecodable bytes read as cp1252 (old Windows archives), else dropped."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("cp1252", "replace").replace("\ufffd", "")
+
+
+def read_metadata(root: Path, unread: list[dict[str, str]] | None = None) -> dict[str, dict]:
     """Rows of every ``metadata.jsonl`` / ``metadata.csv`` under ``root``, by image path relative to root.
 
     This is the Hugging Face imagefolder convention: a ``file_name`` column holds the
-    image's path relative to the metadata file's folder.
+    image's path relative to the metadata file's folder. Only regular files inside
+    ``root`` are read (a FIFO would block forever); one that cannot be read is
+    listed in ``unread`` with its reason, and its captions are not used. A file that
+    reads but does not parse stops the run with the line to fix.
     """
     rows: dict[str, dict] = {}
-    real_root = root.resolve()
-    for name in METADATA_FILES:
-        for meta in sorted(root.rglob(name)):
-            if real_root not in meta.resolve().parents:
-                continue  # reached through a symlink leading outside the source: not read
-            base = meta.parent.relative_to(root)
-            text = meta.read_text(encoding="utf-8-sig")
-            if name.endswith(".jsonl"):
+    found = [f for f in scan_folder(root, select=lambda name: name in METADATA_FILES) if f.path.name in METADATA_FILES]
+    for item in sorted(found, key=lambda f: (METADATA_FILES.index(f.path.name), f.path)):
+        meta, name = item.path, item.path.name
+        try:
+            if item.skip:
+                raise OSError(item.skip)
+            data = read_regular(meta)
+        except OSError as error:
+            if unread is not None:
+                unread.append({"source": item.source, "reason": f"metadata file not read ({os_error_text(error)}); its captions are not used"})
+            continue
+        base = meta.parent.relative_to(root.absolute())
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise UserError(f"{printable(str(meta))}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+        if name.endswith(".jsonl"):
+            records = []
+            for number, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
                 try:
-                    records = [json.loads(line) for line in text.splitlines() if line.strip()]
-                except json.JSONDecodeError as error:
-                    raise UserError(f"{meta}: line {error.lineno} is not valid JSON; fix or remove that line") from None
-            else:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise UserError(f"{printable(str(meta))}: line {number} is not valid JSON; fix or remove that line") from None
+                if not isinstance(records[-1], dict):
+                    raise UserError(f"{printable(str(meta))}: line {number} is not a JSON object; each line must be {{\"file_name\": ..., \"text\": ...}}")
+        else:
+            try:
                 records = list(csv.DictReader(text.splitlines()))
-            for record in records:
-                file_name = record.get("file_name")
-                if not isinstance(file_name, str):
-                    raise UserError(f"{meta}: every row needs a 'file_name' column naming its image (Hugging Face imagefolder format)")
-                rows[(base / file_name).as_posix().removeprefix("./")] = record
+            except csv.Error as error:
+                raise UserError(f"{printable(str(meta))}: not a readable CSV file ({error}); fix it or remove it") from None
+        for record in records:
+            file_name = record.get("file_name")
+            if not isinstance(file_name, str):
+                raise UserError(f"{printable(str(meta))}: every row needs a 'file_name' column naming its image (Hugging Face imagefolder format)")
+            rows[printable((base / file_name).as_posix().removeprefix("./"))] = record
     return rows
 
 
@@ -173,7 +212,7 @@ def dataset_entries(data, split: str, image_column: str | None, caption_column: 
         name = Path(path).name if path else ""
         rereadable = True
         if data_bytes is None and path and Path(path).is_file():
-            read = Path(path).read_bytes
+            read = functools.partial(read_regular, path)
         elif isinstance(data_bytes, (bytes, bytearray)):
             if random_access:  # fetch the row again when asked rather than holding its bytes
                 read = (lambda i=index: _image_bytes(data[i][image_column]))

@@ -28,6 +28,7 @@ from pixart_tune.data.buckets import cover_scale, nearest_bucket, resize_to_buck
 from pixart_tune.data.images import ImageSkip, LoadedImage, load_image
 from pixart_tune.data.scanindex import ScanIndex
 from pixart_tune.data.sources import Entry
+from pixart_tune.fsutil import NotRegularFile, os_error_text
 
 MAX_AUTO_WORKERS = 8
 """More decode threads rarely help: past this the VAE or the disk is the bottleneck, and each holds an image."""
@@ -75,6 +76,15 @@ class Bucketed:
 
 
 Outcome = Bucketed | ImageSkip
+
+
+def read_failure(error: OSError) -> str:
+    """Why an image found by the scan could not be read, as the report says it."""
+    if isinstance(error, FileNotFoundError):
+        return "vanished after the scan (deleted or moved while prepare ran)"
+    if isinstance(error, NotRegularFile):
+        return f"{error}: not read (it was replaced after the scan)"
+    return f"cannot read the file ({os_error_text(error)}); fix its permissions and re-run"
 
 
 def resolve_workers(workers: int) -> int:
@@ -152,7 +162,7 @@ class ImageStage:
         try:
             data = entry.read()
         except OSError as error:
-            return ImageSkip(f"cannot read the file: {error.strerror or error}"), None
+            return ImageSkip(read_failure(error)), None
         reduce = self.settings.reduce and entry.rereadable
         key = self.index.key(data, reduce) if self.index is not None else None
         known = self.index.get(key) if key is not None else None
