@@ -160,6 +160,15 @@ def cut_latent(ctx: Ctx) -> None:
     latent.write_bytes(latent.read_bytes()[:40])
 
 
+def disk_full(ctx: Ctx) -> None:
+    from pixart_tune.data import cache
+
+    def no_space(tensors, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    ctx.monkeypatch.setattr(cache, "save_file", no_space)
+
+
 def read_only_parent(ctx: Ctx) -> None:
     parent = ctx.tmp / "locked_parent"
     parent.mkdir()
@@ -227,6 +236,7 @@ CASES = [
     Case("--out/text is a fifo", lambda c: fifo(c.out / "text"), 1, r"error: --out .*/text is a FIFO \(named pipe\), where prepare writes a folder"),
     Case("--out locked by a running prepare", live_lock, 1, r"error: --out .* is being prepared by process \d+ \(lock .*\.prepare\.lock\); wait for it to finish"),
     Case("stale lock of a dead process", dead_lock, 0, r"^prepared 1 of 1 images", lambda c: not (c.out / ".prepare.lock").exists() or pytest.fail("lock left")),
+    Case("disk full while writing a latent", lambda c: disk_full(c), 1, r"error: cannot write .*latents.*\(No space left on device\); free some space and re-run prepare", lambda c: not (c.out / ".prepare.lock").exists() or pytest.fail("lock left")),
     # damaged outputs of an earlier run
     Case("latent cut short", prepared_then(cut_latent), 0, r"^  1 damaged cache entries were encoded again", check_counts(latents_encoded=1, cache_entries_repaired=1)),
     Case("garbage manifest", prepared_then(lambda c: (c.out / "dataset.json").write_bytes(b"\x00garbage")), 0, r"^prepared 1 of 1 images", lambda c: FeatureCache(c.out).read_manifest()),
