@@ -252,6 +252,11 @@ def refuse_unsafe_outputs(
             relation = _relation(target, Path(item).resolve())
             if relation:
                 raise UserError(f"the output {output} {relation} {what} ({item}); writing it could destroy that input: choose a {flag} outside it")
+        for parent in output.absolute().parents:
+            if os.path.lexists(parent):
+                if not parent.is_dir():
+                    raise UserError(f"{parent} is a file, where a folder is written for {flag} {output}; move it away or choose another {flag}")
+                break
         if not os.path.lexists(output):
             continue
         if output.is_dir() != (kind == "folder"):

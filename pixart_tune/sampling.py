@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import warnings
 from pathlib import Path
@@ -23,12 +24,20 @@ from pixart_tune.adapters.loader import AdapterSpec, parse_spec, read_lora
 from pixart_tune.adapters.pipeline_lora import enable_lora
 from pixart_tune.base import bucket_table, dtype_for, resolution_of
 from pixart_tune.errors import UserError
+from pixart_tune.fsutil import refuse_unsafe_outputs
 from pixart_tune.generation import generate, image_grid, save_png
 from pixart_tune.models import default_device, load_pipeline, quiet_loading
 
 __all__ = ["AdapterSpec", "SampleConfig", "Sampler", "sample"]
 
 logger = logging.getLogger(__name__)
+
+MAX_STEPS = 1000
+"""The most denoising steps: the schedulers' training timesteps."""
+SIZE_FACTOR = 4
+"""A size may have up to this many times the pixels of the model's largest bucket (and twice its longest side)."""
+MAX_PIXELS = SIZE_FACTOR * 2048 * 2048
+"""Any model's cap, checked before one loads: the largest bucket of the largest PixArt-Sigma (2K) times SIZE_FACTOR."""
 
 
 # --- the adapter-aware sampler ----------------------------------------------------------
@@ -131,19 +140,38 @@ class Sampler:
         """Images for ``prompts[i]`` with ``seeds[i]`` under exactly ``adapters``."""
         if len(prompts) != len(seeds):
             raise UserError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
-        if steps < 1:
-            raise UserError(f"steps must be at least 1, got {steps}")
+        check_numbers(steps, guidance)
         default_h, default_w = self.default_size()
         height, width = int(height or default_h), int(width or default_w)
-        multiple = 8 * int(self.transformer.config.patch_size)
-        if height % multiple or width % multiple:
-            raise UserError(f"size {height}x{width} must be a multiple of {multiple}; pick one of the buckets")
+        self.check_size(height, width)
         with self.lock:
             self.activate(adapters)
             return generate(
                 self.pipe, list(prompts), list(seeds), height=height, width=width, steps=steps,
                 guidance=guidance, negative_prompt=negative_prompt, show_progress=show_progress,
             )
+
+
+    def check_size(self, height: int, width: int) -> None:
+        """Refuses a size that is no multiple of the patch grid, or beyond this model's largest bucket (module docstring)."""
+        multiple = 8 * int(self.transformer.config.patch_size)
+        if height < 1 or width < 1 or height % multiple or width % multiple:
+            raise UserError(f"size {height}x{width} must be a multiple of {multiple}; pick one of the buckets")
+        pixels = max(h * w for h, w in self.buckets())
+        side = max(max(hw) for hw in self.buckets())
+        if height * width > SIZE_FACTOR * pixels or max(height, width) > 2 * side:
+            raise UserError(
+                f"size {height}x{width} is beyond what this {self.resolution} px model draws (at most {SIZE_FACTOR}x the "
+                f"pixels of its largest bucket, {SIZE_FACTOR * pixels} px, and sides up to {2 * side}); pick one of the buckets"
+            )
+
+
+def check_numbers(steps: int, guidance: float) -> None:
+    """Refuses step counts and guidance scales that mean nothing (NaN, infinite, out of range)."""
+    if not 1 <= steps <= MAX_STEPS:
+        raise UserError(f"steps must be 1 to {MAX_STEPS}, got {steps}")
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise UserError(f"guidance must be a finite number of at least 0 (4.5 is usual), got {guidance}")
 
 
 def _stat(path: Path) -> tuple[int, int]:
@@ -189,6 +217,8 @@ class SampleConfig:
     """Also a row for each adapter alone."""
     out: str = "samples"
     """Output folder for the PNGs and grid.png."""
+    overwrite: bool = False
+    """Replace PNGs of the same names (grid.png, the numbered images) in the output folder; other files stay."""
     device: str | None = None
     """Torch device (default: cuda when available, else cpu)."""
     dtype: str = "auto"
@@ -197,8 +227,17 @@ class SampleConfig:
     """Also read .bin/.pt/.ckpt adapters; unpickling can run any code in the file."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        check_numbers(self.steps, self.guidance)
+        if not self.seeds or any(not 0 <= seed < 2**64 for seed in self.seeds):
+            raise ValueError(f"seeds must be whole numbers from 0 to 2**64 - 1, got {self.seeds}")
+        if self.aspect is not None and not (math.isfinite(self.aspect) and self.aspect > 0):
+            raise ValueError(f"aspect must be a positive number (height / width), got {self.aspect}")
+        if any(not math.isfinite(scale) for scale in self.sweep or []):
+            raise ValueError(f"sweep scales must be finite numbers, got {self.sweep}")
+        if self.size is not None:
+            height, width = parse_size(self.size)
+            if height * width > MAX_PIXELS:
+                raise ValueError(f"size {self.size} has {height * width} pixels, beyond any PixArt-Sigma model (at most {MAX_PIXELS}); pick one of the buckets")
 
 
 @dataclasses.dataclass
@@ -219,13 +258,18 @@ def sample(config: SampleConfig, on_image: Callable[[int, int], None] | None = N
     rows = comparison_rows(specs, config.sweep, base=config.base, separately=config.separately)
     if not rows:
         raise UserError("nothing to draw: --no-base needs at least one --adapter")
+    columns = [(p, s) for p in prompts for s in config.seeds]
+    out = Path(config.out)
+    names = [out / f"{row:02d}_{col:03d}_seed{seed}.png" for row in range(len(rows)) for col, (_, seed) in enumerate(columns)]
+    refuse_unsafe_outputs([out], kind="folder", overwrite=True)  # the folder may exist and hold other files
+    inputs = [(spec.path, "an input adapter") for spec in specs] + ([(config.prompts_file, "the prompts file")] if config.prompts_file else [])
+    refuse_unsafe_outputs([*names, out / "grid.png"], inputs, overwrite=config.overwrite)
     weights = {spec.path: read_lora(spec.path, config.allow_pickle_runs_code) for spec in specs}
     sampler = Sampler(config.model, device=config.device, dtype=config.dtype, allow_pickle=config.allow_pickle_runs_code)
     for path, adapter in weights.items():
         sampler.add_adapter(path, adapter)
     height, width = bucket_size(sampler, config.aspect, config.size)
-    columns = [(p, s) for p in prompts for s in config.seeds]
-    out = Path(config.out)
+    sampler.check_size(height, width)
     drawn = draw_comparison(
         sampler, rows, columns, negative_prompt=config.negative_prompt, steps=config.steps, guidance=config.guidance,
         height=height, width=width, on_image=on_image,
@@ -238,7 +282,7 @@ def sample(config: SampleConfig, on_image: Callable[[int, int], None] | None = N
                 "guidance": config.guidance, "height": height, "width": width, "model": config.model,
                 "adapters": [{"path": s.path, "scale": s.scale} for s in adapters],
             }
-            files.append(save_png(image, out / f"{row:02d}_{col:03d}_seed{seed}.png", parameters))
+            files.append(save_png(image, names[row * len(columns) + col], parameters))
             images.append(image)
     labels = [f"{p[:24]} #{s}" for p, s in columns]
     grid = image_grid(images, cols=len(columns), row_labels=[label for label, _ in rows], col_labels=labels)
@@ -301,14 +345,21 @@ def comparison_rows(specs: list[AdapterSpec], sweep: list[float] | None, base: b
 def bucket_size(sampler: Sampler, aspect: float | None, size: str | None) -> tuple[int, int]:
     """``size`` (HEIGHTxWIDTH) as given, else the model's bucket nearest to ``aspect`` (square by default)."""
     if size:
-        try:
-            height, width = (int(v) for v in size.lower().split("x"))
-        except ValueError:
-            raise UserError(f"--size {size!r}: write HEIGHTxWIDTH, e.g. 256x384") from None
-        return height, width
+        return parse_size(size)
     buckets = sampler.buckets()
     ratio = 1.0 if aspect is None else aspect
     return min(buckets, key=lambda hw: abs(hw[0] / hw[1] - ratio))
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """(height, width) of ``HEIGHTxWIDTH``, both positive."""
+    try:
+        height, width = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size {size!r}: write HEIGHTxWIDTH, e.g. 256x384") from None
+    if height < 1 or width < 1:
+        raise UserError(f"--size {size!r}: height and width must be positive, e.g. 256x384")
+    return height, width
 
 
 def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
@@ -317,8 +368,13 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
     if prompts_file:
         path = Path(prompts_file)
         if not path.is_file():
-            raise UserError(f"prompts file {path} does not exist")
-        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
+            what = "does not exist" if not path.exists() else "is not a regular file"
+            raise UserError(f"prompts file {path} {what}; give a text file with one prompt per line")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"prompts file {path} cannot be read as UTF-8 text ({error}); save it as UTF-8") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not prompts:
         raise UserError("give at least one --prompt or a --prompts-file with one prompt per line")
     return prompts

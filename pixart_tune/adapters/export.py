@@ -36,10 +36,10 @@ from safetensors.torch import save_file
 from pixart_tune.adapters import card as cards
 from pixart_tune.adapters.layouts import LoraModule, LoraWeights, to_state_dict
 from pixart_tune.adapters.loader import read_lora
-from pixart_tune.adapters.merge import flat_state, refuse_overwriting_inputs, write_weights
+from pixart_tune.adapters.merge import flat_state, write_weights
 from pixart_tune.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS, REAL_MODEL_ID
 from pixart_tune.errors import UserError
-from pixart_tune.fsutil import atomic_path
+from pixart_tune.fsutil import atomic_path, files_into, refuse_unsafe_outputs
 from pixart_tune.generation import save_png
 from pixart_tune.hub import looks_like_path
 
@@ -395,8 +395,8 @@ def publish(
     words = list(trigger_words) or [str(w) for w in (values.get("trigger_words") or []) if str(w)]
     images = _expand(samples) if samples is not None else find_samples(path)
     out = Path(out)
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
+    # An existing folder (a clone of the Hub repository, an earlier publish) keeps every file this does not write.
+    with files_into(out) as tmp:
         files = {}
         if not weights.lycoris:
             write_weights(weights, tmp / "peft")
@@ -500,12 +500,12 @@ def export(config: ExportConfig) -> list[str]:
         out = Path(config.out)
         if len(formats) == 1 and out.suffix and out.suffix != ".safetensors":
             raise UserError(f"--out {out}: exports are .safetensors files; name it {out.with_suffix('.safetensors').name}")
-        _refuse_existing(export_targets(config.adapter, formats, out, config.name), config.overwrite, Path(config.adapter))
+        _refuse_unsafe(export_targets(config.adapter, formats, out, config.name), config, "file")
         for fmt, target in zip(formats, export_adapter(config.adapter, formats, out, config.allow_pickle_runs_code, config.name)):
             written.append(f"wrote {target}  ({FORMATS[fmt][1]})")
     if config.publish:
         folder = Path(config.publish)
-        _refuse_existing([folder], config.overwrite, Path(config.adapter))
+        _refuse_unsafe([folder], config, "folder")
         publish(
             config.adapter, folder, name=config.name, base_model=config.base_model, trigger_words=config.trigger,
             license=config.license, tags=config.tag, samples=config.samples, repo_id=config.push_to_hub,
@@ -517,8 +517,9 @@ def export(config: ExportConfig) -> list[str]:
     return written
 
 
-def _refuse_existing(targets: Sequence[Path], overwrite: bool, adapter: Path) -> None:
-    for target in targets:
-        refuse_overwriting_inputs([adapter], target, "the input adapter")
-        if target.exists() and not overwrite:
-            raise UserError(f"{target} exists; choose another --out / --publish or pass --overwrite")
+def _refuse_unsafe(targets: Sequence[Path], config: ExportConfig, kind: str) -> None:
+    """The output policy (:func:`pixart_tune.fsutil.refuse_unsafe_outputs`); a publish folder that exists
+    receives its files beside what it holds (:func:`pixart_tune.fsutil.files_into`)."""
+    inputs = [(config.adapter, "the input adapter"), *((sample, "a sample image") for sample in config.samples or [])]
+    flag = "--out" if kind == "file" else "--publish"
+    refuse_unsafe_outputs(targets, inputs, overwrite=config.overwrite, kind=kind, flag=flag)

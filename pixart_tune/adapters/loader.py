@@ -60,7 +60,7 @@ from peft.tuners.lokr.layer import LoKrLayer
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
-from pixart_tune.adapters import lora, lycoris
+from pixart_tune.adapters import checks, lora, lycoris
 from pixart_tune.adapters.layouts import (
     NO_ALPHA,
     PREFIXES,
@@ -92,6 +92,7 @@ class AdapterSpec:
     def __post_init__(self) -> None:
         self.path = str(self.path)
         self.scale = float(self.scale)
+        checks.finite_scale(self.scale, self.path)
 
 
 def parse_spec(text: str) -> AdapterSpec:
@@ -115,7 +116,9 @@ def read_lora(path: str | Path, allow_pickle: bool = False) -> LoraWeights:
     """
     path = Path(path)
     try:
-        return _read(path, allow_pickle)
+        weights = _read(path, allow_pickle)
+        checks.require_finite(weights, path)
+        return weights
     except UserError as error:
         message = str(error)
         raise UserError(message if str(path) in message else f"{path}: {message}") from error
@@ -185,6 +188,7 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    checks.regular_file(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -275,6 +279,7 @@ def _adapter_metadata(raw: str) -> dict[str, dict]:
         for field in ("r", "lora_alpha"):
             if field in config and _number(config[field]) is None:
                 raise UserError(f"its '{ADAPTER_METADATA_KEY}' header gives {component}.{field} = {config[field]!r}, not a number")
+        checks.lora_config(config, f"its '{ADAPTER_METADATA_KEY}' header ({component or 'no component'})")
     return configs
 
 
@@ -292,10 +297,10 @@ def _json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path} is not readable JSON ({error})") from error
+        raise UserError(f"{path} is not readable JSON ({error}); fix it, or write it again with the tool that made the adapter") from error
     if not isinstance(data, dict):
-        raise UserError(f"{path} is not a JSON object")
-    return data
+        raise UserError(f"{path} is not a JSON object of adapter settings but a JSON {type(data).__name__}; fix it, or write it again")
+    return checks.lora_config(data, path)
 
 
 # --- fitting and applying -------------------------------------------------------------

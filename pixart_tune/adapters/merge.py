@@ -47,17 +47,21 @@ import torch
 from peft.utils.merge_utils import task_arithmetic
 from safetensors.torch import save_file
 
-from pixart_tune.adapters import lora, lycoris
+from pixart_tune.adapters import checks, lora, lycoris
 from pixart_tune.adapters.layouts import LoraModule, LoraWeights, original_name, to_state_dict
 from pixart_tune.adapters.loader import AdapterSpec, apply_lora, parse_spec, read_lora, skip_text_encoder
 from pixart_tune.errors import UserError
 from pixart_tune.models import XL2_TRANSFORMER_CONFIG
-from pixart_tune.fsutil import atomic_path
+from pixart_tune.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from pixart_tune.fsutil import atomic_path, refuse_unsafe_outputs
 from pixart_tune.hub import looks_like_path
 
 METHODS = ("linear", "cat", "svd")
 LYCORIS_FILE = "adapter_lycoris.safetensors"
 """The file of a merged or resized adapter that holds LoKr / LoHa modules (read as a one-file folder)."""
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LYCORIS_FILE)
+"""What a merged or resized adapter folder holds: ``--overwrite`` replaces a folder of these only."""
+OVERFLOW_ADVICE = "the weighted sum overflows float32: give smaller weights (ADAPTER:WEIGHT)"
 
 
 # --- pure math -----------------------------------------------------------------------
@@ -286,6 +290,7 @@ def merge_adapters(specs: list[AdapterSpec], out: str | Path, method: str = "lin
     refuse_overwriting_inputs([spec.path for spec in specs], out)
     adapters = _read_transformer_parts(specs, allow_pickle, "a merged adapter holds the transformer's LoRA only")
     result = merge_weights(adapters, [spec.scale for spec in specs], method, rank)
+    checks.require_finite(result.weights, "the merged adapter", OVERFLOW_ADVICE)
     metadata = {
         "merged_from": [{"name": public_name(s.path), "weight": s.scale} for s in specs],
         "merge_method": method,
@@ -302,6 +307,7 @@ def resize_adapter(path: str | Path, out: str | Path, rank: int, allow_pickle: b
     refuse_overwriting_inputs([path], out)
     [adapter] = _read_transformer_parts([AdapterSpec(str(path))], allow_pickle, "a resized adapter holds the transformer's LoRA only")
     result = resize_weights(adapter, rank)
+    checks.require_finite(result.weights, "the resized adapter", OVERFLOW_ADVICE)
     folder = write_weights(result.weights, out, {"resized_from": public_name(path), "energy_kept": round(result.energy_kept, 6)})
     return folder, result.energy_kept
 
@@ -322,11 +328,12 @@ def fuse_adapters(model: str, specs: list[AdapterSpec], out: str | Path, dtype: 
     source = _model_folder(model)
     refuse_overwriting_inputs([spec.path for spec in specs], out)
     refuse_overwriting_inputs([source], out, "the base model's folder")
-    if out.resolve().is_relative_to(source.resolve()):
-        raise UserError(f"the output {out} lies inside the base model's folder {source}; choose a new folder outside it")
     adapters = _read_transformer_parts(specs, allow_pickle, "the fused pipeline keeps the base model's T5")
     transformer = load_transformer(str(source), dtype=torch.float32)
     fuse_into(transformer, adapters, [spec.scale for spec in specs], [spec.path for spec in specs])
+    for name, parameter in transformer.named_parameters():
+        if not bool(torch.isfinite(parameter).all()):
+            raise UserError(f"fusing makes {name} of the base model NaN or infinite: {OVERFLOW_ADVICE.split(': ', 1)[1]}; nothing was written")
     if resolve_dtype(dtype) != torch.float32:
         transformer.to(resolve_dtype(dtype))
     with atomic_path(out) as tmp:
@@ -401,13 +408,10 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(real, target)
 
 
-def refuse_overwriting_inputs(inputs: Sequence[str | Path], out: str | Path, what: str = "one of the input adapters") -> None:
-    """Refuses an output that is, or holds, an input: writing it replaces the whole folder."""
-    target = Path(out).resolve()
-    for item in inputs:
-        source = Path(item).resolve()
-        if source == target or source.is_relative_to(target):
-            raise UserError(f"the output {out} is or holds {what} ({item}), which writing it would delete; choose a new folder")
+def refuse_overwriting_inputs(inputs: Sequence[str | Path], out: str | Path, what: str = "one of the input adapters", kind: str = "folder") -> None:
+    """Refuses an output that is, holds or lies inside an input (:func:`pixart_tune.fsutil.refuse_unsafe_outputs`;
+    whether it may replace what exists is the caller's to check)."""
+    refuse_unsafe_outputs([out], [(item, what) for item in inputs], overwrite=True, kind=kind)
 
 
 def _trigger_words(metadata: dict[str, str]) -> list[str]:
@@ -450,6 +454,9 @@ class MergeConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for field in ("rank", "resize"):
+            if getattr(self, field) is not None and getattr(self, field) < 1:
+                raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
 
 
 @dataclasses.dataclass
@@ -465,11 +472,16 @@ class MergeOutcome:
 def merge(config: MergeConfig) -> MergeOutcome:
     """Runs ``config``: a resize, a fuse or a merge, refusing to replace an output unless asked."""
     specs = [parse_spec(text) for text in config.adapters]
-    out = Path(config.out)
-    if out.exists() and not config.overwrite:
-        raise UserError(f"{out} exists; choose a new --out or pass --overwrite to replace it")
     if config.resize is not None and config.fuse:
         raise UserError("--resize and --fuse are separate operations; run them one after the other")
+    out = Path(config.out)
+    inputs = [(spec.path, "one of the input adapters") for spec in specs]
+    own: set[str] = set(ADAPTER_FILES)
+    if config.fuse:
+        source = _model_folder(config.fuse)
+        inputs.append((source, "the base model's folder"))
+        own = {item.name for item in source.iterdir() if not item.name.startswith(".")} | {"transformer", "fused_adapters.json"}
+    refuse_unsafe_outputs([out], inputs, overwrite=config.overwrite, kind="folder", own=own)
     if config.resize is not None:
         if len(specs) != 1:
             raise UserError("--resize takes exactly one adapter")

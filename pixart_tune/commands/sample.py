@@ -42,6 +42,7 @@ def main(argv: list[str]) -> int:
     flags.add("--no-base", field="base", action="store_false", help="leave out the base model row")
     flags.add("--separately", action="store_true")
     flags.add("--out")
+    flags.add("--overwrite", action="store_true")
     flags.add("--device")
     flags.add("--dtype", choices=["auto", "fp32", "bf16", "fp16"])
     flags.add("--allow-pickle-runs-code", action="store_true")
