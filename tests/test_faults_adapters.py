@@ -293,3 +293,26 @@ def test_fault(case: Case, tmp_path, tiny_model, adapters, capsys):  # noqa: F81
     assert digest(ctx.inp) == before_in, "an input changed"
     if case.check is not None:
         case.check(ctx)
+
+
+def test_fuzzed_adapter_configs_are_refused_in_one_line_or_give_a_finite_scale():
+    """Random adapter_config.json values: each is a UserError naming the file, or a finite, positive alpha for every module."""
+    import math
+    import random
+
+    from pixart_tune.adapters.checks import lora_config
+    from pixart_tune.adapters.lora import peft_alpha
+    from pixart_tune.errors import UserError
+
+    rng = random.Random(11)
+    values = [0, 1, 4, -2, 2.5, 1e308, float("nan"), float("inf"), "8", "x", None, True, [], [4], {}, {"to_q": 2}, {"(": 1}, {"to_q": 0}, {"to_q": "a"}]
+    for _ in range(2000):
+        config = {key: rng.choice(values) for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora") if rng.random() < 0.6}
+        try:
+            lora_config(config, "cfg.json")
+        except UserError as error:
+            assert str(error).startswith("cfg.json: ") and "\n" not in str(error)
+            continue
+        for name in ("transformer_blocks.0.attn1.to_q", "proj_out"):
+            alpha = peft_alpha(config, name, 4)
+            assert math.isfinite(alpha) and alpha > 0, (config, alpha)

@@ -88,7 +88,7 @@ def lora_config(data: dict, where: str | Path) -> dict:
     patterns (objects of regex -> number), use_rslora. Returns ``data``.
     """
     for field, whole in (("r", True), ("lora_alpha", False), ("alpha", False)):
-        if field in data and data[field] is not None and not _positive(data[field], whole):
+        if field in data and not _positive(data[field], whole):
             raise UserError(f"{where}: {field} is {data[field]!r}; {_FIXES[field]}")
     for field, whole in (("rank_pattern", True), ("alpha_pattern", False)):
         patterns = data.get(field)
