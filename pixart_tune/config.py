@@ -9,6 +9,7 @@ names the key, so a typo in a recipe never trains silently with a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -47,7 +48,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
     except ConfigError:
         raise
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"{where or cls.__name__}: {error}") from None
+        # A check that names its key in full ("optim.lr must ...") needs no section prefix.
+        message = str(error)
+        raise ConfigError(message if where and message.startswith(f"{where}.") else f"{where or cls.__name__}: {message}") from None
 
 
 def field_defaults(cls: type) -> dict[str, Any]:
@@ -94,13 +97,25 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+    if not path.is_file():  # a FIFO is no file either: never opened, so never waited on
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise ConfigError(f"config file {str(path)!r} {what}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {str(path)!r} ({error.strerror or error})") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    return data or {}
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: holds a YAML {_yaml_kind(data)}, not a mapping of keys; a config is 'key: value' lines "
+            "(see recipes/ for examples)"
+        )
+    return data
 
 
 def save_yaml(config: Any, path: str | Path) -> None:
@@ -180,7 +195,14 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            number = math.inf
+        if not math.isfinite(number):
+            # YAML reads .nan and .inf (and overrides "nan", "inf") as numbers: none means anything here.
+            raise ConfigError(f"{key}: {value!r} is not a finite number; give a real value")
+        return number
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -208,6 +230,10 @@ def _deep_copy(data: Any) -> Any:
     if isinstance(data, list):
         return [_deep_copy(v) for v in data]
     return data
+
+
+def _yaml_kind(data: Any) -> str:
+    return "list" if isinstance(data, list) else f"{type(data).__name__} ({data!r:.40})"
 
 
 def _join(where: str, key: str) -> str:

@@ -149,6 +149,8 @@ class TinyConfig:
 def init_tiny(out: str | Path, seed: int = 0) -> Path:
     """Writes the tiny pipeline to ``out`` in the diffusers folder layout."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a folder; choose a new folder")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder or remove it")
     build_tiny_pipeline(seed).save_pretrained(out, safe_serialization=True)

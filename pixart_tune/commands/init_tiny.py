@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pixart_tune.commands.parsing import ConfigFlags, verb_parser
 from pixart_tune.errors import UserError
+from pixart_tune.fsutil import os_error_text
 
 SUMMARY = "write a tiny PixArt-Sigma pipeline for offline tests and demos"
 
@@ -23,5 +24,7 @@ def main(argv: list[str]) -> int:
         path = init_tiny(config.out, config.seed)
     except FileExistsError as error:
         raise UserError(str(error)) from None
+    except OSError as error:  # a read-only parent, a full disk
+        raise UserError(f"cannot write {config.out} ({os_error_text(error)}); choose a folder you can write to") from None
     print(f"wrote a tiny PixArt-Sigma pipeline to {path}")
     return 0

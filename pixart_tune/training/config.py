@@ -9,16 +9,22 @@ a default. The resolved config is written next to every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Literal
 
 from pixart_tune.adapters.lora import LoraSettings
 from pixart_tune.base import REAL_MODEL_ID, RESOLUTIONS
 from pixart_tune.config import load_config
+from pixart_tune.errors import UserError
 
 # Optimizer names this toolkit builds (see pixart_tune.training.optim).
 OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "adamw", "lion8bit", "lion", "adafactor", "sgd")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+SEED_LIMIT = 2**32
+"""Seeds run from 0 to 2**32 - 1: numpy, which the training seed also seeds, takes no others."""
+MAX_VALIDATION_SIDE = 4096
+"""Largest validation image side: the longest side of the 2048 px bucket table."""
 
 
 def _at_least(section: str, minimum: int, **values: int) -> None:
@@ -138,6 +144,8 @@ class OptimSection:
             raise ValueError(f"optim.name {self.name!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if self.eps <= 0:
+            raise ValueError(f"optim.eps must be positive (1e-8 is usual), got {self.eps}")
         if self.weight_decay < 0:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
@@ -208,12 +216,18 @@ class ValidationSection:
         _at_least("validation", 0, every=self.every)
         if self.every and not self.prompts:
             raise ValueError("validation.every is set but validation.prompts is empty")
+        _at_least("validation", 1, steps=self.steps)
+        if self.guidance < 0:
+            raise ValueError(f"validation.guidance must be >= 0 (4.5 is usual), got {self.guidance}")
         if not self.seeds:
             raise ValueError("validation.seeds needs at least one seed")
+        for seed in self.seeds:
+            if not 0 <= seed < SEED_LIMIT:
+                raise ValueError(f"validation.seeds must be in [0, 2**32), got {seed}")
         for side in (self.height, self.width):
             # 8 pixels per latent, 2x2 latents per PixArt-Sigma patch.
-            if side is not None and (side < 64 or side % 16):
-                raise ValueError(f"validation height/width must be multiples of 16 and >= 64, got {side}")
+            if side is not None and (side < 64 or side % 16 or side > MAX_VALIDATION_SIDE):
+                raise ValueError(f"validation.height and validation.width must be multiples of 16 from 64 to {MAX_VALIDATION_SIDE}, got {side}")
 
 
 @dataclasses.dataclass
@@ -264,10 +278,29 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("model must name a hub id or a model folder")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        try:
+            re.compile(self.lora.target_regex)
+        except re.error as error:
+            raise ValueError(
+                f"lora.targets {self.lora.targets!r} is not a valid regular expression ({error}); "
+                "use a preset (attention, attention_ff, all_linear) or a valid regex"
+            ) from None
         if self.resolution is not None and self.resolution not in RESOLUTIONS:
             raise ValueError(f"resolution must be one of {', '.join(map(str, RESOLUTIONS))}, got {self.resolution}")
         if self.memory_budget_gb <= 0:
             raise ValueError(f"memory_budget_gb must be positive, got {self.memory_budget_gb}")
+
+
+def check_lora_targets(lora: LoraSettings, module_names: Iterable[str], model: str) -> None:
+    """Refuses ``lora.targets`` that match no layer of the model (PEFT matches the whole name)."""
+    regex = re.compile(lora.target_regex)
+    if not any(regex.fullmatch(name) for name in module_names):
+        raise UserError(
+            f"lora.targets {lora.targets!r} matches no layer of {model}; use a preset (attention, attention_ff, "
+            r"all_linear) or a regex over whole layer names, such as 'transformer_blocks\.\d+\.attn1\.to_q'"
+        )
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

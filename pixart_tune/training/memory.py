@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from pixart_tune.adapters.lora import inject_lora, trainable_parameters
 from pixart_tune.base import MANIFEST, MAX_TOKENS, resolve_dtype
 from pixart_tune.errors import UserError
+from pixart_tune.fsutil import os_error_text, read_regular
 from pixart_tune.models import T5_XXL_CONFIG, XL2_TRANSFORMER_CONFIG, meta_transformer
-from pixart_tune.training.config import TrainConfig
+from pixart_tune.training.config import TrainConfig, check_lora_targets
 from pixart_tune.training.optim import STATE_BYTES_PER_PARAM
 
 GIB = 2**30
@@ -87,11 +88,36 @@ class MemoryPlan:
 
 
 def architecture(model: str) -> dict[str, Any]:
-    """The transformer config of a local model folder, else the real XL-2 config."""
-    config_file = Path(model) / "transformer" / "config.json"
-    if config_file.is_file():
-        return {k: v for k, v in json.loads(config_file.read_text(encoding="utf-8")).items() if not k.startswith("_")}
-    return dict(XL2_TRANSFORMER_CONFIG)
+    """The transformer config of a local model folder, else (a hub id) the real XL-2 config.
+
+    A folder that is not a model, or a path that does not exist, is refused: planning
+    it as XL-2 would answer a question nobody asked.
+    """
+    folder = Path(model).expanduser()
+    config_file = folder / "transformer" / "config.json"
+    if not folder.exists() and not _local_path(model):
+        return dict(XL2_TRANSFORMER_CONFIG)
+    if not config_file.is_file():
+        what = "does not exist" if not folder.exists() else "is not a PixArt-Sigma model folder (no transformer/config.json)"
+        raise UserError(f"model {model} {what}; set model= to a diffusers-layout model folder or a hub id")
+    try:
+        data = json.loads(read_regular(config_file).decode("utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        arch = {k: v for k, v in data.items() if not k.startswith("_")}
+        for key in ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "caption_channels"):
+            if not isinstance(arch.get(key), int) or isinstance(arch[key], bool) or arch[key] < 1:
+                raise ValueError(f"{key} is {arch.get(key)!r}, not a positive integer")
+    except OSError as error:
+        raise UserError(f"cannot read {config_file} ({os_error_text(error)})") from None
+    except ValueError as error:
+        raise UserError(f"{config_file} is damaged ({error}); restore the model folder (or run init-tiny / download it again)") from None
+    return arch
+
+
+def _local_path(model: str) -> bool:
+    """Whether ``model`` is written as a path (a hub id is ``owner/name``, nothing more)."""
+    return model.startswith((".", "/", "~")) or model.endswith("/") or model.count("/") != 1
 
 
 def largest_bucket(resolution: int) -> tuple[int, int]:
@@ -118,7 +144,11 @@ def plan_memory(
     transformer = meta_transformer(dict(arch, num_layers=2), dtype)
     block_params = sum(p.numel() for p in transformer.transformer_blocks[1].parameters())
     base_params = sum(p.numel() for p in transformer.parameters()) + (layers - 2) * block_params
-    inject_lora(transformer, config.lora)
+    check_lora_targets(config.lora, (name for name, _ in transformer.named_modules()), config.model)
+    # PEFT builds the LoRA layers on the default device before moving them to the
+    # base layer's: under torch.device("meta") even rank 1000000 allocates nothing.
+    with torch.device("meta"):
+        inject_lora(transformer, config.lora)
     block_lora = sum(p.numel() for p in trainable_parameters(transformer.transformer_blocks[1]))
     lora_params = sum(p.numel() for p in trainable_parameters(transformer)) + (layers - 2) * block_lora
 

@@ -35,7 +35,7 @@ from pixart_tune.errors import UserError
 from pixart_tune.models import load_noise_scheduler, load_transformer, quiet_loading
 from pixart_tune.training import checkpoint as ckpt
 from pixart_tune.training import diffusion, plots
-from pixart_tune.training.config import TrainConfig
+from pixart_tune.training.config import TrainConfig, check_lora_targets
 from pixart_tune.training.dataset import Batch, BucketBatchSampler, TrainingSet, check_fits_model, collate, dataset_fingerprint
 from pixart_tune.training.optim import build_lr_scheduler, build_optimizer
 from pixart_tune.training.outputs import write_comfyui_file
@@ -172,6 +172,7 @@ class Trainer:
         if self.noise_scheduler.config.prediction_type != "epsilon":
             raise UserError(f"{config.model} predicts {self.noise_scheduler.config.prediction_type!r}; this trainer trains epsilon-prediction PixArt-Sigma")
         self.lora = config.lora
+        check_lora_targets(self.lora, (name for name, _ in transformer.named_modules()), config.model)
         inject_lora(transformer, self.lora)
         if config.init_adapter is not None:
             self._load_init_adapter(transformer, config.init_adapter)
