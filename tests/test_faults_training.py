@@ -63,7 +63,7 @@ class Ctx:
 
     def first_run(self, *overrides: str) -> None:
         """A clean run into output_dir with checkpoints at steps 1 and 2."""
-        assert cli.main(self.train("checkpoint.keep_last=3", *overrides)) == 0
+        assert cli.main(self.train("schedule.steps=3", "checkpoint.keep_last=3", *overrides)) == 0
 
 
 @dataclasses.dataclass
@@ -105,6 +105,80 @@ def init_tiny_over(c: Ctx, mine: str, out: str) -> list[str]:
     return ["init-tiny", str(c.tmp / out)]
 
 
+def resume_after(damage: Callable[[Ctx], None], *overrides: str, resume: str = "latest") -> Callable[[Ctx], list[str]]:
+    """A first run with checkpoints at steps 1 and 2, ``damage`` to it, then the run resumed to step 4."""
+    def argv(c: Ctx) -> list[str]:
+        c.first_run()
+        damage(c)
+        return c.train("schedule.steps=4", "checkpoint.keep_last=3", *overrides, resume=resume.format(out=c.out))
+    return argv
+
+
+def stale_tmp(c: Ctx) -> None:
+    (c.out / "checkpoints" / ".step-000003.x1y2.tmp" / "adapter").mkdir(parents=True)
+    (c.out / "checkpoints" / ".step-000001.deleting").mkdir()
+
+
+def no_stale_left(c: Ctx) -> None:
+    assert not [p.name for p in (c.out / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def damage_newest(c: Ctx) -> None:
+    (c.out / "checkpoints" / "step-000002" / "optimizer.pt").write_bytes(b"PK\x03\x04 cut short")
+
+
+def tamper_step(c: Ctx) -> None:
+    write(c.out / "checkpoints" / "step-000002" / "state.json", json.dumps({"step": 7, "epoch": 0, "batch_in_epoch": 1}))
+
+
+def edited_manifest(**changes) -> Callable[[Ctx], list[str]]:
+    def argv(c: Ctx) -> list[str]:
+        data = c.copy_data()
+        manifest = json.loads((data / "dataset.json").read_text())
+        manifest.update(changes)
+        (data / "dataset.json").write_text(json.dumps(manifest))
+        return c.train(data=data)
+    return argv
+
+
+def swapped_latent(c: Ctx) -> list[str]:
+    """The square image's latent file replaced by the portrait's (same channels, other shape)."""
+    data = c.copy_data()
+    cache = FeatureCache(data)
+    items = {tuple(i.bucket): i for i in cache.read_manifest().items}
+    square, portrait = items[(256, 256)], next(i for b, i in items.items() if b != (256, 256))
+    shutil.copyfile(cache.latent_path(portrait.latent_key), cache.latent_path(square.latent_key))
+    return c.train(data=data)
+
+
+def garbage_latent(c: Ctx) -> list[str]:
+    data = c.copy_data()
+    cache = FeatureCache(data)
+    cache.latent_path(cache.read_manifest().items[0].latent_key).write_bytes(b"\x08" + b"\x00" * 7 + b"{garbage")
+    return c.train(data=data)
+
+
+def disk_full_as_torch_says(words: str) -> Callable[[Ctx], list[str]]:
+    """torch.save fails on the second checkpoint with torch's own wording of a full disk."""
+    def argv(c: Ctx) -> list[str]:
+        real, calls = torch.save, []
+
+        def save(obj, path, *args, **kwargs):
+            calls.append(path)
+            if len(calls) > 3:
+                raise RuntimeError(f"[enforce fail at inline_container.cc:603] . {words}")
+            return real(obj, path, *args, **kwargs)
+
+        c.monkeypatch.setattr(ckpt.torch, "save", save)
+        return c.train("schedule.steps=3")
+    return argv
+
+
+def check_intact_first(c: Ctx) -> None:
+    assert [p.name for p in ckpt.list_checkpoints(c.out)] == ["step-000001"]
+    assert ckpt.load_checkpoint(c.out / "checkpoints" / "step-000001").state.step == 1
+
+
 CASES = [
     # recipe values: refused in one line naming the key, before anything is written
     Case("optim.lr=.nan", lambda c: c.train("optim.lr=.nan"), 1, r"error: optim.lr: nan is not a finite number"),
@@ -128,6 +202,21 @@ CASES = [
     Case("plan memory_budget_gb=.nan", lambda c: c.plan("memory_budget_gb=.nan"), 1, r"error: memory_budget_gb: nan is not a finite number"),
     Case("plan on a folder that is not a model", lambda c: ["plan", str(TINY_RECIPE), f"model={c.data}"], 1, r"error: model .* is not a PixArt-Sigma model folder \(no transformer/config.json\)"),
     Case("plan on a missing folder", lambda c: ["plan", str(TINY_RECIPE), f"model={c.tmp / 'nowhere'}"], 1, r"error: model .*nowhere does not exist"),
+    # output_dir: a new run never writes over what is there
+    Case("train into a folder holding the user's config.yaml", lambda c: c.keep.append(write(c.out / "config.yaml", "mine: 1\n")) or c.train(), 1, r"error: output_dir .*out is not empty \(config.yaml\); a new run needs an empty or new folder"),
+    Case("output_dir is a file", lambda c: c.keep.append(write(c.out, "mine")) or c.train(), 1, r"error: output_dir .*out is a file; choose a folder"),
+    Case("resume of its own run, stale .step-*.tmp cleaned", resume_after(stale_tmp), 0, r"removed 2 unfinished checkpoint folder\(s\) left by an interrupted run", no_stale_left),
+    # checkpoints
+    Case("damaged newest checkpoint", resume_after(damage_newest), 0, r"checkpoint .*step-000002 is damaged .*; resuming from the newest intact one before it"),
+    Case("state.json step tampered", resume_after(tamper_step, resume="{out}/checkpoints/step-000002"), 1, r"error: checkpoint .*step-000002 is damaged \(state.json says step 7, the folder is step 2\)"),
+    Case("resume with another lora.rank", resume_after(lambda c: None, "lora.rank=8"), 1, r"error: checkpoint .*step-000002 was trained with lora.rank=32 \(recipe: 8\); resume with the checkpoint's lora settings"),
+    Case("disk full: torch's 'unexpected pos'", disk_full_as_torch_says("unexpected pos 64 vs 0"), 1, r"error: the disk is full: could not write checkpoint step-000002 .*step-000001, is intact.*--resume", check_intact_first),
+    Case("disk full: torch's 'file write failed'", disk_full_as_torch_says("PytorchStreamWriter failed writing file data/0: file write failed"), 1, r"error: the disk is full", check_intact_first),
+    # datasets
+    Case("dataset from another VAE (scaling factor)", edited_manifest(vae_scaling_factor=0.18215), 1, r"error: dataset .*data does not fit this model \(its latents were scaled by 0.18215 \(another VAE\), this model's VAE scales by [\d.]+\)"),
+    Case("latent contradicting its bucket", swapped_latent, 1, r"error: cache entry .*\.safetensors \(flat_\d.png\) holds a latent of shape \[4, 40, 24\], but its bucket 256x256 needs \[4, 32, 32\].*re-run 'pixart-tune prepare'"),
+    Case("damaged latent file", garbage_latent, 1, r"error: cache entry .*\.safetensors is damaged .*re-run 'pixart-tune prepare'"),
+    Case("damaged manifest", lambda c: (c.copy_data() / "dataset.json").write_bytes(b"{not json") and c.train(data=c.copy_data()), 1, r"error: .*dataset.json is damaged .*re-run 'pixart-tune prepare'"),
     # init-tiny
     Case("init-tiny into a non-empty folder", lambda c: init_tiny_over(c, "models/notes.txt", "models"), 1, r"error: .*models exists and is not empty; choose a new folder"),
     Case("init-tiny onto a file", lambda c: init_tiny_over(c, "afile", "afile"), 1, r"error: .*afile is a file, not a folder"),
@@ -135,14 +224,15 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_fault(case: Case, tmp_path, tiny_model, red_dataset, monkeypatch, capsys):  # noqa: F811
+def test_fault(case: Case, tmp_path, tiny_model, red_dataset, monkeypatch, capsys, caplog):  # noqa: F811
     ctx = Ctx(tmp_path, tiny_model, red_dataset, tmp_path / "out", monkeypatch)
     argv = case.argv(ctx)
     capsys.readouterr()
+    caplog.clear()
     before = {path: digest(path) for path in ctx.keep}
     code = cli.main(argv)
     output = capsys.readouterr()
-    text = output.out + output.err
+    text = output.out + output.err + caplog.text
     assert "Traceback" not in text
     assert code == case.code, text
     assert re.search(case.says, text, re.MULTILINE), text

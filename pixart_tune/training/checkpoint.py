@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import random
 import re
 import shutil
@@ -35,11 +36,13 @@ from pixart_tune.adapters.layouts import LoraWeights
 from pixart_tune.adapters.loader import read_lora
 from pixart_tune.adapters.lora import LoraSettings, save_adapter
 from pixart_tune.base import CHECKPOINTS, RUN_CONFIG
-from pixart_tune.config import save_yaml
+from pixart_tune.config import save_yaml, to_dict
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
 
 _NAME = re.compile(r"^step-(\d+)$")
+_STALE = re.compile(r"^\.step-\d+\.(.+\.tmp|deleting|old)$")
+logger = logging.getLogger(__name__)
 _FILES = ("optimizer.pt", "lr_scheduler.pt", "rng.pt", "state.json", "adapter/adapter_model.safetensors")
 
 
@@ -116,8 +119,15 @@ def save_checkpoint(
     keep_last: int,
     grad_scaler: dict[str, Any] | None = None,
 ) -> Path:
-    """Writes ``step-NNNNNN`` atomically, then prunes to the newest ``keep_last``."""
+    """Writes ``step-NNNNNN`` atomically, then prunes to the newest ``keep_last``.
+
+    When the disk looks too small for one more checkpoint (less free than the last
+    one took), the oldest is pruned first, so ``keep_last`` can make room; one
+    complete checkpoint is always kept until the new one is complete.
+    """
     target = checkpoint_root(output_dir) / f"step-{state.step:06d}"
+    if keep_last > 1 and _short_of_space(output_dir):
+        prune(output_dir, keep_last - 1)
     try:
         with atomic_path(target) as tmp:
             tmp.mkdir()
@@ -142,6 +152,18 @@ def save_checkpoint(
     return target
 
 
+def _short_of_space(output_dir: str | Path) -> bool:
+    kept = list_checkpoints(output_dir)
+    if not kept:
+        return False
+    size = sum(f.stat().st_size for f in kept[-1].rglob("*") if f.is_file())
+    try:
+        free = shutil.disk_usage(checkpoint_root(output_dir)).free
+    except OSError:
+        return False
+    return free < 1.2 * size
+
+
 def prune(output_dir: str | Path, keep_last: int) -> None:
     """Removes all but the newest ``keep_last`` checkpoints."""
     for old in list_checkpoints(output_dir)[:-keep_last]:
@@ -150,6 +172,18 @@ def prune(output_dir: str | Path, keep_last: int) -> None:
         doomed = old.with_name(f".{old.name}.deleting")
         old.rename(doomed)
         shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_stale(output_dir: str | Path) -> list[str]:
+    """Removes what an interrupted run left in checkpoints/: half-written ``.step-*.tmp``
+    folders (a kill -9 mid-save) and ``.step-*.deleting`` / ``.old`` ones (mid-prune)."""
+    root = checkpoint_root(output_dir)
+    stale = sorted(p for p in root.glob(".step-*") if _STALE.match(p.name)) if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if stale:
+        logger.warning("removed %d unfinished checkpoint folder(s) left by an interrupted run in %s", len(stale), root)
+    return [p.name for p in stale]
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path:
@@ -170,10 +204,65 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path:
     return path
 
 
+def load_latest(output_dir: str | Path) -> Checkpoint:
+    """The newest checkpoint that loads; a damaged newer one is passed over with a warning."""
+    found = list_checkpoints(output_dir)
+    for index, path in enumerate(reversed(found)):
+        try:
+            checkpoint = load_checkpoint(path)
+        except UserError as error:
+            if index == len(found) - 1:
+                raise UserError(f"{error}; no intact checkpoint is left: start again in a new output_dir") from None
+            logger.warning("%s; resuming from the newest intact one before it", error)
+            continue
+        return checkpoint
+    raise UserError(f"--resume latest: no checkpoint under {checkpoint_root(output_dir)}; check output_dir, or start without --resume")
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
+    """A checkpoint folder; a damaged or tampered one is refused naming the file."""
     path = Path(path)
+    try:
+        return _load(path)
+    except UserError as error:
+        raise UserError(f"checkpoint {path} is damaged ({error})") from None
+    except Exception as error:  # torch.load, json and safetensors each raise their own classes
+        text = " ".join(str(error).split())[:200] or type(error).__name__
+        raise UserError(f"checkpoint {path} is damaged ({type(error).__name__}: {text})") from None
+
+
+def check_same_lora(checkpoint: Checkpoint, lora: LoraSettings) -> None:
+    """Refuses to resume a checkpoint with other LoRA settings than it was trained with (its config.yaml says which)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((checkpoint.path / RUN_CONFIG).read_text(encoding="utf-8"))["lora"]
+    except (OSError, yaml.YAMLError, TypeError, KeyError):
+        return  # an older checkpoint without its recipe: the weights' shapes are checked on loading
+    wanted = to_dict(lora)
+    differ = [f"lora.{key}={saved[key]!r} (recipe: {wanted[key]!r})" for key in wanted if key in saved and saved[key] != wanted[key]]
+    if differ:
+        raise UserError(
+            f"checkpoint {checkpoint.path} was trained with {', '.join(differ)}; resume with the checkpoint's lora "
+            "settings, or start the new settings in another output_dir"
+        )
+
+
+def _state(path: Path) -> TrainState:
+    """state.json, checked against the folder it sits in (a step edited by hand would resume at the wrong place)."""
+    data = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    fields = {f.name for f in dataclasses.fields(TrainState)}
+    if not isinstance(data, dict) or set(data) != fields or not all(type(v) is int and v >= 0 for v in data.values()):
+        raise UserError(f"state.json holds {str(data)[:80]}, not {', '.join(sorted(fields))} as counts")
+    match = _NAME.match(path.name)
+    if match and int(match.group(1)) != data["step"]:
+        raise UserError(f"state.json says step {data['step']}, the folder is step {int(match.group(1))}")
+    return TrainState(**data)
+
+
+def _load(path: Path) -> Checkpoint:
+    state = _state(path)
     adapter = read_lora(path / "adapter")
-    state = TrainState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
     return Checkpoint(
         path=path,
         state=state,
@@ -187,8 +276,18 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 def is_disk_full(error: BaseException) -> bool:
     """Whether ``error`` says the disk (or the quota) is full, however the writer wrapped it."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    # torch.save and safetensors report the OS error inside their own exception text.
-    text = str(error)
-    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
+    # torch.save and safetensors report the OS error inside their own exception text;
+    # torch.save's PytorchStreamWriter says only "file write failed" or "unexpected pos N vs M".
+    for _ in range(8):  # the exception and what it was raised from
+        if error is None:
+            return False
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(error)
+        if any(words in text for words in _DISK_FULL_WORDS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+_DISK_FULL_WORDS = ("No space left on device", "StorageFull", "Disk quota exceeded", "file write failed", "unexpected pos")

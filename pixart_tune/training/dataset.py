@@ -67,6 +67,7 @@ class CachedDataset(Dataset):
         if not self.manifest.items:
             raise UserError(f"{root} holds no accepted images; add images and re-run 'pixart-tune prepare'")
         self.check_complete()
+        self.check_shapes()
         self.empty_embeds, self.empty_mask = self.cache.read_text(self.manifest.empty_text_key, self.manifest.max_tokens)
 
     def check_complete(self) -> None:
@@ -84,6 +85,35 @@ class CachedDataset(Dataset):
                 f"{len(missing)} cache file(s) of {self.cache.root} are missing (first: {missing[0]}); "
                 "re-run 'pixart-tune prepare' with the same source and --out to fill them in"
             )
+
+    def check_shapes(self) -> None:
+        """Every latent has its bucket's shape: read from the file headers, before training starts.
+
+        A latent that contradicts its bucket (a cache file swapped or copied in from
+        another dataset) would otherwise fail mid-run in ``torch.stack``, or train on
+        the wrong image where the shapes happen to agree.
+        """
+        from safetensors import safe_open
+
+        channels = self.manifest.latent_channels
+        for item in self.manifest.items:
+            path = self.cache.latent_path(item.latent_key)
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    shape = tuple(handle.get_slice("latent").get_shape())
+            except Exception as error:  # safetensors raises its own error class for a damaged header
+                raise UserError(
+                    f"cache entry {path} is damaged ({' '.join(str(error).split()) or type(error).__name__}); "
+                    "re-run 'pixart-tune prepare' on this dataset: it encodes damaged entries again"
+                ) from None
+            height, width = item.bucket
+            # Channels against the model are check_fits_model's (it names the model); here the bucket's size.
+            if len(shape) != 3 or shape[1:] != (height // 8, width // 8):
+                raise UserError(
+                    f"cache entry {path} ({item.source}) holds a latent of shape {list(shape)}, but its bucket {height}x{width} "
+                    f"needs {[channels, height // 8, width // 8]}; the cache was changed after prepare: re-run 'pixart-tune prepare' "
+                    "with the same source and --out"
+                )
 
     @property
     def buckets(self) -> list[tuple[int, int]]:
@@ -372,9 +402,28 @@ def dataset_fingerprint(dataset: TrainingSet) -> str:
     return content_key("datasets", *(f"{key}x{repeats}" for key, repeats in parts))
 
 
-def check_fits_model(transformer_config, manifest: Manifest, data_path) -> None:
-    """Refuses a dataset whose features were made for another model shape."""
+def model_vae_scaling_factor(model: str) -> float | None:
+    """The scaling factor of ``model``'s VAE (read as prepare reads it), or None where its VAE config is not at hand."""
+    from pixart_tune.data.prepare import _vae_scaling_factor
+
+    try:
+        return _vae_scaling_factor(model)
+    except (UserError, OSError, ValueError):
+        return None
+
+
+def check_fits_model(transformer_config, manifest: Manifest, data_path, vae_scaling_factor: float | None = None) -> None:
+    """Refuses a dataset whose features were made for another model: its shapes, or another VAE's latent scale.
+
+    Two VAEs with the same channel count (PixArt-alpha's SD VAE at 0.18215, Sigma's
+    SDXL VAE at 0.13025) make latents of one shape but another scale: training on
+    them would run and learn the wrong thing.
+    """
     problems = []
+    if vae_scaling_factor is not None and abs(manifest.vae_scaling_factor - vae_scaling_factor) > 1e-6:
+        problems.append(
+            f"its latents were scaled by {manifest.vae_scaling_factor:g} (another VAE), this model's VAE scales by {vae_scaling_factor:g}"
+        )
     if manifest.latent_channels != transformer_config.in_channels:
         problems.append(f"latents have {manifest.latent_channels} channels, the transformer takes {transformer_config.in_channels}")
     if manifest.caption_channels != transformer_config.caption_channels:

@@ -36,7 +36,7 @@ from pixart_tune.models import load_noise_scheduler, load_transformer, quiet_loa
 from pixart_tune.training import checkpoint as ckpt
 from pixart_tune.training import diffusion, plots
 from pixart_tune.training.config import TrainConfig, check_lora_targets
-from pixart_tune.training.dataset import Batch, BucketBatchSampler, TrainingSet, check_fits_model, collate, dataset_fingerprint
+from pixart_tune.training.dataset import Batch, BucketBatchSampler, TrainingSet, check_fits_model, collate, dataset_fingerprint, model_vae_scaling_factor
 from pixart_tune.training.optim import build_lr_scheduler, build_optimizer
 from pixart_tune.training.outputs import write_comfyui_file
 from pixart_tune.training.validation import Validator, encode_prompts, save_grid
@@ -71,7 +71,7 @@ class Trainer:
         self._setup_optimizer()
         self._setup_validation()
         if self.resume:
-            self._restore(ckpt.resolve_resume(self.resume, self.config.output_dir))
+            self._restore(self.resume)
         # Points after the step resumed from are trained again: dropped, not doubled.
         self.loss_history = plots.LossHistory.load(self.config.output_dir, self.state.step)
         # Only a run that could start writes anything: a refused recipe leaves no trace.
@@ -159,8 +159,9 @@ class Trainer:
             self.noise_scheduler = load_noise_scheduler(config.model)
         except (OSError, ValueError) as error:
             raise UserError(f"cannot load model {config.model!r} ({error}); set model= to a PixArt-Sigma folder or hub id") from None
+        scale = model_vae_scaling_factor(config.model)
         for part in self.dataset.parts:
-            check_fits_model(transformer.config, part.manifest, part.cache.root)
+            check_fits_model(transformer.config, part.manifest, part.cache.root, scale)
         # `resolution` is the main dataset's (validation renders at it, the adapter
         # records it). Extra datasets may come from other bucket tables: that is
         # multi-resolution training, and a batch still holds one shape.
@@ -229,6 +230,17 @@ class Trainer:
                 f"{out} already holds a finished run's {ADAPTER_DIR}/; choose another output_dir, or move it away "
                 f"(to continue from it, set init_adapter={out / ADAPTER_DIR} with a new output_dir)"
             )
+        if out.exists() and not out.is_dir():
+            raise UserError(f"output_dir {out} is a file; choose a folder")
+        found = sorted(p.name for p in out.iterdir()) if out.is_dir() and not self.resume else []
+        if found:
+            # A new run writes config.yaml, logs/, samples/ ... here: never over what someone else put there.
+            raise UserError(
+                f"output_dir {out} is not empty ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); a new run needs "
+                "an empty or new folder: choose another output_dir (or move those files away)"
+            )
+        if self.resume and self.is_main:
+            ckpt.remove_stale(out)
 
     def _create_output(self) -> None:
         """output_dir with the resolved recipe (config.yaml) and the TensorBoard log."""
@@ -242,8 +254,13 @@ class Trainer:
                 self.writer = SummaryWriter(str(out / "logs"))
         self.accelerator.wait_for_everyone()
 
-    def _restore(self, path: Path) -> None:
-        checkpoint = ckpt.load_checkpoint(path)
+    def _restore(self, resume: str) -> None:
+        out = self.config.output_dir
+        checkpoint = ckpt.load_latest(out) if resume == "latest" else ckpt.load_checkpoint(ckpt.resolve_resume(resume, out))
+        path = checkpoint.path
+        ckpt.check_same_lora(checkpoint, self.lora)
+        if checkpoint.state.step > self.config.schedule.steps:
+            raise UserError(f"{path} is at step {checkpoint.state.step}, past schedule.steps={self.config.schedule.steps}; raise schedule.steps to train on")
         if len(checkpoint.rng) != self.accelerator.num_processes:
             raise UserError(f"{path} was written by {len(checkpoint.rng)} process(es); resume it with that many")
         load_into(self.transformer, checkpoint.adapter, source=f"checkpoint {path}")
