@@ -10,10 +10,8 @@ run left as it was (``keep``).
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
-import os
 import re
 import resource
 import shutil
@@ -254,3 +252,20 @@ def test_plan_of_a_huge_rank_never_allocates(tmp_path):
     result = subprocess.run(command, preexec_fn=limit, capture_output=True, text=True, env=cli_env(), timeout=300)
     assert result.returncode == 3, result.stderr
     assert "Traceback" not in result.stderr and "does NOT fit" in result.stdout
+
+
+def test_short_of_space_the_oldest_checkpoint_goes_before_the_next_is_written(tiny_model, red_dataset, tmp_path, monkeypatch):  # noqa: F811
+    """With less free space than one checkpoint, keep_last makes room first: never more than keep_last - 1 kept while writing."""
+    out = tmp_path / "out"
+    real_save, seen = torch.save, []
+
+    def save(obj, path, *args, **kwargs):
+        seen.append(len(ckpt.list_checkpoints(out)))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    monkeypatch.setattr(ckpt.torch, "save", save)
+    ctx = Ctx(tmp_path, tiny_model, red_dataset, out, monkeypatch)
+    assert cli.main(ctx.train("schedule.steps=5", "checkpoint.keep_last=2")) == 0
+    assert max(seen) == 1, seen
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-000003", "step-000004"]
