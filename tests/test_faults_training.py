@@ -139,6 +139,20 @@ def edited_manifest(**changes) -> Callable[[Ctx], list[str]]:
     return argv
 
 
+def other_t5(c: Ctx) -> list[str]:
+    """The model with its T5 changed (same width): the dataset's embeddings mean something else to it."""
+    import torch
+    from transformers import T5EncoderModel
+
+    model = c.tmp / "other-t5"
+    shutil.copytree(c.model, model)
+    t5 = T5EncoderModel.from_pretrained(model / "text_encoder")
+    with torch.no_grad():
+        t5.shared.weight.mul_(1.5)
+    t5.save_pretrained(model / "text_encoder")
+    return c.train(f"model={model}")
+
+
 def swapped_latent(c: Ctx) -> list[str]:
     """The square image's latent file replaced by the portrait's (same channels, other shape)."""
     data = c.copy_data()
@@ -212,6 +226,7 @@ CASES = [
     Case("disk full: torch's 'file write failed'", disk_full_as_torch_says("PytorchStreamWriter failed writing file data/0: file write failed"), 1, r"error: the disk is full", check_intact_first),
     # datasets
     Case("dataset from another VAE (scaling factor)", edited_manifest(vae_scaling_factor=0.18215), 1, r"error: dataset .*data does not fit this model \(its latents were scaled by 0.18215 \(another VAE\), this model's VAE scales by [\d.]+\)"),
+    Case("dataset from another T5 of the same width", other_t5, 1, r"error: dataset .*does not fit this model \(its text embeddings were made by another T5 \(its weights differ from this model's text_encoder/\)\)"),
     Case("latent contradicting its bucket", swapped_latent, 1, r"error: cache entry .*\.safetensors \(flat_\d.png\) holds a latent of shape \[4, 40, 24\], but its bucket 256x256 needs \[4, 32, 32\].*re-run 'pixart-tune prepare'"),
     Case("damaged latent file", garbage_latent, 1, r"error: cache entry .*\.safetensors is damaged .*re-run 'pixart-tune prepare'"),
     Case("damaged manifest", lambda c: (c.copy_data() / "dataset.json").write_bytes(b"{not json") and c.train(data=c.copy_data()), 1, r"error: .*dataset.json is damaged .*re-run 'pixart-tune prepare'"),

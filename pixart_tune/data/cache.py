@@ -95,6 +95,8 @@ class Manifest:
     empty_text_key: str
     """Text entry of the empty prompt, used for caption dropout."""
     items: list[CacheItem]
+    text_encoder: str = ""
+    """Fingerprint of the T5 that made the embeddings (``component_fingerprint``); empty in older manifests."""
     format: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:

@@ -436,6 +436,7 @@ def _prepare(config: PrepareConfig, source: str, out: Path) -> dict[str, Any]:
                 vae_scaling_factor=_vae_scaling_factor(config.model),
                 empty_text_key=empty_key,
                 items=items,
+                text_encoder=component_fingerprint(config.model, "text_encoder"),
             )
         )
     seconds = time.perf_counter() - start

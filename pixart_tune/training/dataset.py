@@ -412,18 +412,44 @@ def model_vae_scaling_factor(model: str) -> float | None:
         return None
 
 
-def check_fits_model(transformer_config, manifest: Manifest, data_path, vae_scaling_factor: float | None = None) -> None:
-    """Refuses a dataset whose features were made for another model: its shapes, or another VAE's latent scale.
+def model_text_fingerprint(model: str) -> str | None:
+    """The fingerprint of ``model``'s T5 as prepare records it, or None where its weights are not on this machine.
+
+    Never downloads: a hub model's T5 is looked for in the local cache only (training
+    on cached embeddings needs no T5, and it is gigabytes).
+    """
+    from pixart_tune.encoders import component_fingerprint
+
+    folder = Path(model)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(model, allow_patterns=["text_encoder/*"], local_files_only=True))
+        except Exception:  # not cached, or not a hub id: nothing to compare
+            return None
+    if not (folder / "text_encoder").is_dir():
+        return None
+    return component_fingerprint(str(folder), "text_encoder")
+
+
+def check_fits_model(
+    transformer_config, manifest: Manifest, data_path, vae_scaling_factor: float | None = None, text_fingerprint: str | None = None
+) -> None:
+    """Refuses a dataset whose features were made for another model: its shapes, another VAE's latent scale, another T5.
 
     Two VAEs with the same channel count (PixArt-alpha's SD VAE at 0.18215, Sigma's
-    SDXL VAE at 0.13025) make latents of one shape but another scale: training on
-    them would run and learn the wrong thing.
+    SDXL VAE at 0.13025) make latents of one shape but another scale, and two T5s of
+    one width make embeddings of one shape but other meaning: training on them would
+    run and learn the wrong thing.
     """
     problems = []
     if vae_scaling_factor is not None and abs(manifest.vae_scaling_factor - vae_scaling_factor) > 1e-6:
         problems.append(
             f"its latents were scaled by {manifest.vae_scaling_factor:g} (another VAE), this model's VAE scales by {vae_scaling_factor:g}"
         )
+    if manifest.text_encoder and text_fingerprint and manifest.text_encoder != text_fingerprint:
+        problems.append("its text embeddings were made by another T5 (its weights differ from this model's text_encoder/)")
     if manifest.latent_channels != transformer_config.in_channels:
         problems.append(f"latents have {manifest.latent_channels} channels, the transformer takes {transformer_config.in_channels}")
     if manifest.caption_channels != transformer_config.caption_channels:

@@ -36,7 +36,7 @@ from pixart_tune.models import load_noise_scheduler, load_transformer, quiet_loa
 from pixart_tune.training import checkpoint as ckpt
 from pixart_tune.training import diffusion, plots
 from pixart_tune.training.config import TrainConfig, check_lora_targets
-from pixart_tune.training.dataset import Batch, BucketBatchSampler, TrainingSet, check_fits_model, collate, dataset_fingerprint, model_vae_scaling_factor
+from pixart_tune.training.dataset import Batch, BucketBatchSampler, TrainingSet, check_fits_model, collate, dataset_fingerprint, model_text_fingerprint, model_vae_scaling_factor
 from pixart_tune.training.optim import build_lr_scheduler, build_optimizer
 from pixart_tune.training.outputs import write_comfyui_file
 from pixart_tune.training.validation import Validator, encode_prompts, save_grid
@@ -159,9 +159,9 @@ class Trainer:
             self.noise_scheduler = load_noise_scheduler(config.model)
         except (OSError, ValueError) as error:
             raise UserError(f"cannot load model {config.model!r} ({error}); set model= to a PixArt-Sigma folder or hub id") from None
-        scale = model_vae_scaling_factor(config.model)
+        scale, text = model_vae_scaling_factor(config.model), model_text_fingerprint(config.model)
         for part in self.dataset.parts:
-            check_fits_model(transformer.config, part.manifest, part.cache.root, scale)
+            check_fits_model(transformer.config, part.manifest, part.cache.root, scale, text)
         # `resolution` is the main dataset's (validation renders at it, the adapter
         # records it). Extra datasets may come from other bucket tables: that is
         # multi-resolution training, and a batch still holds one shape.
