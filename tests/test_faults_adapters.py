@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import threading
 from pathlib import Path
 from typing import Callable
 
@@ -29,8 +28,8 @@ from pixart_tune import cli
 from pixart_tune.adapters.export import export_adapter
 from pixart_tune.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from tests.adapter_fixtures import adapters  # noqa: F401  (a fixture)
+from tests.fault_table import answer
 
-TIMEOUT_S = 120
 STEPS = "2"
 
 
@@ -267,24 +266,11 @@ def test_fault(case: Case, tmp_path, tiny_model, adapters, capsys):  # noqa: F81
     argv = case.build(ctx)
     capsys.readouterr()
     before_in, before_out = digest(ctx.inp), digest(ctx.out)
-    result: dict = {}
-
-    def target():
-        try:
-            result["code"] = cli.main(argv)
-        except BaseException as error:  # noqa: BLE001 - reported below as the row's failure
-            result["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(TIMEOUT_S)
-    assert not thread.is_alive(), f"{argv[0]} hung for {TIMEOUT_S} s"
-    if "error" in result:
-        raise AssertionError(f"{argv[0]} raised instead of answering in one line: {result['error']!r}") from result["error"]
+    code = answer(lambda: cli.main(argv), argv[0])
     output = capsys.readouterr()
     text = output.out + output.err
     assert "Traceback" not in text
-    assert result["code"] == case.code, text
+    assert code == case.code, text
     assert re.search(case.says, text, re.MULTILINE), text
     if case.code != 0:
         errors = [line for line in output.err.splitlines() if f"pixart-tune {argv[0]}: error:" in line]

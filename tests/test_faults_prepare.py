@@ -19,7 +19,6 @@ import os
 import re
 import stat
 import subprocess
-import threading
 from pathlib import Path
 from typing import Callable
 
@@ -29,9 +28,8 @@ from pixart_tune import cli
 from pixart_tune.data import sources
 from pixart_tune.data.cache import FeatureCache
 from pixart_tune.errors import UserError
+from tests.fault_table import answer
 from tests.prepare_fixtures import encode, photo, write
-
-TIMEOUT_S = 120
 
 
 @dataclasses.dataclass
@@ -253,24 +251,11 @@ def test_fault(case: Case, tmp_path, tiny_model, monkeypatch, capsys):
         case.build(ctx)
         capsys.readouterr()
         before = digest(ctx.src)
-        result: dict = {}
-
-        def target():
-            try:
-                result["code"] = ctx.prepare()
-            except BaseException as error:  # noqa: BLE001 - reported below as the row's failure
-                result["error"] = error
-
-        thread = threading.Thread(target=target, daemon=True)
-        thread.start()
-        thread.join(TIMEOUT_S)
-        assert not thread.is_alive(), f"prepare hung for {TIMEOUT_S} s"
-        if "error" in result:
-            raise AssertionError(f"prepare raised instead of answering in one line: {result['error']!r}") from result["error"]
+        code = answer(ctx.prepare, "prepare")
         output = capsys.readouterr()
         text = output.out + output.err
         assert "Traceback" not in text
-        assert result["code"] == case.code, text
+        assert code == case.code, text
         assert re.search(case.says, text, re.MULTILINE), text
         if case.code != 0:
             errors = [line for line in output.err.splitlines() if line.startswith("pixart-tune prepare: error:")]
