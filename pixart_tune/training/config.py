@@ -19,7 +19,7 @@ from pixart_tune.config import load_config
 from pixart_tune.errors import UserError
 
 # Optimizer names this toolkit builds (see pixart_tune.training.optim).
-OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "adamw", "lion8bit", "lion", "adafactor", "sgd")
+OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "adamw", "adamw_fused", "lion8bit", "lion", "adafactor", "sgd")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 SEED_LIMIT = 2**32
 """Seeds run from 0 to 2**32 - 1: numpy, which the training seed also seeds, takes no others."""
@@ -123,7 +123,8 @@ class DiffusionSection:
 @dataclasses.dataclass
 class OptimSection:
     name: str = "adamw8bit"
-    """One of adamw8bit (default: fits 24 GB), paged_adamw8bit, adamw, lion8bit, lion,
+    """One of adamw8bit (default: fits 24 GB), paged_adamw8bit, adamw, adamw_fused
+    (PyTorch's fused AdamW kernel on every device, the CPU included), lion8bit, lion,
     adafactor, sgd."""
     lr: float = 1e-4
     """Peak learning rate."""
@@ -253,8 +254,18 @@ class TrainConfig:
     """Seeds the LoRA's initial weights, the data order, noise, timesteps and caption dropout."""
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Precision of the frozen base model; the LoRA weights are always fp32."""
-    gradient_checkpointing: bool = True
-    """Recompute each block's activations in backward: far less memory, ~30% slower."""
+    gradient_checkpointing: bool | int = True
+    """Recompute blocks' activations in backward instead of keeping them: true = every
+    block (far less memory, ~30% slower), false = none, k = every k-th block (blocks
+    0, k, 2k, ...: memory and time in between)."""
+    lora_compute_dtype: Literal["fp32", "base"] = "fp32"
+    """Where the LoRA branch multiplies: fp32 (PEFT's way: the layer input is cast to
+    fp32) or base (in the base model's dtype; the LoRA weights, their gradients and the
+    optimizer state stay fp32). base saves the fp32 copies of LoRA inputs and their
+    casts on a bf16 base; plain LoRA only (not DoRA, LoKr, LoHa)."""
+    compile: bool = False
+    """torch.compile each transformer block (regional compilation: one graph for all
+    blocks, seconds to compile). Needs a C compiler on the CPU, triton on a GPU."""
     init_adapter: Path | None = None
     """Start from this adapter folder (e.g. stage 1 of a two-stage schedule) instead
     of a fresh LoRA; its rank/alpha/targets must equal the lora section."""
@@ -289,6 +300,10 @@ class TrainConfig:
             ) from None
         if self.resolution is not None and self.resolution not in RESOLUTIONS:
             raise ValueError(f"resolution must be one of {', '.join(map(str, RESOLUTIONS))}, got {self.resolution}")
+        if not isinstance(self.gradient_checkpointing, bool) and self.gradient_checkpointing < 1:
+            raise ValueError(f"gradient_checkpointing must be true, false or a block interval k >= 1, got {self.gradient_checkpointing}")
+        if self.lora_compute_dtype == "base" and (self.lora.type != "lora" or self.lora.dora):
+            raise ValueError("lora_compute_dtype=base runs plain LoRA only (lora.type=lora, lora.dora=false); use lora_compute_dtype=fp32")
         if self.memory_budget_gb <= 0:
             raise ValueError(f"memory_budget_gb must be positive, got {self.memory_budget_gb}")
 

@@ -14,8 +14,9 @@ The method (docs/training.md explains it in full):
   for backward (deduplicated by storage, parameters excluded). Attention is traced
   as the fused kernels CUDA runs (flash / memory-efficient SDPA keep q, k, v, the
   output and the log-sum-exp, never the N x N matrix). With gradient checkpointing
-  only each block's input is kept, plus one block's activations while it is
-  recomputed.
+  each checkpointed block keeps only its input (every block, or every k-th), plus
+  one block's activations while it is recomputed. With ``lora_compute_dtype: base``
+  the traced LoRA layers run as training runs them, so the trace has no fp32 copies.
 * **Backward working set** (gradients in flight inside one block) is estimated as
   one block's activations, and a fixed CUDA context + allocator reserve is added.
 """
@@ -37,7 +38,9 @@ from pixart_tune.errors import UserError
 from pixart_tune.fsutil import os_error_text, read_regular
 from pixart_tune.models import T5_XXL_CONFIG, XL2_TRANSFORMER_CONFIG, meta_transformer
 from pixart_tune.training.config import TrainConfig, check_lora_targets
+from pixart_tune.training.lora_dtype import set_lora_compute_dtype
 from pixart_tune.training.optim import STATE_BYTES_PER_PARAM
+from pixart_tune.training.speed import checkpointed_blocks
 
 GIB = 2**30
 # CUDA context, cuBLAS/cuDNN workspaces and allocator fragmentation: what
@@ -149,6 +152,9 @@ def plan_memory(
     # base layer's: under torch.device("meta") even rank 1000000 allocates nothing.
     with torch.device("meta"):
         inject_lora(transformer, config.lora)
+    if config.lora_compute_dtype == "base":
+        # The trace then sees what that mode keeps: base-dtype LoRA inputs, no fp32 copies.
+        set_lora_compute_dtype(transformer, dtype)
     block_lora = sum(p.numel() for p in trainable_parameters(transformer.transformer_blocks[1]))
     lora_params = sum(p.numel() for p in trainable_parameters(transformer)) + (layers - 2) * block_lora
 
@@ -156,9 +162,12 @@ def plan_memory(
     batch = config.data.batch_size
     trace = trace_activations(transformer, batch, height, width, dtype, caption_channels=arch["caption_channels"])
     block = trace.blocks[1]
-    if config.gradient_checkpointing:
-        # Checkpointing keeps each block's input; one block is recomputed at a time.
-        activations = trace.outside + layers * trace.block_input + block
+    # A checkpointed block keeps only its input (one block is recomputed at a time,
+    # in backward); the others keep all their activations. Block 0 is checkpointed
+    # in every mode that checkpoints any (blocks 0, k, 2k, ...).
+    recomputed = len(checkpointed_blocks(config.gradient_checkpointing, layers))
+    if recomputed:
+        activations = trace.outside + recomputed * trace.block_input + (layers - recomputed) * block + block
     else:
         activations = trace.outside + trace.blocks[0] + (layers - 1) * block
     working = block
@@ -171,7 +180,7 @@ def plan_memory(
         ("LoRA gradients (fp32)", float(lora_params * 4)),
         (f"optimizer state ({config.optim.name})", float(optimizer_bytes)),
         ("batch inputs (latents, noise, T5 embeddings)", float(inputs)),
-        (f"activations kept for backward{' (checkpointed)' if config.gradient_checkpointing else ''}", float(activations)),
+        (f"activations kept for backward{f' ({recomputed} of {layers} blocks checkpointed)' if recomputed else ''}", float(activations)),
         ("backward working set (one block)", float(working)),
         ("allocator fragmentation (10% of dynamic)", FRAGMENTATION * (activations + working)),
         ("CUDA context + workspaces", CONTEXT_RESERVE_GIB * GIB),
@@ -181,13 +190,20 @@ def plan_memory(
         f"({base_params / 1e6:.1f} M parameters) in {config.dtype}",
         f"LoRA: rank {config.lora.rank} on {config.lora.targets} ({lora_params / 1e6:.2f} M trainable), optimizer {config.optim.name}",
         f"largest {resolution} px bucket {height}x{width} ({tokens} image tokens), batch {batch}, "
-        f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}",
+        f"gradient checkpointing {_checkpointing_words(recomputed, layers)}, LoRA computed in "
+        f"{config.dtype if config.lora_compute_dtype == 'base' else 'fp32'}",
     ]
     startup = None
     if config.validation.prompts:
         # validation.encode_prompts: T5 in bf16, alone, before the transformer loads.
         startup = ("T5 in bf16 for the validation prompts, alone", text_encoder_params(config.model) * 2 + CONTEXT_RESERVE_GIB * GIB)
     return MemoryPlan(description, rows, budget_gib if budget_gib is not None else config.memory_budget_gb, startup)
+
+
+def _checkpointing_words(recomputed: int, layers: int) -> str:
+    if not recomputed:
+        return "off"
+    return "on" if recomputed == layers else f"on {recomputed} of {layers} blocks"
 
 
 def text_encoder_params(model: str) -> int:

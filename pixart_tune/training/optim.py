@@ -28,6 +28,7 @@ STATE_BYTES_PER_PARAM = {
     "adamw8bit": 2.0,
     "paged_adamw8bit": 2.0,  # paged to host memory under pressure; counted as resident
     "adamw": 8.0,
+    "adamw_fused": 8.0,
     "lion8bit": 1.0,
     "lion": 4.0,
     "adafactor": 0.1,  # factored second moment: rows + columns, not rows x columns
@@ -86,6 +87,9 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], settings: OptimSection
     if name == "adamw":
         # The fused CUDA kernel does the whole update in one launch.
         return torch.optim.AdamW(params, betas=settings.betas, eps=settings.eps, fused=device.type == "cuda", **common)
+    if name == "adamw_fused":
+        # One kernel for the whole update on CUDA and the CPU alike; fp32 state, like adamw.
+        return torch.optim.AdamW(params, betas=settings.betas, eps=settings.eps, fused=True, **common)
     if name == "adafactor":
         from transformers.optimization import Adafactor
 

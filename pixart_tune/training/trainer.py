@@ -34,9 +34,10 @@ from pixart_tune.config import save_yaml, to_dict
 from pixart_tune.errors import UserError
 from pixart_tune.models import load_noise_scheduler, load_transformer, quiet_loading
 from pixart_tune.training import checkpoint as ckpt
-from pixart_tune.training import diffusion, plots
+from pixart_tune.training import diffusion, plots, speed
 from pixart_tune.training.config import TrainConfig, check_lora_targets
 from pixart_tune.training.dataset import Batch, BucketBatchSampler, TrainingSet, check_fits_model, collate, dataset_fingerprint, model_text_fingerprint, model_vae_scaling_factor
+from pixart_tune.training.lora_dtype import set_lora_compute_dtype
 from pixart_tune.training.optim import build_lr_scheduler, build_optimizer
 from pixart_tune.training.outputs import write_comfyui_file
 from pixart_tune.training.validation import Validator, encode_prompts, save_grid
@@ -177,10 +178,13 @@ class Trainer:
         inject_lora(transformer, self.lora)
         if config.init_adapter is not None:
             self._load_init_adapter(transformer, config.init_adapter)
-        if config.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+        self.checkpointed_blocks = speed.enable_checkpointing(transformer, config.gradient_checkpointing)
+        if config.lora_compute_dtype == "base":
+            set_lora_compute_dtype(transformer, self.dtype)
         transformer.train()
         self.transformer = transformer.to(self.device)
+        if config.compile:
+            speed.compile_blocks(self.transformer, self.device)
         # The schedule's tables live on the device, so noising a batch copies nothing.
         self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
         self.num_timesteps = self.noise_scheduler.config.num_train_timesteps
