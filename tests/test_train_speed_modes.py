@@ -19,6 +19,7 @@ from pixart_tune.training.lora_dtype import set_lora_compute_dtype
 from pixart_tune.training.memory import plan_memory
 from pixart_tune.training.optim import build_optimizer
 from pixart_tune.training.speed import checkpointed_blocks, compile_blocks, enable_checkpointing
+from tests.training_fixtures import red_dataset, tiny_config  # noqa: F401  (a fixture)
 
 LAYERS = 4
 # bf16 keeps 8 bits of mantissa. Measured on this tiny model (4 blocks, rank 4, bf16 base)
@@ -250,3 +251,32 @@ def test_fused_adamw_steps_and_resumes_exactly():
     optimizer.load_state_dict(saved)
     run(resumed, optimizer, grads[2:])
     assert torch.equal(resumed, straight)
+
+
+# --- the trainer with every mode on -------------------------------------------------
+
+
+def test_trainer_steps_in_every_speed_mode_like_the_plain_path(tiny_model, red_dataset, tmp_path):
+    """bf16 base, LoRA in bf16, every block checkpointed, fused AdamW: the first losses
+    match the plain path (fp32 LoRA branch, no checkpointing) and the weights and
+    optimizer state stay fp32."""
+    from pixart_tune.training.trainer import Trainer
+
+    def first_losses(name: str, *overrides: str) -> tuple[list[float], Trainer]:
+        config = tiny_config(tiny_model, red_dataset, tmp_path / name, "dtype=bf16", "optim.name=adamw_fused", *overrides)
+        trainer = Trainer(config, progress=False)
+        trainer.setup()
+        try:
+            losses = [float(trainer.train_step(trainer.next_batch())) for _ in range(3)]
+        finally:
+            trainer.cleanup()
+        return losses, trainer
+
+    plain, _ = first_losses("plain", "lora_compute_dtype=fp32", "gradient_checkpointing=false")
+    fast, trainer = first_losses("fast", "lora_compute_dtype=base", "gradient_checkpointing=1")
+
+    assert trainer.checkpointed_blocks == [0, 1]
+    assert fast == pytest.approx(plain, rel=LOSS_RTOL)
+    assert all(p.dtype == torch.float32 for p in trainer.params)
+    states = [value for state in trainer.optimizer.state.values() for value in state.values() if value.numel() > 1]
+    assert states and all(value.dtype == torch.float32 for value in states)
