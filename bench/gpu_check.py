@@ -3,49 +3,46 @@
 One script for one GPU (made for an NVIDIA H200; under 8 minutes, no network). It
 measures the toolkit's own pieces (``inject_lora``, the ``diffusion`` loss functions,
 ``build_optimizer``, ``plan_memory``, the ``TextEncoder`` of ``prepare``) on the
-real-size XL-2 architecture, randomly initialised in bf16 (no weights needed):
+real-size XL-2 architecture, randomly initialised in bf16 (no weights needed).
 
-* **training**, for 512, 1024 and 2048 px x batch 1 and 4 x gradient checkpointing
-  off and on: rank-16 attention LoRA, 8-bit AdamW when bitsandbytes runs (else
-  PyTorch AdamW, named in the table), min-SNR loss and gradient clipping as the
-  trainer does, 300-token captions. Per configuration: peak allocated and reserved
-  VRAM (``torch.cuda.max_memory_*`` after a reset; warm-up included, as it
-  allocates the optimizer state); the process's peak (memory outside the allocator,
-  i.e. CUDA context and kernel modules, + peak reserved: what ``nvidia-smi``
-  shows); samples/s over ``--steps`` back-to-back steps after ``--warmup``
-  (``cuda.synchronize`` around them, CUDA events between them); model FLOP
-  utilisation (FLOPs of one forward + backward counted by ``FlopCounterMode`` on
-  the meta device, recomputation excluded, over ``--peak-tflops``); and
-  ``pixart-tune plan``'s prediction beside it with the % difference. A
-  configuration that runs out of memory is recorded as OOM and the rest go on; so
-  does any other failure.
-* **T5-XXL caching**: the T5 v1.1 XXL encoder (4.7 B parameters, random init)
-  loaded by ``prepare``'s own loader, in 8-bit when bitsandbytes is importable (the
-  random weights are saved once and loaded with ``load_in_8bit``, as a real
-  checkpoint would be; else bf16, said in the table), encoding 300-token prompts
-  in ``prepare``'s batches of 32: prompts/s.
+* **Environment first**: before any GPU time, every module the check imports, a
+  bitsandbytes with kernels for this CUDA and enough free GPU memory; if anything
+  is missing it exits (code 2) with one line naming all of it. ``--check-env``
+  stops there.
+* **Training**, 1024 px first, then 512 and 2048, x batch 1 and 4 x gradient
+  checkpointing off and on (base rows: rank-16 attention LoRA in fp32 as PEFT runs
+  it, 8-bit AdamW, eager), then variants at 1024 px batch 4 without checkpointing:
+  bf16 LoRA compute (autocast, fp32 master weights), fused AdamW, and bf16 LoRA +
+  ``torch.compile`` of each block. Rows the plan puts within 24 GB, and the bf16
+  LoRA row that claims to fit, run with the allocator capped at 24 GB less the
+  memory outside it (``set_per_process_memory_fraction``): fits or OOM. Per row:
+  SDPA backend per call (the dispatcher's choice), compile, LoRA compute, optimizer
+  as run, TF32; host time to issue a step and GPU time (CUDA events); peak allocated
+  and reserved; the process peak; MFU (FLOPs counted by ``FlopCounterMode`` on the
+  meta device: 15.66 TFLOP per 1024 px sample) and HFU (the recomputed forward
+  counted); ``pixart-tune plan`` beside it. An OOM or error is recorded and the
+  rest go on; no row starts within ``row_budget`` of ``--time-limit``.
+* **T5-XXL caching**, last, in a subprocess capped at ``--t5-cap`` seconds: the
+  T5 v1.1 XXL encoder (random init) through ``prepare``'s loader, 8-bit when
+  bitsandbytes runs, 300-token prompts in batches of 32: prompts/s.
 
-The report is a markdown file (``--out``, default stdout) with the date, the git
-commit, the GPU and the library versions. Progress goes to stderr, flushed.
+The report is a markdown file (``--out``, default stdout) with date, commit, GPU and
+library versions, and a JSON of the raw numbers beside it (``--json``, default the
+``--out`` path with ``.json``). Progress goes to stderr, flushed.
 
-    python bench/gpu_check.py --out gpu_check.md            # everything (about 4-6 minutes on an H200)
+    python bench/gpu_check.py --out gpu_check.md            # everything (under 8 minutes on an H200)
     python bench/gpu_check.py --only 1024 --steps 3         # a quick rerun of 1024 px
-    python bench/gpu_check.py --tiny                         # CPU smoke run of every code path (seconds)
+    python bench/gpu_check.py --tiny                         # CPU run of every code path (under a minute)
 
-**No network on the GPU machine.** The script needs PyTorch with CUDA and this
-repository (run it from the repository root). It measures what is importable:
-without diffusers or peft there is no training section, without bitsandbytes it
-uses AdamW and a bf16 T5 (and says so). To bring the libraries along, download
-their wheels on a machine with network and install them offline::
+**No network on the GPU machine.** It needs Python 3.12 with PyTorch (CUDA) and this
+repository (run from its root; it is not installed). Everything else travels as
+wheels: ``bash bench/gpu_wheels.sh .whl 3.12`` downloads the list in
+``bench/gpu_wheels.txt`` (no torch; under 60 MiB), ``bench/gpu_preflight.py``
+proves on a CPU that the set installs beside torch alone and runs ``--tiny``, and on
+the GPU machine::
 
-    pip download --no-deps -d wheels/ diffusers==0.42.* peft==0.21.* accelerate==1.15.* \\
-        transformers==5.24.* bitsandbytes==0.50.* safetensors huggingface_hub tokenizers sentencepiece
-    # copy wheels/ and the repository to the GPU machine, then:
-    pip install --no-index --find-links wheels/ wheels/*.whl
-    python bench/gpu_check.py --out gpu_check.md
-
-(bitsandbytes' manylinux wheel carries its CUDA kernels; pick the ``--platform`` /
-``--python-version`` of the GPU machine if it differs from the download machine.)
+    python3 -m pip install --no-index --no-deps .whl/*.whl
+    python3 bench/gpu_check.py --out gpu_check.md
 """
 
 from __future__ import annotations
@@ -54,6 +51,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
+import json
 import os
 import sys
 import time
@@ -75,21 +73,25 @@ from bench.gpu_env import (  # noqa: E402
     FIT_BUDGET_GIB,
     GIB,
     H200_BF16_DENSE_TFLOPS,
-    LOW_MEMORY_GOAL_GIB,
-    PLAN_GOAL,
     RANK,
-    SPEED_GOAL,
     TOKENS,
     Setting,
     TrainResult,
+    VARIANTS,
+    describe,
     device_name,
+    environment_problems,
     free_memory,
     is_oom,
     library_versions,
     log,
+    raw_numbers,
+    record_sdpa,
+    report,
+    summary,
     synchronize,
 )
-from bench.gpu_t5 import T5Result, t5_bench  # noqa: E402
+from bench.gpu_t5 import t5_bench, t5_in_subprocess, write_result  # noqa: E402
 
 
 # --- training ------------------------------------------------------------------------
@@ -111,12 +113,15 @@ class TrainingBench:
         results = []
         for resolution in resolutions:
             configs = [TrainResult(resolution, b, c) for b in self.setting.batches for c in self.setting.checkpointing]
+            if resolution == self.setting.resolutions[0]:
+                # Variants at the goal's size (largest batch, no checkpointing): what each change buys.
+                configs += [TrainResult(resolution, max(self.setting.batches), False, v) for v in self.setting.variants]
             if time.monotonic() > self.setting.deadline:
                 results += [dataclasses.replace(r, status="skipped (time limit)") for r in configs]
                 continue
             log(f"[train] building the {'tiny' if self.setting.tiny else 'XL-2'} transformer for {resolution} px ...")
             try:
-                flops = self.count_flops(resolution)
+                flops, forward_flops = self.count_flops(resolution, with_forward=True)
                 transformer = self.build(resolution)
             except Exception as error:
                 log(traceback.format_exc())
@@ -125,13 +130,16 @@ class TrainingBench:
                 continue
             for result in configs:
                 results.append(result)
-                result.optimizer = self.optimizer_name
+                from pixart_tune.training.optim import resolve_name
+
+                result.optimizer = resolve_name(result.variant.optimizer, self.device)
                 result.model_tflop_per_step = flops * result.batch / 1e12
+                result.recompute_tflop_per_step = forward_flops * result.batch / 1e12 if result.checkpointing else 0.0
                 self.plan(result)
-                if time.monotonic() > self.setting.deadline:
+                if time.monotonic() > self.setting.deadline - self.setting.row_budget:
                     result.status = "skipped (time limit)"
                     continue
-                self.measure(transformer, result)
+                self.measure(self.compiled(transformer) if result.variant.compile else transformer, result)
                 log(f"[train] {describe(result)}")
             del transformer
             free_memory(self.device)
@@ -149,8 +157,18 @@ class TrainingBench:
         # Any buffer made outside the device context (e.g. from numpy) joins the rest.
         return transformer.to(self.device).train()
 
-    def count_flops(self, resolution: int) -> float:
-        """FLOPs of one batch-1 training forward + backward (no recomputation), on the meta device."""
+    def compiled(self, transformer: torch.nn.Module) -> torch.nn.Module:
+        """Regional compilation: each transformer block compiled in place (one graph, reused 28 times)."""
+        for block in transformer.transformer_blocks:
+            if not getattr(block, "_compiled_call_impl", None):
+                block.compile(backend=self.setting.compile_backend)
+        return transformer
+
+    def count_flops(self, resolution: int, with_forward: bool = False):
+        """FLOPs of one batch-1 training forward + backward (no recomputation), on the meta device.
+
+        With ``with_forward``, (forward + backward, forward): the forward is what
+        gradient checkpointing runs a second time."""
         from torch.utils.flop_counter import FlopCounterMode
 
         from pixart_tune.adapters.lora import LoraSettings, inject_lora
@@ -162,8 +180,10 @@ class TrainingBench:
         inputs = self.inputs(transformer.config, resolution, 1, torch.device("meta"))
         with FlopCounterMode(display=False) as counter:
             output = self.forward(transformer, *inputs, timesteps=torch.zeros(1, dtype=torch.long, device="meta"))
+            forward = float(counter.get_total_flops())
             output.float().pow(2).mean().backward()
-        return float(counter.get_total_flops())
+        total = float(counter.get_total_flops())
+        return (total, forward) if with_forward else total
 
     def plan(self, result: TrainResult) -> None:
         """``pixart-tune plan`` for the same settings (left empty, and said, if it fails)."""
@@ -209,6 +229,8 @@ class TrainingBench:
 
         device = self.device
         optimizer = None
+        result.tf32 = bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else False
+        capped = self.cap(result)
         try:
             if result.checkpointing:
                 transformer.enable_gradient_checkpointing()
@@ -227,18 +249,31 @@ class TrainingBench:
             latents, embeds, mask = self.inputs(transformer.config, result.resolution, result.batch, device)
             generator = torch.Generator(device=device).manual_seed(0)
 
+            # bf16 LoRA compute: autocast runs the fp32 LoRA matmuls in bf16; the optimizer keeps fp32 weights.
+            autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if result.variant.lora_compute == "bf16" else contextlib.nullcontext
+
             def step() -> None:
                 noise = diffusion.sample_noise(latents, generator)
                 timesteps = diffusion.sample_timesteps(result.batch, 1000, generator, device)
                 noisy = diffusion.add_noise(scheduler, latents, noise, timesteps)
-                output = self.forward(transformer, noisy, embeds, mask, timesteps)
+                with autocast():
+                    output = self.forward(transformer, noisy, embeds, mask, timesteps)
                 loss = diffusion.diffusion_loss(output, noise, timesteps, scheduler, min_snr_gamma=5.0)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-            for _ in range(self.setting.warmup):
+            # The first step compiles (when asked) and names the attention kernels; not timed.
+            counts: dict[str, int] = {}
+            start = time.perf_counter()
+            with contextlib.nullcontext() if result.variant.compile else record_sdpa(counts):
+                step()
+            synchronize(device)
+            if result.variant.compile:
+                result.compile_seconds = time.perf_counter() - start
+            result.sdpa = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "(compiled: not recorded)"
+            for _ in range(self.setting.warmup - 1):
                 step()
             synchronize(device)
             # Steps run back to back as in training (no host sync between them); on CUDA,
@@ -247,7 +282,9 @@ class TrainingBench:
             start = time.perf_counter()
             marks[0].record()
             for mark in marks[1:]:
+                issued = time.perf_counter()
                 step()
+                result.host_seconds.append(time.perf_counter() - issued)
                 mark.record()
             synchronize(device)
             seconds = time.perf_counter() - start
@@ -274,6 +311,22 @@ class TrainingBench:
             for p in transformer.parameters():
                 p.grad = None
             free_memory(device)
+            if capped:
+                torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+    def cap(self, result: TrainResult) -> bool:
+        """Caps the allocator at the fit budget when the plan says the row fits it: fits-or-OOM, not a reading."""
+        if self.device.type != "cuda":
+            return False
+        if not result.variant.cap and (result.plan_total is None or result.plan_total > FIT_BUDGET_GIB):
+            return False
+        free_memory(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        # The budget is the whole card's: the CUDA context and kernel modules outside the allocator count too.
+        outside = total - free - torch.cuda.memory_reserved(self.device)
+        result.cap_gib = (FIT_BUDGET_GIB * GIB - outside) / GIB
+        torch.cuda.set_per_process_memory_fraction(max(result.cap_gib * GIB / total, 0.01), self.device)
+        return True
 
 
 class StepMark:
@@ -293,103 +346,6 @@ class StepMark:
         if self.event is not None:
             return earlier.event.elapsed_time(self.event) / 1000  # after a synchronize
         return self.time - earlier.time
-
-
-def describe(result: TrainResult) -> str:
-    mode = "ckpt on" if result.checkpointing else "ckpt off"
-    head = f"{result.resolution} px batch {result.batch} {mode}"
-    if result.status != "ok":
-        return f"{head}: {result.status}"
-    memory = f", peak allocated {result.peak_allocated:.2f} GiB" if result.peak_allocated is not None else ""
-    return f"{head}: {result.samples_per_s:.2f} samples/s{memory}, plan {result.plan_total:.2f} GiB"
-
-
-# --- report --------------------------------------------------------------------------
-
-
-def pct(plan: float | None, measured: float | None) -> str:
-    if plan is None or not measured:
-        return "n/a"
-    return f"{(plan - measured) / measured * 100:+.0f}%"
-
-
-def num(value: float | None, digits: int = 2) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def report(setting: Setting, train: list[TrainResult], train_note: str, t5: T5Result | None, t5_note: str, seconds: float) -> str:
-    from bench.common import git_commit, table
-
-    versions = library_versions()
-    peak = setting.peak_tflops
-    lines = [
-        f"# GPU check{' (tiny CPU mode: code-path check, numbers mean nothing)' if setting.tiny else ''}",
-        "",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; commit {git_commit()}; run time {seconds:.0f} s",
-        f"- device: {device_name(setting.device)}",
-        f"- libraries: {', '.join(f'{k} {v}' for k, v in versions.items())}",
-        f"- model: {'tiny PixArt config' if setting.tiny else 'PixArt-Sigma XL-2 (610.9 M parameters), random init'}, {DTYPE_NAMES[setting.dtype]} base, "
-        f"LoRA rank {RANK} on attention (fp32), min-SNR 5 loss, grad clipping 1.0, {TOKENS}-token captions; "
-        f"{setting.warmup} warm-up + {setting.steps} timed steps per configuration",
-        "- MFU = model FLOPs of forward + backward (FlopCounterMode, no recomputation) / step time / "
-        + (f"{peak:g} TFLOP/s ({'H100/H200 SXM dense BF16 peak' if peak == H200_BF16_DENSE_TFLOPS else 'given peak'})" if peak else "peak (unknown for this device: n/a)"),
-        "- peak alloc / reserved: torch.cuda.max_memory_allocated / _reserved over warm-up + timed steps; process = (CUDA context "
-        "and kernel modules: device used - reserved, after the steps) + peak reserved, what nvidia-smi would show; plan = `pixart-tune plan` (plan alloc = plan less its CUDA-context and fragmentation rows)",
-        "",
-    ]
-    if train:
-        rows = []
-        for r in train:
-            mfu = "n/a"
-            if r.status == "ok" and peak and r.step_time:
-                mfu = f"{r.model_tflop_per_step / r.step_time / peak * 100:.1f}%"
-            rows.append([
-                r.resolution, r.batch, "on" if r.checkpointing else "off", r.optimizer, r.status,
-                num(r.samples_per_s), num(r.step_time, 3), f"{r.model_tflop_per_step:.3g}" if r.model_tflop_per_step is not None else "n/a", mfu,
-                num(r.peak_allocated), num(r.plan_allocated), pct(r.plan_allocated, r.peak_allocated),
-                num(r.peak_reserved), num(r.process_peak), num(r.plan_total), pct(r.plan_total, r.process_peak),
-            ])
-        lines += ["## Training", "", table(
-            ["px", "batch", "grad ckpt", "optimizer", "status", "samples/s", "step s (median)", "TFLOP/step", "MFU",
-             "peak alloc GiB", "plan alloc GiB", "plan vs alloc", "peak reserved GiB", "process GiB", "plan GiB", "plan vs process"],
-            rows,
-        ), ""]
-    if train_note:
-        lines += [train_note, ""]
-    if t5 is not None:
-        lines += ["## T5-XXL caching (prepare's TextEncoder)", "", table(
-            ["encoder", "parameters", "precision", "status", "batch", "prompts", "load s", "prompts/s", "peak alloc GiB"],
-            [["T5 v1.1 XXL (random)" if not setting.tiny else "tiny T5", f"{t5.parameters / 1e9:.2f} B" if not setting.tiny else f"{t5.parameters:,}",
-              t5.precision, t5.status, t5.batch, t5.prompts, num(t5.load_seconds, 1), num(t5.prompts_per_s, 1), num(t5.peak_allocated)]],
-        ), ""]
-    if t5_note:
-        lines += [t5_note, ""]
-    lines += [f"**{summary(setting, train)}**", ""]
-    return "\n".join(lines)
-
-
-def summary(setting: Setting, train: list[TrainResult]) -> str:
-    """The one-line figure against the goals (1024 px, batch 4)."""
-    if setting.tiny:
-        ok = sum(r.status == "ok" for r in train)
-        return f"gpu_check --tiny: {ok} of {len(train)} training configurations ran (a code-path check on tiny models; its numbers mean nothing)"
-    resolution = max(setting.resolutions, key=lambda r: (r == 1024, -abs(r - 1024)))
-    batch = max(setting.batches)
-    ok = [r for r in train if r.status == "ok" and r.resolution == resolution and r.batch == batch]
-    parts = [f"gpu_check at {resolution} px batch {batch}:"]
-    fits = [r for r in ok if r.process_peak is None or r.process_peak <= FIT_BUDGET_GIB]
-    if fits:
-        best = max(fits, key=lambda r: r.samples_per_s or 0)
-        parts.append(f"{best.samples_per_s:.2f} samples/s (ckpt {'on' if best.checkpointing else 'off'}; goal >= {SPEED_GOAL:g} within {FIT_BUDGET_GIB:g} GB)")
-    low = [r for r in ok if r.checkpointing and r.peak_allocated is not None]
-    if low:
-        parts.append(f"low-memory peak {low[0].peak_allocated:.2f} GiB allocated (goal <= {LOW_MEMORY_GOAL_GIB:g})")
-    diffs = [abs(r.plan_total - r.process_peak) / r.process_peak for r in train if r.status == "ok" and r.process_peak]
-    if diffs:
-        parts.append(f"plan within {max(diffs) * 100:.0f}% of every measured process peak (goal {PLAN_GOAL * 100:.0f}%)")
-    if len(parts) == 1:
-        parts.append("no measured configuration")
-    return " ".join(parts)
 
 
 # --- main ----------------------------------------------------------------------------
@@ -415,16 +371,23 @@ def guarded(section: str, modules: list[str], run: Callable[[], Any]) -> tuple[A
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Setting]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="markdown report path (default: stdout)")
+    parser.add_argument("--json", type=Path, help="raw numbers as JSON (default: the --out path with .json)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU, 2 steps: checks every code path in seconds")
+    parser.add_argument("--check-env", action="store_true", help="only check the environment (imports, versions, free memory) and exit")
     parser.add_argument("--only", help="comma-separated resolutions to run, e.g. 1024 (default: 512,1024,2048; tiny: 256,512)")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,4; tiny: 1,2)")
     parser.add_argument("--checkpointing", default="off,on", help="gradient checkpointing modes: off, on or off,on")
+    parser.add_argument("--no-variants", action="store_true", help="no bf16-LoRA / fused-AdamW / compile rows")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 5; tiny: 2)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; tiny: 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first, the first compiles (default 2; tiny: 1)")
     parser.add_argument("--peak-tflops", type=float, default=None, help=f"peak dense bf16 TFLOP/s for MFU (default {H200_BF16_DENSE_TFLOPS:g} on CUDA)")
     parser.add_argument("--t5-prompts", type=int, default=None, help="prompts encoded by T5 (default 256; tiny: 8)")
     parser.add_argument("--skip-t5", action="store_true", help="no T5 caching measurement")
-    parser.add_argument("--time-limit", type=float, default=420, help="seconds after which no new configuration starts (default 420)")
+    parser.add_argument("--t5-cap", type=float, default=None, help="seconds the T5 subprocess may run, load included (default 120)")
+    parser.add_argument("--t5-only", action="store_true", help=argparse.SUPPRESS)  # the T5 subprocess
+    parser.add_argument("--t5-json", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--time-limit", type=float, default=300,
+                        help="seconds after which no new training row starts (default 300; the last row, T5 (capped at 120 s) and the report follow: under 8 minutes in all)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available; tiny: cpu)")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
@@ -454,9 +417,14 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Setting]:
         t5_batch=4 if args.tiny else 32,
         deadline=time.monotonic() + args.time_limit,
         dtype=torch.float32 if args.tiny and device.type == "cpu" else torch.bfloat16,
+        variants=() if args.no_variants else VARIANTS,
+        # A 2048 px batch-4 row is ~10 s of steps on an H200; a compiled row adds its compile time.
+        row_budget=0.0 if args.tiny else 20.0,
+        compile_backend="aot_eager" if device.type == "cpu" else "inductor",
+        t5_cap=args.t5_cap or 120.0,
     )
-    if setting.steps < 1 or setting.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if setting.steps < 1 or setting.warmup < 1:
+        parser.error("--steps and --warmup must be >= 1")
     return args, setting
 
 
@@ -488,32 +456,49 @@ def run_environment(setting: Setting):
 
 def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, setting = parse(argv)
+    # Before any GPU time: everything imports, bitsandbytes has kernels for this CUDA, the GPU is free.
+    problems = environment_problems(setting.device, setting.tiny)
+    if problems:
+        print(f"gpu_check: environment not ready: missing or unusable: {'; '.join(problems)} "
+              "(install the wheel set: docs/benchmarks.md, section 5)", file=sys.stderr, flush=True)
+        return 2
+    if args.check_env:
+        print(f"gpu_check: environment ready: {device_name(setting.device)}; "
+              + ", ".join(f"{k} {v}" for k, v in library_versions().items()), flush=True)
+        return 0
+    if args.t5_only:
+        with run_environment(setting):
+            write_result(t5_bench(setting), args.t5_json)
+        return 0
     log(f"gpu_check on {device_name(setting.device)}; resolutions {setting.resolutions}, batches {setting.batches}")
-    # The goals are measured at 1024 px: it goes first, then T5, then the other sizes,
-    # so that a time limit cuts the least important part.
-    first, rest = setting.resolutions[:1], setting.resolutions[1:]
     with run_environment(setting):
-        bench, train_note = guarded("training", ["diffusers", "peft", "pixart_tune.training.memory"], lambda: TrainingBench(setting))
+        bench, train_note = guarded("training", [], lambda: TrainingBench(setting))
         train: list[TrainResult] = []
         if bench is not None:
-            train, train_note = guarded("training", [], lambda: bench.run(first))
-        t5, t5_note = (None, "T5 caching skipped (--skip-t5)") if args.skip_t5 else guarded(
-            "T5 caching", ["transformers", "diffusers", "sentencepiece", "pixart_tune.encoders"], lambda: t5_bench(setting)
-        )
-        if bench is not None and rest and not train_note:
-            more, train_note = guarded("training", [], lambda: bench.run(rest))
-            train = [*(train or []), *(more or [])]
-        train = sorted(train or [], key=lambda r: (r.resolution, r.batch, r.checkpointing))
-    text = report(setting, train or [], train_note, t5, t5_note, time.monotonic() - start)
+            train, train_note = guarded("training", [], lambda: bench.run(setting.resolutions))
+        train = sorted(train or [], key=lambda r: (r.variant.name != "base", r.resolution, r.batch, r.checkpointing))
+        free_memory(setting.device)
+    # T5 last, in its own process: capped in time, and its memory leaves with it.
+    t5, t5_note = None, "T5 caching skipped (--skip-t5)"
+    if not args.skip_t5:
+        t5, t5_note = t5_in_subprocess(argv, setting.t5_cap), ""
+    seconds = time.monotonic() - start
+    text = report(setting, train, train_note, t5, t5_note, seconds)
+    json_path = args.json or (args.out.with_suffix(".json") if args.out else None)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text, encoding="utf-8")
         log(f"report written to {args.out}")
     else:
         print(text, flush=True)
-    print(summary(setting, train or []), file=sys.stderr if not args.out else sys.stdout, flush=True)
-    failed = bool(train_note) or any(r.status.startswith("error") for r in train or []) or (t5 is not None and t5.status.startswith("error"))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(raw_numbers(setting, train, t5, seconds), indent=1), encoding="utf-8")
+        log(f"raw numbers written to {json_path}")
+    print(summary(setting, train), file=sys.stderr if not args.out else sys.stdout, flush=True)
+    failed = bool(train_note) or any(r.status.startswith("error") for r in train) or (t5 is not None and t5.status.startswith("error"))
     return 1 if failed else 0
 
 

@@ -1,8 +1,16 @@
-"""The GPU check's T5-XXL caching section: prompts/s of prepare's own text encoder."""
+"""The GPU check's T5-XXL caching section: prompts/s of prepare's own text encoder.
+
+It runs last and in a subprocess of its own (``t5_in_subprocess``): a time cap can
+stop it whatever it is doing, and the 4.7 B-parameter encoder's memory is given
+back with the process instead of lingering into other peaks.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -27,6 +35,27 @@ class T5Result:
     @property
     def prompts_per_s(self) -> float | None:
         return self.prompts / self.seconds if self.seconds else None
+
+
+def t5_in_subprocess(argv: list[str], cap: float) -> T5Result:
+    """Runs ``gpu_check.py ARGV --t5-only`` and reads its result; after ``cap`` seconds it is killed."""
+    script = Path(__file__).resolve().parent / "gpu_check.py"
+    with tempfile.TemporaryDirectory(prefix="gpu_check_t5_") as folder:
+        out = Path(folder) / "t5.json"
+        log(f"[t5] in a subprocess, capped at {cap:.0f} s ...")
+        try:
+            # stderr passes through: its progress lines land in the log as they come.
+            process = subprocess.run([sys.executable, str(script), *argv, "--t5-only", "--t5-json", str(out)],
+                                     stdout=subprocess.DEVNULL, timeout=max(cap, 1.0))
+        except subprocess.TimeoutExpired:
+            return T5Result(status=f"skipped (time cap {cap:.0f} s reached)")
+        if not out.exists():
+            return T5Result(status=f"error (subprocess exited {process.returncode} without a result)")
+        return T5Result(**json.loads(out.read_text(encoding="utf-8")))
+
+
+def write_result(result: T5Result, path: Path) -> None:
+    path.write_text(json.dumps(dataclasses.asdict(result)), encoding="utf-8")
 
 
 def t5_bench(setting: Setting) -> T5Result:
