@@ -254,10 +254,11 @@ class TrainConfig:
     """Seeds the LoRA's initial weights, the data order, noise, timesteps and caption dropout."""
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Precision of the frozen base model; the LoRA weights are always fp32."""
-    gradient_checkpointing: bool | int = True
+    gradient_checkpointing: bool | int | Literal["auto"] = True
     """Recompute blocks' activations in backward instead of keeping them: true = every
     block (far less memory, ~30% slower), false = none, k = every k-th block (blocks
-    0, k, 2k, ...: memory and time in between)."""
+    0, k, 2k, ...: memory and time in between), auto = the least recomputation that
+    ``pixart-tune plan`` predicts fits memory_budget_gb at this batch size."""
     lora_compute_dtype: Literal["fp32", "base"] = "fp32"
     """Where the LoRA branch multiplies: fp32 (PEFT's way: the layer input is cast to
     fp32) or base (in the base model's dtype; the LoRA weights, their gradients and the
@@ -300,7 +301,7 @@ class TrainConfig:
             ) from None
         if self.resolution is not None and self.resolution not in RESOLUTIONS:
             raise ValueError(f"resolution must be one of {', '.join(map(str, RESOLUTIONS))}, got {self.resolution}")
-        if not isinstance(self.gradient_checkpointing, bool) and self.gradient_checkpointing < 1:
+        if not isinstance(self.gradient_checkpointing, (bool, str)) and self.gradient_checkpointing < 1:
             raise ValueError(f"gradient_checkpointing must be true, false or a block interval k >= 1, got {self.gradient_checkpointing}")
         if self.lora_compute_dtype == "base" and (self.lora.type != "lora" or self.lora.dora):
             raise ValueError("lora_compute_dtype=base runs plain LoRA only (lora.type=lora, lora.dora=false); use lora_compute_dtype=fp32")

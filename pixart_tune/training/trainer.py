@@ -178,7 +178,8 @@ class Trainer:
         inject_lora(transformer, self.lora)
         if config.init_adapter is not None:
             self._load_init_adapter(transformer, config.init_adapter)
-        self.checkpointed_blocks = speed.enable_checkpointing(transformer, config.gradient_checkpointing)
+        checkpointing = self._checkpointing()
+        self.checkpointed_blocks = speed.enable_checkpointing(transformer, checkpointing)
         if config.lora_compute_dtype == "base":
             set_lora_compute_dtype(transformer, self.dtype)
         transformer.train()
@@ -189,6 +190,20 @@ class Trainer:
         self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
         self.num_timesteps = self.noise_scheduler.config.num_train_timesteps
         self.latent_channels = manifest.latent_channels
+
+    def _checkpointing(self) -> speed.CheckpointSetting:
+        """The recipe's gradient checkpointing; ``auto`` is what plan predicts fits memory_budget_gb."""
+        from pixart_tune.training.autoplan import describe, resolve_auto
+        from pixart_tune.training.memory import resolution_of
+
+        resolved, choice = resolve_auto(self.config, resolution_of(self.config))
+        if choice is not None:
+            verdict = "fits" if choice.fits else "does not fit even so"
+            logger.info(
+                "gradient_checkpointing auto: %s (predicted peak %.1f GiB, %s the %g GiB budget)",
+                describe(choice.checkpointing), choice.plan.peak_gib, verdict, self.config.memory_budget_gb,
+            )
+        return resolved.gradient_checkpointing
 
     def _load_init_adapter(self, transformer: torch.nn.Module, path: Path) -> None:
         load_into(
