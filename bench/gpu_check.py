@@ -22,6 +22,9 @@ real-size XL-2 architecture, randomly initialised in bf16 (no weights needed).
   meta device: 15.66 TFLOP per 1024 px sample) and HFU (the recomputed forward
   counted); ``pixart-tune plan`` beside it. An OOM or error is recorded and the
   rest go on; no row starts within ``row_budget`` of ``--time-limit``.
+* **Through the Trainer**, the last training row: ``pixart-tune train`` itself
+  (dataloader, accelerate, the loop) on a random prepared dataset at the goal's size,
+  ``gradient_checkpointing: auto`` and bf16 LoRA, capped at 24 GB (``bench/gpu_trainer.py``).
 * **T5-XXL caching**, last, in a subprocess capped at ``--t5-cap`` seconds: the
   T5 v1.1 XXL encoder (random init) through ``prepare``'s loader, 8-bit when
   bitsandbytes runs, 300-token prompts in batches of 32: prompts/s.
@@ -92,6 +95,7 @@ from bench.gpu_env import (  # noqa: E402
     synchronize,
 )
 from bench.gpu_t5 import t5_bench, t5_in_subprocess, write_result  # noqa: E402
+from bench.gpu_trainer import ROW_BUDGET_S, run_trainer_row  # noqa: E402
 
 
 # --- training ------------------------------------------------------------------------
@@ -477,7 +481,12 @@ def main(argv: list[str] | None = None) -> int:
         bench, train_note = guarded("training", [], lambda: TrainingBench(setting))
         train: list[TrainResult] = []
         if bench is not None:
+            # The grid stops early enough to leave the Trainer row its time.
+            bench.setting = dataclasses.replace(setting, deadline=setting.deadline - (0.0 if setting.tiny else ROW_BUDGET_S))
             train, train_note = guarded("training", [], lambda: bench.run(setting.resolutions))
+            # Last training row: `pixart-tune train` itself (dataloader, accelerate) at the goal's size.
+            row, note = guarded("Trainer row", [], lambda: run_trainer_row(setting, bench, setting.resolutions[0], max(setting.batches)))
+            train, train_note = [*(train or []), *([row] if row is not None else [])], "; ".join(n for n in (train_note, note) if n)
         train = sorted(train or [], key=lambda r: (r.variant.name != "base", r.resolution, r.batch, r.checkpointing))
         free_memory(setting.device)
     # T5 last, in its own process: capped in time, and its memory leaves with it.

@@ -188,7 +188,7 @@ def is_oom(error: BaseException) -> bool:
 
 REQUIRED = ("numpy", "psutil", "yaml", "PIL", "regex", "requests", "huggingface_hub", "safetensors", "tokenizers",
             "sentencepiece", "transformers", "diffusers", "peft", "accelerate", "pixart_tune.training.memory",
-            "pixart_tune.encoders", "bench.common")
+            "pixart_tune.encoders", "pixart_tune.training.trainer", "bench.common")
 """Every module the check imports (each pulls in its own dependencies)."""
 MIN_FREE_GIB = 30.0
 """Free device memory the full check needs (2048 px batch 4 without a cap)."""

@@ -105,12 +105,17 @@ def test_checkpointing_recompute_is_the_forward_flops():
 
 
 def test_tiny_mode_records_every_figure_of_a_row(tmp_path):
-    """``--tiny`` end to end on the CPU: base rows, the three variants (compile through dynamo), T5 in its subprocess, JSON."""
+    """``--tiny`` end to end on the CPU: base rows, the three variants (compile through dynamo), the Trainer row, T5 in its subprocess, JSON."""
     out = tmp_path / "report.md"
     assert gpu_check.main(["--tiny", "--only", "256", "--batches", "1", "--out", str(out), "--t5-prompts", "4"]) == 0
     raw = json.loads(out.with_suffix(".json").read_text())
     rows = {(r["variant"]["name"], r["checkpointing"]): r for r in raw["train"]}
-    assert set(rows) == {("base", False), ("base", True), ("bf16 LoRA", False), ("fused AdamW", False), ("bf16 LoRA + compile", False)}
+    assert set(rows) == {("base", False), ("base", True), ("bf16 LoRA", False), ("fused AdamW", False), ("bf16 LoRA + compile", False),
+                         ("through Trainer", False)}
+    # The last training row runs `pixart-tune train`'s own loop (dataloader, accelerate) on a random prepared dataset.
+    trainer = raw["train"][-1]
+    assert trainer["variant"]["name"] == "through Trainer" and trainer["status"] == "ok" and trainer["samples_per_s"] > 0
+    assert trainer["resolution"] == 256 and trainer["plan_total"] is not None
     for (name, checkpointing), row in rows.items():
         assert row["status"] == "ok", row
         assert len(row["host_seconds"]) == len(row["step_seconds"]) == raw["steps"] and row["samples_per_s"] > 0
@@ -123,7 +128,7 @@ def test_tiny_mode_records_every_figure_of_a_row(tmp_path):
     assert rows[("fused AdamW", False)]["optimizer"] == "adamw_fused"
     assert raw["t5"]["status"] == "ok" and raw["t5"]["prompts"] == 4
     text = out.read_text()
-    assert "## Training variants" in text and "| bf16 LoRA + compile |" in text and "SDPA calls per step" in text
+    assert "## Training variants" in text and "| bf16 LoRA + compile |" in text and "| through Trainer" in text and "SDPA calls per step" in text
 
 
 @pytest.mark.slow
@@ -131,4 +136,4 @@ def test_tiny_mode_records_every_figure_of_a_row(tmp_path):
 def test_full_preflight_from_the_wheels_alone(tmp_path):
     wheels = Path(os.environ["PIXART_GPU_PREFLIGHT_WHEELS"])
     assert gpu_preflight.main([str(wheels), "--venv", str(tmp_path / "venv")]) == 0
-    assert "7 of 7 training configurations ran" in (tmp_path / "report.md").read_text()
+    assert "8 of 8 training configurations ran" in (tmp_path / "report.md").read_text()
