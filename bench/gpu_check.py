@@ -85,10 +85,11 @@ from bench.gpu_env import (  # noqa: E402
     device_name,
     environment_problems,
     free_memory,
-    is_oom,
+    is_oom,  # noqa: F401  (part of the check's interface: tests call gpu_check.is_oom)
     library_versions,
     log,
     raw_numbers,
+    record_failure,
     record_sdpa,
     report,
     summary,
@@ -303,13 +304,7 @@ class TrainingBench:
                 outside = total - free - torch.cuda.memory_reserved(device)
                 result.process_peak = (outside + torch.cuda.max_memory_reserved(device)) / GIB
         except Exception as error:
-            if is_oom(error):
-                result.status = "OOM"
-            else:
-                log(traceback.format_exc())
-                result.status = f"error ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''})"
-            if device.type == "cuda":
-                result.peak_allocated = torch.cuda.max_memory_allocated(device) / GIB
+            record_failure(result, error, device)
         finally:
             optimizer = None  # its state is freed with the gradients below
             for p in transformer.parameters():

@@ -8,6 +8,7 @@ import gc
 import importlib
 import sys
 import time
+import traceback
 from typing import Any
 
 import torch
@@ -182,6 +183,18 @@ def free_memory(device: torch.device) -> None:
 def is_oom(error: BaseException) -> bool:
     oom = getattr(torch.cuda, "OutOfMemoryError", ())
     return (oom and isinstance(error, oom)) or "out of memory" in str(error).lower()
+
+
+def record_failure(result: Any, error: BaseException, device: torch.device) -> None:
+    """A failed row's status (OOM, or the error's first line with its traceback logged) and its peak so far."""
+    if is_oom(error):
+        result.status = "OOM"
+    else:
+        log(traceback.format_exc())
+        first = str(error).splitlines()[0][:120] if str(error) else ""
+        result.status = f"error ({type(error).__name__}: {first})"
+    if device.type == "cuda":
+        result.peak_allocated = torch.cuda.max_memory_allocated(device) / GIB
 
 
 # --- what must be there before any GPU time is spent ----------------------------------

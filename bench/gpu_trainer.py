@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from bench.gpu_env import DTYPE_NAMES, GIB, RANK, TOKENS, TrainResult, Variant, free_memory, is_oom, log, record_sdpa, synchronize
+from bench.gpu_env import DTYPE_NAMES, GIB, TOKENS, TrainResult, Variant, free_memory, log, record_failure, record_sdpa, synchronize
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "style_lora_1024_24gb.yaml"
@@ -131,13 +131,7 @@ def run_trainer_row(setting, bench, resolution: int, batch: int) -> TrainResult:
         try:
             _measure(setting, bench, work, result)
         except Exception as error:
-            if is_oom(error):
-                result.status = "OOM"
-            else:
-                log(traceback.format_exc())
-                result.status = f"error ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''})"
-            if device.type == "cuda":
-                result.peak_allocated = torch.cuda.max_memory_allocated(device) / GIB
+            record_failure(result, error, device)
         finally:
             free_memory(device)
             if result.cap_gib is not None:
