@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from typing import Callable
 
@@ -65,11 +66,10 @@ def compile_unavailable(device: torch.device) -> str | None:
     """None when ``torch.compile`` can build kernels for ``device`` here, else the reason."""
     if device.type == "cpu" and shutil.which("cc") is None and shutil.which("gcc") is None:
         return "torch.compile on the CPU needs a C compiler (cc or gcc) on PATH, and none was found"
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401  (inductor's GPU code generator)
-        except ImportError:
-            return "torch.compile on a GPU needs triton, which is not installed"
+    # triton (inductor's GPU code generator) comes with CUDA builds of torch, not as a
+    # dependency of this project: looked up, not imported.
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "torch.compile on a GPU needs triton, which is not installed"
     return None
 
 
