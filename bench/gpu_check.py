@@ -90,6 +90,7 @@ from bench.gpu_env import (  # noqa: E402
     log,
     raw_numbers,
     record_failure,
+    record_plan,
     record_sdpa,
     report,
     summary,
@@ -194,7 +195,7 @@ class TrainingBench:
         """``pixart-tune plan`` for the same settings (left empty, and said, if it fails)."""
         from pixart_tune.adapters.lora import LoraSettings
         from pixart_tune.training.config import OptimSection, TrainConfig
-        from pixart_tune.training.memory import CONTEXT_RESERVE_GIB, plan_memory
+        from pixart_tune.training.memory import plan_memory
 
         config = TrainConfig(
             model="PixArt-Sigma-XL-2 (random init)", dtype=DTYPE_NAMES[self.dtype], gradient_checkpointing=result.checkpointing,
@@ -206,10 +207,7 @@ class TrainingBench:
         except Exception:
             log(traceback.format_exc())
             return
-        # What torch's allocator itself holds: the plan less its CUDA context and fragmentation.
-        fragmentation = sum(size for name, size in plan.rows if name.startswith("allocator fragmentation"))
-        result.plan_total = plan.total_bytes / GIB
-        result.plan_allocated = (plan.total_bytes - CONTEXT_RESERVE_GIB * GIB - fragmentation) / GIB
+        record_plan(result, plan)
 
     def inputs(self, config, resolution: int, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A cached batch as the trainer gets it: fp32 latents, bf16 300-token embeddings, mask."""

@@ -185,6 +185,15 @@ def is_oom(error: BaseException) -> bool:
     return (oom and isinstance(error, oom)) or "out of memory" in str(error).lower()
 
 
+def record_plan(result: Any, plan: Any) -> None:
+    """The plan's predicted peak, and what torch's allocator itself holds: the plan less its CUDA context and fragmentation."""
+    from pixart_tune.training.memory import CONTEXT_RESERVE_GIB
+
+    fragmentation = sum(size for name, size in plan.rows if name.startswith("allocator fragmentation"))
+    result.plan_total = plan.total_bytes / GIB
+    result.plan_allocated = (plan.total_bytes - CONTEXT_RESERVE_GIB * GIB - fragmentation) / GIB
+
+
 def record_failure(result: Any, error: BaseException, device: torch.device) -> None:
     """A failed row's status (OOM, or the error's first line with its traceback logged) and its peak so far."""
     if is_oom(error):

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from bench.gpu_env import DTYPE_NAMES, GIB, TOKENS, TrainResult, Variant, free_memory, log, record_failure, record_sdpa, synchronize
+from bench.gpu_env import DTYPE_NAMES, GIB, TOKENS, TrainResult, Variant, free_memory, log, record_failure, record_plan, record_sdpa, synchronize
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "style_lora_1024_24gb.yaml"
@@ -208,7 +208,7 @@ def _measure(setting, bench, work: Path, result: TrainResult) -> None:
 def _plan(config, resolution: int, transformer_config: dict, result: TrainResult) -> None:
     """What ``gradient_checkpointing: auto`` chooses and ``plan`` predicts for it (left empty, and said, if it fails)."""
     from pixart_tune.training.autoplan import resolve_auto
-    from pixart_tune.training.memory import CONTEXT_RESERVE_GIB, plan_memory
+    from pixart_tune.training.memory import plan_memory
 
     try:
         resolved, _ = resolve_auto(config, resolution)
@@ -216,9 +216,7 @@ def _plan(config, resolution: int, transformer_config: dict, result: TrainResult
     except Exception:
         log(traceback.format_exc())
         return
-    fragmentation = sum(size for name, size in plan.rows if name.startswith("allocator fragmentation"))
-    result.plan_total = plan.total_bytes / GIB
-    result.plan_allocated = (plan.total_bytes - CONTEXT_RESERVE_GIB * GIB - fragmentation) / GIB
+    record_plan(result, plan)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from pixart_tune.errors import UserError
+from pixart_tune.fsutil import file_kind
 
 
 def finite_scale(scale: float, path: str) -> None:
@@ -29,8 +30,7 @@ def regular_file(path: Path) -> None:
     """Refuses a path that is not a regular file (a FIFO would block the read forever, a device never end)."""
     mode = path.stat().st_mode
     if not stat.S_ISREG(mode):
-        what = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
-        raise UserError(f"{path} is {what}; pass an adapter folder or a regular .safetensors file")
+        raise UserError(f"{path} is {file_kind(mode)}; pass an adapter folder or a regular .safetensors file")
 
 
 def _bad_tensor(tensor: torch.Tensor) -> str | None:

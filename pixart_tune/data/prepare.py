@@ -197,6 +197,8 @@ class _Run:
         self.captioner = None
         self.latent_fingerprint = content_key(component_fingerprint(config.model, "vae"), config.vae_dtype)
         self.captioner_fingerprint = ""
+        self.text_fingerprint = ""
+        """The T5's fingerprint, read when the captions are encoded (the manifest records it)."""
         if self.captioner_enabled:
             # A local captioner is known by its files, a hub one by its name.
             weights = component_fingerprint(config.captioner, "") if Path(config.captioner).is_dir() else config.captioner
@@ -365,7 +367,8 @@ class _Run:
         config = self.config
         dtype = self.config.text_torch_dtype(self.device)
         text = TextEncoder(config.model, self.device, dtype, config.text_8bit, config.max_tokens)
-        fingerprint = content_key(component_fingerprint(config.model, "text_encoder"), component_fingerprint(config.model, "tokenizer"), str(dtype), f"8bit={models.text_encoder_in_8bit(config.text_8bit, self.device)}", str(config.max_tokens))
+        self.text_fingerprint = component_fingerprint(config.model, "text_encoder")  # also recorded in the manifest
+        fingerprint = content_key(self.text_fingerprint, component_fingerprint(config.model, "tokenizer"), str(dtype), f"8bit={models.text_encoder_in_8bit(config.text_8bit, self.device)}", str(config.max_tokens))
         # Composing can make two variants equal ("dog" and "sks, dog" under trigger sks): keep one.
         finals = {item.index: distinct([compose(c, config.trigger, config.prefix, config.suffix) for c in item.captions or [""]]) or [""] for item in self.accepted}
         unique = sorted({c for captions in finals.values() for c in captions} | {""})
@@ -436,7 +439,7 @@ def _prepare(config: PrepareConfig, source: str, out: Path) -> dict[str, Any]:
                 vae_scaling_factor=_vae_scaling_factor(config.model),
                 empty_text_key=empty_key,
                 items=items,
-                text_encoder=component_fingerprint(config.model, "text_encoder"),
+                text_encoder=run.text_fingerprint,
             )
         )
     seconds = time.perf_counter() - start

@@ -193,16 +193,17 @@ class Trainer:
 
     def _checkpointing(self) -> speed.CheckpointSetting:
         """The recipe's gradient checkpointing; ``auto`` is what plan predicts fits memory_budget_gb."""
+        if self.config.gradient_checkpointing != "auto":
+            return self.config.gradient_checkpointing
         from pixart_tune.training.autoplan import describe, resolve_auto
         from pixart_tune.training.memory import resolution_of
 
         resolved, choice = resolve_auto(self.config, resolution_of(self.config))
-        if choice is not None:
-            verdict = "fits" if choice.fits else "does not fit even so"
-            logger.info(
-                "gradient_checkpointing auto: %s (predicted peak %.1f GiB, %s the %g GiB budget)",
-                describe(choice.checkpointing), choice.plan.peak_gib, verdict, self.config.memory_budget_gb,
-            )
+        verdict = "fits" if choice.fits else "does not fit even so"
+        logger.info(
+            "gradient_checkpointing auto: %s (predicted peak %.1f GiB, %s the %g GiB budget)",
+            describe(choice.checkpointing), choice.plan.peak_gib, verdict, self.config.memory_budget_gb,
+        )
         return resolved.gradient_checkpointing
 
     def _load_init_adapter(self, transformer: torch.nn.Module, path: Path) -> None:
