@@ -261,6 +261,9 @@ class Trainer:
             )
         if self.resume and self.is_main:
             ckpt.remove_stale(out)
+        # Every process checks before the main one writes anything (_create_output):
+        # a slower rank would otherwise find the main one's config.yaml and refuse.
+        self.accelerator.wait_for_everyone()
 
     def _create_output(self) -> None:
         """output_dir with the resolved recipe (config.yaml) and the TensorBoard log."""
