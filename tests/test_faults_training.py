@@ -44,7 +44,7 @@ class Ctx:
 
     def train(self, *overrides: str, resume: str | None = None, data: Path | None = None) -> list[str]:
         base = [
-            f"model={self.model}", f"data.path={data or self.data}", f"output_dir={self.out}", "logging.tensorboard=false",
+            f"model={self.model}", f"data.path={data or self.data}", f"output_dir={self.out}", "logging.report_to=[]",
             "validation.prompts=[]", "schedule.steps=2", "checkpoint.every=1", "logging.every=1",
         ]
         return ["train", "--no-progress", *(["--resume", resume] if resume else []), str(TINY_RECIPE), *base, *overrides]

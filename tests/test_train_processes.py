@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 
 def _cli_args(model, data, out, *extra):
-    return [f"model={model}", f"data.path={data}", f"output_dir={out}", "logging.tensorboard=false", "validation.prompts=[]", *extra]
+    return [f"model={model}", f"data.path={data}", f"output_dir={out}", "logging.report_to=[]", "validation.prompts=[]", *extra]
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ VALIDATION = ["validation.every=2", f"validation.prompts={PROMPTS}", f"validatio
 @pytest.fixture(scope="module")
 def validated(tiny_model, red_dataset, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("validated") / "run"
-    run(tiny_config(tiny_model, red_dataset, out, *VALIDATION, "logging.tensorboard=true"), progress=False)
+    run(tiny_config(tiny_model, red_dataset, out, *VALIDATION, "logging.report_to=[tensorboard]"), progress=False)
     return out
 
 
@@ -74,7 +74,7 @@ def test_the_end_of_training_says_what_it_draws_and_lists_its_files(tiny_model, 
     from tests.training_fixtures import TINY_RECIPE
 
     out = tmp_path / "run"
-    overrides = [f"model={tiny_model}", f"data.path={red_dataset}", f"output_dir={out}", "logging.tensorboard=false",
+    overrides = [f"model={tiny_model}", f"data.path={red_dataset}", f"output_dir={out}", "logging.report_to=[]",
                  f"validation.prompts={PROMPTS}", f"validation.seeds={SEEDS}", "validation.steps=2", "validation.every=0",
                  "schedule.steps=2", "schedule.warmup_steps=0", "checkpoint.every=1"]
     with caplog.at_level("INFO", logger="pixart_tune"):

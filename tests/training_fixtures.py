@@ -70,7 +70,7 @@ def tiny_config(model: str, data: Path, out: Path, *overrides: str) -> TrainConf
         f"model={model}",
         f"data.path={data}",
         f"output_dir={out}",
-        "logging.tensorboard=false",
+        "logging.report_to=[]",
         "validation.prompts=[]",
     ]
     return load_train_config(TINY_RECIPE, [*base, *overrides])

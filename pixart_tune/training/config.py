@@ -19,7 +19,12 @@ from pixart_tune.config import load_config
 from pixart_tune.errors import UserError
 
 # Optimizer names this toolkit builds (see pixart_tune.training.optim).
-OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "adamw", "adamw_fused", "lion8bit", "lion", "adafactor", "sgd")
+OPTIMIZERS = (
+    "adamw8bit", "paged_adamw8bit", "adamw", "adamw_fused", "lion8bit", "lion", "adafactor", "sgd", "prodigy", "adamw_schedulefree",
+)
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "range")
+LOSS_WEIGHTING = ("none", "min_snr", "soft_min_snr", "debiased", "p2")
+TRACKERS = ("tensorboard", "wandb")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 SEED_LIMIT = 2**32
 """Seeds run from 0 to 2**32 - 1: numpy, which the training seed also seeds, takes no others."""
@@ -43,11 +48,27 @@ class ExtraDataset:
     ``data.path``; it may be prepared at another resolution."""
     repeats: int = 1
     """Times each of its images appears per epoch: balances a small set against a
-    large one (10 subject images x 10 against 100 class images x 1)."""
+    large one (10 subject images x 10 against 100 class images x 1). Not used with
+    kind: class, whose share is ``ratio``."""
+    kind: Literal["instance", "class"] = "instance"
+    """instance: more training images. class: prior-preservation images of the
+    subject's class (made by the base model), drawn at ``ratio`` and weighted by
+    ``loss_weight``, so the class keeps its look while the subject is learned."""
+    loss_weight: float = 1.0
+    """Weight of this dataset's samples in the loss (kohya's prior_loss_weight for a
+    class dataset; 1.0 is usual)."""
+    ratio: float = 1.0
+    """kind: class only: class samples per instance sample in an epoch (1.0 = as many
+    as the other datasets together, kohya's balance). Batches mix the two evenly
+    within each aspect bucket; the class images are cycled through across epochs."""
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
             raise ValueError(f"repeats must be at least 1, got {self.repeats}")
+        if not 0.0 <= self.loss_weight <= 100.0:
+            raise ValueError(f"loss_weight must be in [0, 100], got {self.loss_weight}")
+        if not 0.0 < self.ratio <= 10.0:
+            raise ValueError(f"ratio must be in (0, 10], got {self.ratio}")
 
 
 @dataclasses.dataclass
@@ -70,12 +91,35 @@ class DataSection:
     """DataLoader worker processes reading the cache (0 reads in the training process)."""
     drop_last: bool = False
     """Drop a bucket's last, smaller batch (keeps the batch size constant)."""
+    loss_weight: float = 1.0
+    """Weight of the main dataset's samples in the loss."""
+    mask_floor: float = 0.1
+    """Masked loss (images prepared with masks): the loss weight of pixels outside the
+    mask, 0 to 1. 0 trains only inside the mask; a little weight outside (OneTrainer
+    uses 0.1) keeps the model from forgetting backgrounds. Images without a mask
+    weigh every pixel 1."""
+    eval_fraction: float = 0.0
+    """Hold out this fraction of the main dataset's images (chosen by content, so the
+    same images whatever the order) for the evaluation loss; they are not trained on."""
+    eval: Path | None = None
+    """A prepared dataset to measure the evaluation loss on instead (same model as
+    data.path); exclusive with eval_fraction."""
 
     def __post_init__(self) -> None:
         _at_least("data", 1, batch_size=self.batch_size, repeats=self.repeats)
         _at_least("data", 0, num_workers=self.num_workers)
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not 0.0 <= self.loss_weight <= 100.0:
+            raise ValueError(f"data.loss_weight must be in [0, 100], got {self.loss_weight}")
+        if not 0.0 <= self.mask_floor <= 1.0:
+            raise ValueError(f"data.mask_floor must be in [0, 1], got {self.mask_floor}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_fraction and self.eval is not None:
+            raise ValueError("data.eval_fraction and data.eval both name an evaluation set; set one of them")
+        if sum(extra.kind == "class" for extra in self.extra) > 1:
+            raise ValueError("data.extra lists more than one dataset of kind: class; prepare the class images as one dataset")
         self._check_distinct()
 
     def _check_distinct(self) -> None:
@@ -98,6 +142,12 @@ class DataSection:
             return []
         return [(self.path, self.repeats)] + [(extra.path, extra.repeats) for extra in self.extra]
 
+    def datasets(self) -> list[ExtraDataset]:
+        """Every dataset with its kind, weight and ratio, the main one first."""
+        if self.path is None:
+            return []
+        return [ExtraDataset(self.path, self.repeats, loss_weight=self.loss_weight), *self.extra]
+
 
 def _same_folder(path: Path) -> Path:
     # resolve() follows symlinks and needs no folder to exist yet (a recipe is
@@ -106,18 +156,74 @@ def _same_folder(path: Path) -> Path:
 
 
 @dataclasses.dataclass
+class TimestepSection:
+    sampling: str = "uniform"
+    """How training timesteps are drawn: uniform (PixArt's own training), logit_normal
+    (t/T = sigmoid(N(mean, std)): more of the middle timesteps, as SD3 trains) or
+    range (only, or more often, the timesteps in ``range``)."""
+    mean: float = 0.0
+    """logit_normal: mean of the normal before the sigmoid (negative favours low noise)."""
+    std: float = 1.0
+    """logit_normal: standard deviation of the normal before the sigmoid."""
+    range: tuple[int, int] | None = None
+    """range: [min, max] timesteps, both included, in 0 .. num_train_timesteps - 1
+    (for example [0, 399] for a detail-stage model, [400, 999] for a composition one)."""
+    range_bias: float | None = None
+    """range: null draws only from ``range``; a number b makes each timestep in it b
+    times as likely as one outside (b > 1 favours the range, b < 1 avoids it)."""
+
+    def __post_init__(self) -> None:
+        if self.sampling not in TIMESTEP_SAMPLING:
+            raise ValueError(f"diffusion.timesteps.sampling {self.sampling!r} is not one of {', '.join(TIMESTEP_SAMPLING)}")
+        if self.std <= 0:
+            raise ValueError(f"diffusion.timesteps.std must be positive, got {self.std}")
+        if self.sampling == "range" and self.range is None:
+            raise ValueError("diffusion.timesteps.sampling=range needs diffusion.timesteps.range: [min, max]")
+        if self.range is not None and not 0 <= self.range[0] <= self.range[1]:
+            raise ValueError(f"diffusion.timesteps.range must be [min, max] with 0 <= min <= max, got {list(self.range)}")
+        if self.range_bias is not None and self.range_bias <= 0:
+            raise ValueError(f"diffusion.timesteps.range_bias must be positive or null, got {self.range_bias}")
+
+
+@dataclasses.dataclass
 class DiffusionSection:
+    weighting: str | None = None
+    """Per-timestep loss weight: none, min_snr (Hang et al. 2023), soft_min_snr
+    (Crowson et al. 2024), debiased (Yu et al. 2024) or p2 (Choi et al. 2022); see
+    docs/training.md. null = min_snr when min_snr_gamma is set, else none."""
     min_snr_gamma: float | None = None
-    """Min-SNR-gamma loss weighting (5.0 is the paper's value); null = plain MSE."""
+    """Gamma of min_snr and soft_min_snr (5.0 is the paper's value); setting it alone
+    turns min_snr on."""
+    p2_k: float = 1.0
+    """p2: the k of 1 / (k + SNR)^gamma (1 in the paper)."""
+    p2_gamma: float = 1.0
+    """p2: the gamma of 1 / (k + SNR)^gamma (0.5 or 1 in the paper; 0 = no weighting)."""
     noise_offset: float = 0.0
     """Adds offset * N(0, 1) per sample and channel to the noise (darker darks,
     brighter brights); 0.05-0.1 is usual, 0 disables it."""
+    timesteps: TimestepSection = dataclasses.field(default_factory=TimestepSection)
 
     def __post_init__(self) -> None:
+        if self.weighting is not None and self.weighting not in LOSS_WEIGHTING:
+            raise ValueError(f"diffusion.weighting {self.weighting!r} is not one of {', '.join(LOSS_WEIGHTING)}")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             raise ValueError(f"diffusion.min_snr_gamma must be positive or null, got {self.min_snr_gamma}")
+        if self.p2_k <= 0 or self.p2_gamma < 0:
+            raise ValueError(f"diffusion.p2_k must be positive and diffusion.p2_gamma >= 0, got {self.p2_k} and {self.p2_gamma}")
         if self.noise_offset < 0:
             raise ValueError(f"diffusion.noise_offset must be >= 0, got {self.noise_offset}")
+
+    @property
+    def loss_weighting(self) -> str:
+        """The weighting in force (``weighting``, or what ``min_snr_gamma`` alone implies)."""
+        if self.weighting is not None:
+            return self.weighting
+        return "min_snr" if self.min_snr_gamma is not None else "none"
+
+    @property
+    def gamma(self) -> float:
+        """The SNR gamma of min_snr / soft_min_snr (5.0 when not set)."""
+        return self.min_snr_gamma if self.min_snr_gamma is not None else 5.0
 
 
 @dataclasses.dataclass
@@ -125,7 +231,9 @@ class OptimSection:
     name: str = "adamw8bit"
     """One of adamw8bit (default: fits 24 GB), paged_adamw8bit, adamw, adamw_fused
     (PyTorch's fused AdamW kernel on every device, the CPU included), lion8bit, lion,
-    adafactor, sgd."""
+    adafactor, sgd, prodigy (finds its own step size: set lr 1.0; the ``prodigy``
+    extra) and adamw_schedulefree (no LR decay needed: keep lr_scheduler constant;
+    the ``schedulefree`` extra)."""
     lr: float = 1e-4
     """Peak learning rate."""
     weight_decay: float = 1e-2
@@ -139,6 +247,8 @@ class OptimSection:
     LoRA (few, freshly initialised weights whose gradient norm is far above that)
     turns every step into a fixed-length step and learns slowly; 1.0 is the usual
     LoRA value. null disables clipping."""
+    d_coef: float = 1.0
+    """prodigy only: scales the step size Prodigy estimates (below 1 for a gentler LoRA)."""
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -153,6 +263,8 @@ class OptimSection:
             raise ValueError(f"optim.betas must be in [0, 1), got {self.betas}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"optim.max_grad_norm must be positive or null, got {self.max_grad_norm}")
+        if self.d_coef <= 0:
+            raise ValueError(f"optim.d_coef must be positive, got {self.d_coef}")
 
 
 @dataclasses.dataclass
@@ -212,6 +324,10 @@ class ValidationSection:
     base: bool = True
     """Also render the same prompts and seeds once without the adapter, to
     samples/base.png, so each step's grid can be held against the base model."""
+    clip_model: str | None = None
+    """A CLIP model (folder or hub id, e.g. openai/clip-vit-large-patch14) to score
+    each validation image against its prompt (CLIP score, 0-100), logged per
+    validation; null = no score."""
 
     def __post_init__(self) -> None:
         _at_least("validation", 0, every=self.every)
@@ -232,15 +348,61 @@ class ValidationSection:
 
 
 @dataclasses.dataclass
+class EmaSection:
+    enabled: bool = False
+    """Keep an exponential moving average of the LoRA weights (an fp32 shadow copy),
+    validate with it and save it as the adapter (the raw weights go to adapter_raw/)."""
+    decay: float = 0.999
+    """shadow = decay * shadow + (1 - decay) * weights at each update; the average
+    spans about 1 / (1 - decay) updates."""
+    start_step: int = 0
+    """Updates begin after this optimizer step; until then the shadow copies the weights."""
+    every: int = 1
+    """Update every N optimizer steps (the decay applies per update)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.decay < 1.0:
+            raise ValueError(f"ema.decay must be in (0, 1), got {self.decay}")
+        _at_least("ema", 0, start_step=self.start_step)
+        _at_least("ema", 1, every=self.every)
+
+
+@dataclasses.dataclass
+class EvaluationSection:
+    every: int = 100
+    """Measure the evaluation loss every N optimizer steps (and at the end) when the
+    recipe holds images out (data.eval_fraction or data.eval); 0 = only at the end."""
+    timesteps: list[int] = dataclasses.field(default_factory=lambda: [100, 300, 500, 700, 900])
+    """The fixed timesteps each held-out image is noised at; with fixed noise they make
+    the loss comparable across steps and runs."""
+    seed: int = 0
+    """Seeds the fixed evaluation noise (independent of the training seed)."""
+
+    def __post_init__(self) -> None:
+        _at_least("evaluation", 0, every=self.every)
+        if not self.timesteps or min(self.timesteps) < 0:
+            raise ValueError(f"evaluation.timesteps needs at least one timestep >= 0, got {self.timesteps}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"evaluation.seed must be in [0, 2**32), got {self.seed}")
+
+
+@dataclasses.dataclass
 class LoggingSection:
     every: int = 10
     """Log loss, LR, grad norm, samples/s and peak memory every N optimizer steps.
     The loss is checked for NaN at these points (and before every save)."""
-    tensorboard: bool = True
-    """Write TensorBoard logs to OUTPUT_DIR/logs."""
+    report_to: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])
+    """Trackers, through accelerate: tensorboard (OUTPUT_DIR/logs) and wandb (the
+    ``wandb`` extra; WANDB_MODE=offline logs without an account). [] logs to none;
+    loss.json and loss.png are written either way."""
+    project: str = "pixart-tune"
+    """The tracker project (wandb's project; runs are named after output_dir)."""
 
     def __post_init__(self) -> None:
         _at_least("logging", 1, every=self.every)
+        for name in self.report_to:
+            if name not in TRACKERS:
+                raise ValueError(f"logging.report_to {name!r} is not one of {', '.join(TRACKERS)}")
 
 
 @dataclasses.dataclass
@@ -285,6 +447,8 @@ class TrainConfig:
     schedule: ScheduleSection = dataclasses.field(default_factory=ScheduleSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     validation: ValidationSection = dataclasses.field(default_factory=ValidationSection)
+    ema: EmaSection = dataclasses.field(default_factory=EmaSection)
+    evaluation: EvaluationSection = dataclasses.field(default_factory=EvaluationSection)
     logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
 
     def __post_init__(self) -> None:
