@@ -12,7 +12,8 @@ from pixart_tune.models import load_noise_scheduler, load_transformer
 from pixart_tune.training import diffusion
 from pixart_tune.training.config import EvaluationSection
 from pixart_tune.training.dataset import CachedDataset
-from pixart_tune.training.evaluation import Evaluator, eval_noise, per_sample_mse, plan_pairs, split_held_out
+from pixart_tune.training.diffusion import per_sample_mse
+from pixart_tune.training.evaluation import Evaluator, eval_noise, plan_pairs, split_held_out
 from tests.training_fixtures import red_dataset  # noqa: F401  (fixture)
 
 SETTINGS = EvaluationSection(timesteps=[100, 500, 900], seed=0)

@@ -63,7 +63,7 @@ def test_extra_datasets_load_from_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["data.extra=[{path: data/class, repeat: 2}]"], r"unknown key 'data\.extra\[0\]\.repeat'; known keys here: path, repeats"),
+        (["data.extra=[{path: data/class, repeat: 2}]"], r"unknown key 'data\.extra\[0\]\.repeat'; known keys here: kind, loss_weight, path, ratio, repeats"),
         (["data.extra=[{path: a}, {path: b, repeats: 0}]"], r"data\.extra\[1\]: repeats must be at least 1, got 0"),
         (["data.extra=[{repeats: 2}]"], r"missing key 'data\.extra\[0\]\.path'"),
         (["data.extra=data/class"], r"data\.extra: expected a list"),
@@ -147,7 +147,7 @@ def test_two_datasets_train_and_the_adapter_fingerprint_covers_both(tiny_model, 
     assert header["dataset_fingerprint"] != alone_header["dataset_fingerprint"]
     assert len(header["dataset_fingerprint"]) == 32
     assert json.loads(header["resolution"]) == 256
-    extra = [{"path": str(blue_dataset), "repeats": 2}]
+    extra = [{"path": str(blue_dataset), "repeats": 2, "kind": "instance", "loss_weight": 1.0, "ratio": 1.0}]
     assert json.loads(header["training_config"])["data"]["extra"] == extra
     saved = load_train_config(tmp_path / "both" / "config.yaml")
     assert saved.data.extra == [ExtraDataset(blue_dataset, 2)]

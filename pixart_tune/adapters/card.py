@@ -76,16 +76,41 @@ def training_settings(metadata: dict[str, str]) -> dict[str, Any]:
             settings[key] = values[key]
     config = values.get("training_config")
     if isinstance(config, dict):
-        for section in ("lora", "optim", "schedule", "diffusion", "data"):
+        for section in ("lora", "optim", "schedule", "diffusion", "data", "ema"):
             part = config.get(section)
-            if isinstance(part, dict):
-                for key, value in part.items():
-                    if isinstance(value, (str, int, float, bool)) and value != "" and key not in ("path", "num_workers"):
-                        settings[f"{section}.{key}"] = value
+            if isinstance(part, dict) and (section != "ema" or part.get("enabled")):
+                _flatten(settings, section, part)
         for key in ("dtype", "seed", "gradient_checkpointing"):
             if isinstance(config.get(key), (str, int, float, bool)):
                 settings[key] = config[key]
     return settings
+
+
+def _flatten(settings: dict[str, Any], prefix: str, part: dict[str, Any]) -> None:
+    """Scalar settings of one recipe section (and its subsections, such as diffusion.timesteps) as dotted keys."""
+    for key, value in part.items():
+        if isinstance(value, dict):
+            _flatten(settings, f"{prefix}.{key}", value)
+        elif isinstance(value, (str, int, float, bool)) and value != "" and key not in ("path", "eval", "num_workers"):
+            settings[f"{prefix}.{key}"] = value
+
+
+_METRICS = (
+    ("eval/loss", "held-out loss at the end (fixed timesteps and noise; lower is better)", "{:.4f}"),
+    ("eval/loss_lowest", "lowest held-out loss", "{:.4f}"),
+    ("eval/loss_lowest_step", "at step", "{:.0f}"),
+    ("validation/clip_score", "CLIP score of the validation images (0-100, higher follows the prompts better)", "{:.2f}"),
+    ("validation/clip_score_base", "CLIP score of the base model on the same prompts and seeds", "{:.2f}"),
+)
+
+
+def evaluation_section(metadata: dict[str, str]) -> list[str]:
+    """The run's final evaluation figures (recorded by the trainer), as a table; none without them."""
+    metrics = decoded(metadata).get("metrics")
+    if not isinstance(metrics, dict):
+        return []
+    rows = [f"| {label} | {form.format(metrics[key])} |" for key, label, form in _METRICS if isinstance(metrics.get(key), (int, float))]
+    return ["## Evaluation", "", "| measure | value |", "|---|---|", *rows, ""] if rows else []
 
 
 def front_matter(info: CardInfo) -> dict[str, Any]:
@@ -136,6 +161,7 @@ def render(info: CardInfo) -> str:
         "",
     ]
     lines += comfyui_section(info)
+    lines += evaluation_section(info.metadata)
     settings = training_settings(info.metadata)
     if settings:
         lines += ["## Training settings", "", "| setting | value |", "|---|---|"]

@@ -9,6 +9,7 @@ A checkpoint is the folder ``OUTPUT_DIR/checkpoints/step-NNNNNN/``::
     state.json          step, epoch and batch position in the epoch (data order)
     grad_scaler.pt      fp16 runs only: the loss scale, so a resumed run does not
                         start again from 65536 and skip its first steps
+    ema.pt              runs with ema.enabled only: the fp32 EMA shadow
     config.yaml         the resolved recipe
 
 The folder is written under a temporary name and renamed into place once complete
@@ -40,6 +41,8 @@ from pixart_tune.config import save_yaml, to_dict
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import atomic_path
 
+MAX_STEP = 10**9
+"""Beyond any run's step count (reading a whole loss history)."""
 _NAME = re.compile(r"^step-(\d+)$")
 _STALE = re.compile(r"^\.step-\d+\.(.+\.tmp|deleting|old)$")
 logger = logging.getLogger(__name__)
@@ -64,6 +67,7 @@ class Checkpoint:
     lr_scheduler: dict[str, Any]
     rng: list[dict[str, Any]]
     grad_scaler: dict[str, Any] | None = None
+    ema: dict[str, Any] | None = None
 
 
 def rng_state() -> dict[str, Any]:
@@ -118,6 +122,7 @@ def save_checkpoint(
     config: Any,
     keep_last: int,
     grad_scaler: dict[str, Any] | None = None,
+    ema: dict[str, Any] | None = None,
 ) -> Path:
     """Writes ``step-NNNNNN`` atomically, then prunes to the newest ``keep_last``.
 
@@ -137,6 +142,8 @@ def save_checkpoint(
             torch.save(rng, tmp / "rng.pt")
             if grad_scaler is not None:
                 torch.save(grad_scaler, tmp / "grad_scaler.pt")
+            if ema is not None:
+                torch.save(ema, tmp / "ema.pt")
             save_yaml(config, tmp / RUN_CONFIG)
             (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=1), encoding="utf-8")
     except Exception as error:
@@ -271,6 +278,7 @@ def _load(path: Path) -> Checkpoint:
         lr_scheduler=torch.load(path / "lr_scheduler.pt", map_location="cpu", weights_only=True),
         rng=torch.load(path / "rng.pt", map_location="cpu", weights_only=True),
         grad_scaler=torch.load(path / "grad_scaler.pt", weights_only=True) if (path / "grad_scaler.pt").is_file() else None,
+        ema=torch.load(path / "ema.pt", map_location="cpu", weights_only=True) if (path / "ema.pt").is_file() else None,
     )
 
 

@@ -179,6 +179,8 @@ class TimestepSection:
             raise ValueError(f"diffusion.timesteps.std must be positive, got {self.std}")
         if self.sampling == "range" and self.range is None:
             raise ValueError("diffusion.timesteps.sampling=range needs diffusion.timesteps.range: [min, max]")
+        if self.sampling != "range" and (self.range is not None or self.range_bias is not None):
+            raise ValueError(f"diffusion.timesteps.range and range_bias apply to sampling=range only (sampling is {self.sampling}); set sampling=range or drop them")
         if self.range is not None and not 0 <= self.range[0] <= self.range[1]:
             raise ValueError(f"diffusion.timesteps.range must be [min, max] with 0 <= min <= max, got {list(self.range)}")
         if self.range_bias is not None and self.range_bias <= 0:

@@ -11,7 +11,11 @@ can skip to the batch it stopped at, and under DDP each rank takes distinct
 batches, the same number on every rank. An item with several captions (caption
 variants) is drawn as ``(index, variant)``, the variant chosen by the sampler from
 the seed, the item and how often it was drawn before (:func:`choose_variant`), so
-the caption is as reproducible as the order.
+the caption is as reproducible as the order. The sampler lives in
+:mod:`pixart_tune.training.sampler`.
+
+Each sample carries its dataset's loss weight (prior preservation weighs class
+images by it) and, where prepare cached one, its mask at latent resolution.
 """
 
 from __future__ import annotations
@@ -19,19 +23,18 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
-import random
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Sequence
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from pixart_tune.data.cache import FeatureCache, Manifest, content_key
 from pixart_tune.errors import UserError
+from pixart_tune.training.config import ExtraDataset
+from pixart_tune.training.sampler import BucketBatchSampler, Draw, choose_variant
 
-# What a batch sampler yields per sample: an item index, or (index, caption variant)
-# for an item with several captions.
-Draw = Union[int, tuple[int, int]]
+__all__ = ["Batch", "BucketBatchSampler", "CachedDataset", "Draw", "TrainingSet", "choose_variant", "collate", "dataset_fingerprint"]
 
 
 @dataclasses.dataclass
@@ -42,27 +45,41 @@ class Batch:
     """[B, T, D] T5 embeddings, T = the longest caption of the batch."""
     mask: torch.Tensor
     """[B, T] attention mask (1 = token, 0 = padding)."""
+    weights: torch.Tensor | None = None
+    """[B] loss weight of each sample (its dataset's loss_weight); None = all 1."""
+    loss_masks: torch.Tensor | None = None
+    """[B, 1, H/8, W/8] per-latent-pixel mask in [0, 1] (1 where an unmasked image
+    is); None when no image of the batch has a mask."""
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "Batch":
-        """Text in the base model's dtype; latents stay fp32 for the noising math."""
+        """Text in the base model's dtype; latents, weights and masks stay fp32 for the loss math."""
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device, torch.float32, non_blocking=True)
+
         return Batch(
             latents=self.latents.to(device, torch.float32, non_blocking=True),
             embeds=self.embeds.to(device, dtype, non_blocking=True),
             mask=self.mask.to(device, non_blocking=True),
+            weights=move(self.weights),
+            loss_masks=move(self.loss_masks),
         )
 
     def __len__(self) -> int:
         return self.latents.shape[0]
 
     def pin_memory(self) -> "Batch":
-        return Batch(self.latents.pin_memory(), self.embeds.pin_memory(), self.mask.pin_memory())
+        def pin(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.pin_memory()
+
+        return Batch(self.latents.pin_memory(), self.embeds.pin_memory(), self.mask.pin_memory(), pin(self.weights), pin(self.loss_masks))
 
 
 class CachedDataset(Dataset):
     """Items of a prepared dataset folder: ``{"latent", "embeds"}``."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, loss_weight: float = 1.0):
         self.cache = FeatureCache(root)
+        self.loss_weight = loss_weight
         self.manifest: Manifest = self.cache.read_manifest()
         if not self.manifest.items:
             raise UserError(f"{root} holds no accepted images; add images and re-run 'pixart-tune prepare'")
@@ -75,7 +92,7 @@ class CachedDataset(Dataset):
         missing = [
             path
             for item in self.manifest.items
-            for path in (self.cache.latent_path(item.latent_key), *(self.cache.text_path(key) for key in item.text_keys))
+            for path in (self.cache.latent_path(item.latent_key), *(self.cache.text_path(key) for key in item.text_keys), *self._mask_paths(item))
             if not path.is_file()
         ]
         if not self.cache.has_text(self.manifest.empty_text_key):
@@ -115,6 +132,22 @@ class CachedDataset(Dataset):
                     "with the same source and --out"
                 )
 
+    def _mask_paths(self, item) -> tuple[Path, ...]:
+        key = getattr(item, "mask_key", None)
+        return (self.cache.mask_path(key),) if key else ()
+
+    def subset(self, indices: Sequence[int]) -> "CachedDataset":
+        """The same dataset with only the items at ``indices`` (a held-out split's other part)."""
+        view = object.__new__(CachedDataset)
+        view.__dict__.update(self.__dict__)
+        view.manifest = dataclasses.replace(self.manifest, items=[self.manifest.items[i] for i in indices])
+        return view
+
+    @property
+    def masked(self) -> int:
+        """How many items have a mask."""
+        return sum(bool(getattr(item, "mask_key", None)) for item in self.manifest.items)
+
     @property
     def buckets(self) -> list[tuple[int, int]]:
         return [tuple(item.bucket) for item in self.manifest.items]
@@ -128,7 +161,8 @@ class CachedDataset(Dataset):
         return len(self.manifest.items)
 
     def __getitem__(self, draw: Draw) -> dict[str, torch.Tensor]:
-        """``latent`` [C, h, w] and ``embeds`` [T, D]: the caption's T valid tokens only.
+        """``latent`` [C, h, w], ``embeds`` [T, D] (the caption's T valid tokens only),
+        ``weight`` (the dataset's loss weight) and, for a masked item, ``mask`` [1, h, w].
 
         ``draw`` is an index (its first caption) or ``(index, variant)``. The cache
         stores only the valid tokens; padding each item to ``max_tokens`` here (4.9 MB
@@ -138,7 +172,11 @@ class CachedDataset(Dataset):
         index, variant = draw if isinstance(draw, tuple) else (draw, 0)
         item = self.manifest.items[index]
         embeds = self.cache.read_embeds(item.text_keys[variant])[: self.manifest.max_tokens]
-        return {"latent": self.cache.read_latent(item.latent_key), "embeds": embeds}
+        sample = {"latent": self.cache.read_latent(item.latent_key), "embeds": embeds, "weight": torch.tensor(self.loss_weight)}
+        mask_key = getattr(item, "mask_key", None)
+        if mask_key:
+            sample["mask"] = self.cache.read_mask(mask_key)
+        return sample
 
 
 class TrainingSet(Dataset):
@@ -146,16 +184,41 @@ class TrainingSet(Dataset):
 
     Index ``i`` runs over the concatenated items, each once; how often an item is
     trained per epoch is :attr:`repeats` ``[i]``, which the batch sampler applies.
-    The empty-prompt embedding (caption dropout) is the main dataset's.
+    The empty-prompt embedding (caption dropout) is the main dataset's. ``sources``
+    are datasets as the recipe lists them (``data.datasets()``) or (folder, repeats)
+    pairs. With ``eval_fraction`` that share of the main dataset is held out
+    (:func:`~pixart_tune.training.evaluation.split_held_out`): :attr:`eval_part` holds
+    the whole main dataset and :attr:`held_out` the indices of it not trained on.
     """
 
-    def __init__(self, sources: Sequence[tuple[str | Path, int]]):
+    def __init__(self, sources: Sequence[ExtraDataset | tuple[str | Path, int]], eval_fraction: float = 0.0):
         if not sources:
             raise UserError("the recipe names no dataset: set data.path=FOLDER (a folder written by 'pixart-tune prepare')")
-        self.parts = [CachedDataset(path) for path, _ in sources]
-        self.part_repeats = [repeats for _, repeats in sources]
+        self.specs = [spec if isinstance(spec, ExtraDataset) else ExtraDataset(Path(spec[0]), spec[1]) for spec in sources]
+        self.parts = [CachedDataset(spec.path, spec.loss_weight) for spec in self.specs]
+        self.eval_part: CachedDataset | None = None
+        self.held_out: list[int] = []
+        if eval_fraction:
+            from pixart_tune.training.evaluation import split_held_out
+
+            try:
+                kept, self.held_out = split_held_out(self.parts[0].manifest.items, eval_fraction)
+            except ValueError as error:
+                raise UserError(f"{error} ({self.parts[0].cache.root} has {len(self.parts[0])} images)") from None
+            self.eval_part = self.parts[0]
+            self.parts[0] = self.parts[0].subset(kept)
+        self.part_repeats = [spec.repeats for spec in self.specs]
         check_compatible(self.parts)
         self.offsets = list(itertools.accumulate((len(part) for part in self.parts), initial=0))
+
+    @property
+    def class_items(self) -> list[int]:
+        """Indices of the prior-preservation (kind: class) dataset's items."""
+        return [i for part, spec, start in zip(self.parts, self.specs, self.offsets) if spec.kind == "class" for i in range(start, start + len(part))]
+
+    @property
+    def class_ratio(self) -> float:
+        return next((spec.ratio for spec in self.specs if spec.kind == "class"), 1.0)
 
     @property
     def main(self) -> CachedDataset:
@@ -186,15 +249,25 @@ class TrainingSet(Dataset):
     @property
     def epoch_size(self) -> int:
         """Samples in one epoch (all ranks together, before ``drop_last``)."""
-        return sum(len(part) * repeats for part, repeats in zip(self.parts, self.part_repeats))
+        others = sum(len(part) * spec.repeats for part, spec in zip(self.parts, self.specs) if spec.kind != "class")
+        return others + (round(self.class_ratio * others) if self.class_items else 0)
 
     def describe(self) -> str:
-        """One line per dataset: where, how many images, how often each."""
-        return "; ".join(
-            f"{part.cache.root}: {len(part)} images x {repeats} = {len(part) * repeats} "
-            f"({part.manifest.resolution} px{_several_captions(part.variants)})"
-            for part, repeats in zip(self.parts, self.part_repeats)
-        )
+        """One line per dataset: where, how many images, how often each, its weight and masks."""
+        instance = sum(len(part) * spec.repeats for part, spec in zip(self.parts, self.specs) if spec.kind != "class")
+        lines = []
+        for part, spec in zip(self.parts, self.specs):
+            if spec.kind == "class":
+                share = f"class images, {round(spec.ratio * instance)} per epoch (ratio {spec.ratio:g})"
+            else:
+                share = f"x {spec.repeats} = {len(part) * spec.repeats}"
+            extras = _several_captions(part.variants)
+            extras += f", loss weight {spec.loss_weight:g}" if spec.loss_weight != 1 else ""
+            extras += f", {part.masked} masked" if part.masked else ""
+            lines.append(f"{part.cache.root}: {len(part)} images {share} ({part.manifest.resolution} px{extras})")
+        if self.held_out:
+            lines.append(f"{len(self.held_out)} image(s) of {self.parts[0].cache.root} held out for evaluation")
+        return "; ".join(lines)
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -257,131 +330,14 @@ def collate(items: Sequence[dict[str, torch.Tensor]]) -> Batch:
         valid = item["embeds"].shape[0]
         embeds[i, :valid] = item["embeds"]
         mask[i, :valid] = 1
-    return Batch(latents=torch.stack([item["latent"] for item in items]), embeds=embeds, mask=mask)
-
-
-def choose_variant(seed: int, index: int, draw: int, count: int) -> int:
-    """Which of item ``index``'s ``count`` captions its ``draw``-th draw of the run uses (draws counted from 0).
-
-    Draws go in rounds of ``count``: each round uses every caption once, in an order
-    shuffled from (seed, item, round). So captions take turns evenly (a random pick
-    could leave one unseen for many epochs), the order is not the same every round,
-    and it depends on nothing but its arguments: not on the process, the rank, or
-    where a run was resumed.
-    """
-    if count == 1:
-        return 0
-    round_, position = divmod(draw, count)
-    order = list(range(count))
-    random.Random(f"caption:{seed}:{index}:{round_}").shuffle(order)
-    return order[position]
-
-
-class BucketBatchSampler(Sampler[list[Draw]]):
-    """Batches of indices that share a bucket, in an order fixed by seed and epoch.
-
-    ``repeats[i]`` (default 1) lists index ``i`` that many times per epoch; the
-    copies are shuffled within their bucket like any other item, so they spread
-    over the epoch (two copies can meet in one batch, as in kohya's repeats). Call
-    :meth:`set_epoch` before iterating; ``start`` skips the batches a resumed run
-    has already trained on. With ``num_replicas`` > 1 the epoch's batches are dealt
-    round-robin to the ranks after trimming (or cycling, for tiny sets) to a
-    multiple of the rank count, so every rank runs the same number of steps.
-
-    ``variants[i]`` (default 1) is how many captions item ``i`` has. An item with
-    several is yielded as ``(i, variant)``: its k-th copy in the epoch's order is its
-    draw ``epoch * repeats[i] + k`` of the run, and :func:`choose_variant` maps that
-    draw to a caption. The choice is made on the whole epoch before it is dealt to
-    the ranks, so ranks agree and a resumed run skips to the same captions; it
-    draws nothing from the order's generator, so the batches stay those of the same
-    data without variants, and items with one caption are yielded as plain indices,
-    exactly as before.
-    """
-
-    def __init__(
-        self,
-        buckets: Sequence[tuple[int, int]],
-        batch_size: int,
-        seed: int = 0,
-        drop_last: bool = False,
-        num_replicas: int = 1,
-        rank: int = 0,
-        repeats: Sequence[int] | None = None,
-        variants: Sequence[int] | None = None,
-    ):
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
-        if repeats is not None and len(repeats) != len(buckets):
-            raise ValueError(f"{len(repeats)} repeats for {len(buckets)} items")
-        if variants is not None and (len(variants) != len(buckets) or min(variants, default=1) < 1):
-            raise ValueError(f"variants must give each of the {len(buckets)} items at least one caption, got {list(variants)}")
-        self.repeats = list(repeats) if repeats is not None else [1] * len(buckets)
-        self.variants = list(variants) if variants is not None and max(variants, default=1) > 1 else None
-        self.groups: dict[tuple[int, int], list[int]] = {}
-        for index, bucket in enumerate(buckets):
-            # With every repeat 1 this is the single-dataset order, so a recipe
-            # without extra datasets keeps its batches.
-            self.groups.setdefault(tuple(bucket), []).extend([index] * (repeats[index] if repeats else 1))
-        self.batch_size = batch_size
-        self.seed = seed
-        self.drop_last = drop_last
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.epoch = 0
-        self.start = 0
-        if not self.epoch_batches(0):
-            raise UserError(
-                f"no bucket holds {batch_size} images, so drop_last leaves no batch; lower data.batch_size "
-                "or set data.drop_last=false"
-            )
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def epoch_batches(self, epoch: int) -> list[list[Draw]]:
-        """All ranks' batches of ``epoch``, in training order."""
-        rng = random.Random(f"{self.seed}:{epoch}")
-        batches = []
-        for bucket in sorted(self.groups):
-            indices = list(self.groups[bucket])
-            rng.shuffle(indices)
-            for i in range(0, len(indices), self.batch_size):
-                batch = indices[i : i + self.batch_size]
-                if len(batch) == self.batch_size or not self.drop_last:
-                    batches.append(batch)
-        rng.shuffle(batches)
-        return batches if self.variants is None else self._with_variants(batches, epoch)
-
-    def _with_variants(self, batches: list[list[int]], epoch: int) -> list[list[Draw]]:
-        """The epoch's batches with each copy of a several-caption item as ``(index, variant)``."""
-        copies: dict[int, int] = {}
-        chosen = []
-        for batch in batches:
-            draws: list[Draw] = []
-            for index in batch:
-                count = self.variants[index]
-                if count > 1:
-                    copy = copies[index] = copies.get(index, -1) + 1
-                    draws.append((index, choose_variant(self.seed, index, epoch * self.repeats[index] + copy, count)))
-                else:
-                    draws.append(index)
-            chosen.append(draws)
-        return chosen
-
-    def rank_batches(self, epoch: int) -> list[list[Draw]]:
-        batches = self.epoch_batches(epoch)
-        world = self.num_replicas
-        if world > 1:
-            if len(batches) < world:
-                batches = [batches[i % len(batches)] for i in range(world)]
-            batches = batches[: len(batches) - len(batches) % world]
-        return batches[self.rank :: world]
-
-    def __len__(self) -> int:
-        return len(self.rank_batches(self.epoch))
-
-    def __iter__(self) -> Iterator[list[Draw]]:
-        yield from self.rank_batches(self.epoch)[self.start :]
+    latents = torch.stack([item["latent"] for item in items])
+    weights = torch.stack([item["weight"] for item in items]).float() if "weight" in items[0] else None
+    loss_masks = None
+    if any("mask" in item for item in items):
+        # An unmasked image of a batch with masked ones weighs every pixel 1.
+        ones = torch.ones((1, *latents.shape[2:]))
+        loss_masks = torch.stack([item.get("mask", ones).float() for item in items])
+    return Batch(latents=latents, embeds=embeds, mask=mask, weights=weights, loss_masks=loss_masks)
 
 
 def dataset_fingerprint(dataset: TrainingSet) -> str:
@@ -393,13 +349,16 @@ def dataset_fingerprint(dataset: TrainingSet) -> str:
     variant's key in order; with one caption it is what it was before variants.
     """
     parts = []
-    for part, repeats in zip(dataset.parts, dataset.part_repeats):
+    for part, spec in zip(dataset.parts, dataset.specs):
         manifest = part.manifest
-        keys = sorted(":".join((i.latent_key, *i.text_keys)) for i in manifest.items)
-        parts.append((content_key(*keys, manifest.empty_text_key), repeats))
-    if len(parts) == 1 and parts[0][1] == 1:
+        # A mask changes what is trained: its key joins the item's (absent: as before masks).
+        keys = sorted(":".join((i.latent_key, *i.text_keys, *filter(None, [getattr(i, "mask_key", None)]))) for i in manifest.items)
+        share = f"x{spec.repeats}" if spec.kind != "class" else f"class{spec.ratio:g}"
+        weight = f"w{spec.loss_weight:g}" if spec.loss_weight != 1 else ""
+        parts.append((content_key(*keys, manifest.empty_text_key), share + weight))
+    if len(parts) == 1 and parts[0][1] == "x1":
         return parts[0][0]
-    return content_key("datasets", *(f"{key}x{repeats}" for key, repeats in parts))
+    return content_key("datasets", *(f"{key}{share}" for key, share in parts))
 
 
 def model_vae_scaling_factor(model: str) -> float | None:

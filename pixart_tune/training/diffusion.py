@@ -77,6 +77,28 @@ def noise_prediction(model_output: torch.Tensor, latent_channels: int) -> torch.
     return model_output
 
 
+def per_sample_mse(
+    model_output: torch.Tensor, noise: torch.Tensor, loss_masks: torch.Tensor | None = None, mask_floor: float = 0.0
+) -> torch.Tensor:
+    """[B] mean squared error between predicted and true noise, masked where given.
+
+    Computed in fp32 whatever the model's dtype, so a bf16 forward does not round
+    the loss and its gradient. With ``loss_masks`` ([B, 1, h, w] in [0, 1]) each
+    latent pixel weighs ``mask_floor + (1 - mask_floor) * mask`` and the error is
+    averaged over that weight, so a small subject's loss is as large as a large
+    one's (the learning rate does not shrink with the mask's area), and with a floor
+    of 0 nothing outside the mask reaches the gradient.
+    """
+    pred = noise_prediction(model_output, noise.shape[1]).float()
+    error = (pred - noise.float()).pow(2)
+    if loss_masks is None:
+        return error.mean(dim=(1, 2, 3))
+    weight = mask_floor + (1.0 - mask_floor) * loss_masks.float()
+    total = (error * weight).sum(dim=(1, 2, 3))
+    # An all-black mask with no floor weighs nothing: its sample's loss is 0, not NaN.
+    return total / (weight.sum(dim=(1, 2, 3)) * error.shape[1]).clamp_min(1e-8)
+
+
 def diffusion_loss(
     model_output: torch.Tensor,
     noise: torch.Tensor,
@@ -84,13 +106,8 @@ def diffusion_loss(
     noise_scheduler=None,
     min_snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """MSE between predicted and true noise, per sample, optionally min-SNR weighted.
-
-    Computed in fp32 whatever the model's dtype, so a bf16 forward does not round
-    the loss and its gradient.
-    """
-    pred = noise_prediction(model_output, noise.shape[1]).float()
-    per_sample = (pred - noise.float()).pow(2).mean(dim=(1, 2, 3))
+    """MSE between predicted and true noise, per sample, optionally min-SNR weighted, then averaged."""
+    per_sample = per_sample_mse(model_output, noise)
     if min_snr_gamma is not None:
         per_sample = per_sample * min_snr_weights(noise_scheduler, timesteps, min_snr_gamma)
     return per_sample.mean()

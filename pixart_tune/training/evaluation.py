@@ -10,7 +10,7 @@ falling while this one turns up is over-fitting.
 The held-out images are chosen by content (:func:`split_held_out`), so the same
 images are held out whatever the order of the dataset and in every run. The
 trainer supplies the model's loss (eval mode, no LoRA dropout, no caption dropout,
-unweighted MSE: :func:`per_sample_mse`) and switches modes around
+unweighted MSE: :func:`~pixart_tune.training.diffusion.per_sample_mse`) and switches modes around
 :meth:`Evaluator.evaluate`.
 """
 
@@ -24,7 +24,6 @@ import torch
 from pixart_tune.data.cache import CacheItem, Manifest, content_key
 from pixart_tune.training.config import EvaluationSection
 from pixart_tune.training.dataset import Batch, collate
-from pixart_tune.training.diffusion import noise_prediction
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss_fn(latents, noise, timesteps, embeds, mask) -> per-sample loss [B]``."""
@@ -110,16 +109,6 @@ def check_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> list[
             f"use timesteps from 0 to {num_train_timesteps - 1}"
         )
     return list(dict.fromkeys(int(t) for t in timesteps))
-
-
-def per_sample_mse(model_output: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Unweighted MSE of the predicted noise per sample ([B], fp32): the evaluation loss.
-
-    No SNR weighting, whatever the recipe trains with, so the figure means the same
-    for every recipe and every timestep is reported on one scale.
-    """
-    prediction = noise_prediction(model_output, noise.shape[1]).float()
-    return (prediction - noise.float()).pow(2).mean(dim=tuple(range(1, noise.dim())))
 
 
 # --- the evaluation -------------------------------------------------------------------

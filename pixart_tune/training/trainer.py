@@ -12,12 +12,12 @@ on a CPU, one GPU, or ``accelerate launch`` over several.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
 import logging
 import math
-import resource
 import time
 from pathlib import Path
 from typing import Iterator
@@ -29,26 +29,27 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from pixart_tune import __version__
 from pixart_tune.adapters.loader import load_into, read_lora
 from pixart_tune.adapters.lora import inject_lora, save_adapter, trainable_parameters
-from pixart_tune.base import ADAPTER_DIR, BASE_GRID, LOSS_PLOT, RUN_CONFIG, SAMPLES, resolve_dtype
+from pixart_tune.base import ADAPTER_DIR, RUN_CONFIG, resolve_dtype
 from pixart_tune.config import save_yaml, to_dict
 from pixart_tune.errors import UserError
 from pixart_tune.models import load_noise_scheduler, load_transformer, quiet_loading
 from pixart_tune.training import checkpoint as ckpt
-from pixart_tune.training import diffusion, plots, speed
+from pixart_tune.training import plots, speed
 from pixart_tune.training.config import TrainConfig, check_lora_targets
 from pixart_tune.training.dataset import Batch, BucketBatchSampler, TrainingSet, check_fits_model, collate, dataset_fingerprint, model_text_fingerprint, model_vae_scaling_factor
+from pixart_tune.training.ema import LoraEma
+from pixart_tune.training.judging import Judging
+from pixart_tune.training.loss import TrainingLoss
 from pixart_tune.training.lora_dtype import set_lora_compute_dtype
-from pixart_tune.training.optim import build_lr_scheduler, build_optimizer
-from pixart_tune.training.outputs import write_comfyui_file
-from pixart_tune.training.validation import Validator, encode_prompts, save_grid
+from pixart_tune.training.optim import build_lr_scheduler, build_optimizer, optimizer_advice, set_optimizer_mode
+from pixart_tune.training.outputs import RAW_ADAPTER_DIR, check_output_dir, write_comfyui_file
+from pixart_tune.training.tracking import RunLog, Window, make_trackers, peak_memory_gb
+from pixart_tune.training.validation import Validator, encode_prompts
 
 logger = logging.getLogger(__name__)
 
-# PixArt-Sigma "-MS" checkpoints take no resolution / aspect-ratio micro-conditions.
-_NO_MICRO_CONDITIONS = {"resolution": None, "aspect_ratio": None}
 
-
-class Trainer:
+class Trainer(Judging):
     """Trains one LoRA as ``config`` says; ``resume`` is None, ``"latest"`` or a checkpoint path."""
 
     def __init__(self, config: TrainConfig, resume: str | None = None, progress: bool = True):
@@ -56,8 +57,10 @@ class Trainer:
         self.resume = resume
         self.progress = progress
         self.state = ckpt.TrainState()
-        self.writer = None
         self.grad_norm: torch.Tensor | None = None
+        self.ema: LoraEma | None = None
+        self.evaluator = None
+        self.final_metrics: dict[str, float] = {}
         self._accum_index = 0
 
     # --- setup -----------------------------------------------------------------------
@@ -71,10 +74,10 @@ class Trainer:
         self._setup_model()
         self._setup_optimizer()
         self._setup_validation()
+        self._setup_evaluation()
         if self.resume:
             self._restore(self.resume)
-        # Points after the step resumed from are trained again: dropped, not doubled.
-        self.loss_history = plots.LossHistory.load(self.config.output_dir, self.state.step)
+        self.log = RunLog(self.accelerator, self.config.output_dir, self.is_main, self.state.step)
         # Only a run that could start writes anything: a refused recipe leaves no trace.
         self._create_output()
 
@@ -89,6 +92,7 @@ class Trainer:
         self.accelerator = Accelerator(
             gradient_accumulation_steps=config.schedule.grad_accum,
             mixed_precision="fp16" if config.dtype == "fp16" else "no",
+            log_with=make_trackers(config.logging, Path(config.output_dir)) or None,
             # Only the main process renders validation grids (and fetches T5 for their
             # prompts on a first run) while the others wait in a collective: the
             # default 10 minutes can run out at 2048 px.
@@ -107,7 +111,7 @@ class Trainer:
 
     def _setup_data(self) -> None:
         config = self.config
-        self.dataset = TrainingSet(config.data.sources())
+        self.dataset = TrainingSet(config.data.datasets(), eval_fraction=config.data.eval_fraction)
         self.sampler = BucketBatchSampler(
             self.dataset.buckets,
             config.data.batch_size,
@@ -117,6 +121,8 @@ class Trainer:
             rank=self.accelerator.process_index,
             repeats=self.dataset.repeats,
             variants=self.dataset.variants,
+            class_items=self.dataset.class_items,
+            class_ratio=self.dataset.class_ratio,
         )
         self.loader = torch.utils.data.DataLoader(
             self.dataset,
@@ -190,6 +196,10 @@ class Trainer:
         self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
         self.num_timesteps = self.noise_scheduler.config.num_train_timesteps
         self.latent_channels = manifest.latent_channels
+        try:
+            self.loss = TrainingLoss(config.diffusion, config.data, self.noise_scheduler, self.dtype, (self.empty_embeds, self.empty_mask))
+        except ValueError as error:
+            raise UserError(str(error)) from None
 
     def _checkpointing(self) -> speed.CheckpointSetting:
         """The recipe's gradient checkpointing; ``auto`` is what plan predicts fits memory_budget_gb."""
@@ -216,10 +226,16 @@ class Trainer:
         config = self.config
         self.params = trainable_parameters(self.transformer)
         optimizer = build_optimizer(self.params, config.optim, self.device)
+        if self.is_main:
+            for line in optimizer_advice(config.optim, config.schedule.lr_scheduler):
+                logger.warning("%s", line)
         self.lr_scheduler = build_lr_scheduler(optimizer, config.schedule.lr_scheduler, config.schedule.warmup_steps, config.schedule.steps)
         # The LR schedule is stepped by hand once per optimizer step: accelerate's
         # wrapper would step it once per process.
         self.model, self.optimizer = self.accelerator.prepare(self.transformer, optimizer)
+        set_optimizer_mode(self.optimizer, True)
+        if config.ema.enabled:
+            self.ema = LoraEma(self.params, config.ema)
 
     def _encode_validation_prompts(self) -> None:
         """T5 for the validation prompts, alone on the device: before the transformer loads."""
@@ -239,26 +255,26 @@ class Trainer:
             resolution=self.dataset.main.manifest.resolution, negative=(self.empty_embeds, self.empty_mask),
         )
 
+    def _setup_evaluation(self) -> None:
+        """The held-out loss at fixed timesteps and noise (main process), when the recipe holds images out."""
+        from pixart_tune.training.dataset import CachedDataset, check_compatible
+        from pixart_tune.training.evaluation import Evaluator
+
+        config, held, indices = self.config, self.dataset.eval_part, self.dataset.held_out
+        if config.data.eval is not None:
+            held, indices = CachedDataset(config.data.eval), None
+            check_compatible([self.dataset.main, held])
+        if held is None:
+            return
+        if self.is_main:
+            self.evaluator = Evaluator(held, indices, config.evaluation, self.num_timesteps, batch_size=config.data.batch_size)
+            logger.info("evaluation: %d held-out image(s) x %d timesteps every %s", len(self.evaluator.indices),
+                        len(self.evaluator.timesteps), f"{config.evaluation.every} steps" if config.evaluation.every else "run (at the end)")
+
     def _check_output(self) -> None:
         """Refuses an output_dir that holds a run, before anything loads."""
         out = Path(self.config.output_dir)
-        if not self.resume and ckpt.list_checkpoints(out):
-            raise UserError(f"{out} already holds checkpoints of a run; continue it with --resume latest, or choose another output_dir")
-        if not self.resume and (out / ADAPTER_DIR).exists():
-            # A finished run saved without checkpoints: training again would overwrite its adapter.
-            raise UserError(
-                f"{out} already holds a finished run's {ADAPTER_DIR}/; choose another output_dir, or move it away "
-                f"(to continue from it, set init_adapter={out / ADAPTER_DIR} with a new output_dir)"
-            )
-        if out.exists() and not out.is_dir():
-            raise UserError(f"output_dir {out} is a file; choose a folder")
-        found = sorted(p.name for p in out.iterdir()) if out.is_dir() and not self.resume else []
-        if found:
-            # A new run writes config.yaml, logs/, samples/ ... here: never over what someone else put there.
-            raise UserError(
-                f"output_dir {out} is not empty ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); a new run needs "
-                "an empty or new folder: choose another output_dir (or move those files away)"
-            )
+        check_output_dir(out, resuming=bool(self.resume))
         if self.resume and self.is_main:
             ckpt.remove_stale(out)
         # Every process checks before the main one writes anything (_create_output):
@@ -271,10 +287,7 @@ class Trainer:
         if self.is_main:
             out.mkdir(parents=True, exist_ok=True)
             save_yaml(self.config, out / RUN_CONFIG)
-            if self.config.logging.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(out / "logs"))
+        self.log.start(self.config)
         self.accelerator.wait_for_everyone()
 
     def _restore(self, resume: str) -> None:
@@ -291,6 +304,14 @@ class Trainer:
         self.lr_scheduler.load_state_dict(checkpoint.lr_scheduler)
         if checkpoint.grad_scaler is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(checkpoint.grad_scaler)
+        # A schedule-free checkpoint holds its evaluation point; training goes on from its training point.
+        set_optimizer_mode(self.optimizer, True)
+        if self.ema is not None:
+            if checkpoint.ema is None:
+                logger.warning("%s holds no EMA (ema.enabled was off then): the average starts from its weights", path)
+                self.ema = LoraEma(self.params, self.config.ema)
+            else:
+                self.ema.load_state_dict(checkpoint.ema)
         self.state = checkpoint.state
         ckpt.restore_rng(checkpoint.rng[self.accelerator.process_index])
         if self.is_main:
@@ -304,19 +325,21 @@ class Trainer:
         total = config.schedule.steps
         bar = tqdm(total=total, initial=self.state.step, desc="train", unit="step", disable=not (self.progress and self.is_main), dynamic_ncols=True)
         batches = self._batches()
-        window = _Window(self.device)
+        window = Window(self.device)
         # Lines logged mid-run (validation) print above the bar instead of through it.
         with logging_redirect_tqdm():
             self._loop(bar, batches, window, total)
         bar.close()
         self._check_finite(window)
-        adapter = self.save_adapter()
+        if self.evaluator is not None and (not config.evaluation.every or total % config.evaluation.every):
+            self.evaluate()
         if self.validator is not None and (not config.validation.every or total % config.validation.every):
             self.validate()
+        adapter = self.save_adapter()
         self.plot_loss()
         return adapter
 
-    def _loop(self, bar, batches: Iterator[Batch], window: "_Window", total: int) -> None:
+    def _loop(self, bar, batches: Iterator[Batch], window: Window, total: int) -> None:
         config = self.config
         while self.state.step < total:
             batch = next(batches)
@@ -331,6 +354,8 @@ class Trainer:
             if config.checkpoint.every and step % config.checkpoint.every == 0 and step < total:
                 self._check_finite(window)
                 self.save_checkpoint()
+            if self.evaluator is not None and config.evaluation.every and step % config.evaluation.every == 0:
+                self.evaluate()
             if config.validation.every and step % config.validation.every == 0:
                 self.validate()
 
@@ -356,35 +381,21 @@ class Trainer:
         if self.accelerator.sync_gradients:
             self.state.step += 1
             self._accum_index = 0
+            if self.ema is not None:
+                self.ema.step(self.state.step)
         else:
             self._accum_index += 1
         return loss.detach()
 
     def compute_loss(self, batch: Batch) -> torch.Tensor:
         """Noise, timesteps and caption dropout drawn from the micro-step's own generator."""
-        generator = self._generator()
-        latents = batch.latents
-        noise = diffusion.sample_noise(latents, generator, self.config.diffusion.noise_offset)
-        timesteps = diffusion.sample_timesteps(latents.shape[0], self.num_timesteps, generator, self.device)
-        embeds, mask = diffusion.drop_captions(
-            batch.embeds, batch.mask, self.empty_embeds, self.empty_mask, self.config.data.caption_dropout, generator
-        )
-        return self.loss_for(latents, noise, timesteps, embeds, mask)
+        return self.loss.batch_loss(self.model, batch, self._generator())
 
     def loss_for(
         self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """The training loss of given latents, noise, timesteps and text (no randomness)."""
-        noisy = diffusion.add_noise(self.noise_scheduler, latents, noise, timesteps).to(self.dtype)
-        output = self.model(
-            noisy,
-            encoder_hidden_states=embeds,
-            encoder_attention_mask=mask,
-            timestep=timesteps,
-            added_cond_kwargs=_NO_MICRO_CONDITIONS,
-            return_dict=False,
-        )[0]
-        return diffusion.diffusion_loss(output, noise, timesteps, self.noise_scheduler, self.config.diffusion.min_snr_gamma)
+        """The training loss of given latents, noise, timesteps and text (no randomness, weight 1, no mask)."""
+        return self.loss.loss(self.model, latents, noise, timesteps, embeds, mask)
 
     def _generator(self) -> torch.Generator:
         # Seeded from (seed, micro-step, rank): a resumed run draws exactly the noise
@@ -412,7 +423,7 @@ class Trainer:
 
     # --- logging, validation, saving -------------------------------------------------
 
-    def _log(self, window: "_Window", bar) -> None:
+    def _log(self, window: Window, bar) -> None:
         """The one place the loop waits for the device: every logging.every steps."""
         loss = self.accelerator.reduce(window.loss_sum, reduction="mean").item() / max(window.count, 1)
         seconds = time.perf_counter() - window.start
@@ -422,20 +433,14 @@ class Trainer:
             self._fail_nan()
         lr = self.lr_scheduler.get_last_lr()[0]
         grad_norm = float(self.grad_norm) if self.grad_norm is not None else float("nan")
-        peak = _peak_memory_gb(self.device)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-        if self.is_main:
-            self.loss_history.add(plots.TRAIN, self.state.step, loss)
-            self.loss_history.save()
-        if self.writer is not None:
-            step = self.state.step
-            self.writer.add_scalar("train/loss", loss, step)
-            self.writer.add_scalar("train/lr", lr, step)
-            self.writer.add_scalar("train/grad_norm", grad_norm, step)
-            self.writer.add_scalar("train/samples_per_s", samples_per_s, step)
-            self.writer.add_scalar("train/peak_memory_gb", peak, step)
+        values = {
+            "train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+            "train/samples_per_s": samples_per_s, "train/peak_memory_gb": peak_memory_gb(self.device),
+        }
+        self.log.scalars(values, self.state.step, series={"train/loss": plots.TRAIN})
 
-    def _check_finite(self, window: "_Window") -> None:
+    def _check_finite(self, window: Window) -> None:
         """A NaN stops the run before it can be saved over a good checkpoint."""
         if window.count:
             total = self.accelerator.reduce(window.loss_sum, reduction="sum").item()
@@ -453,31 +458,6 @@ class Trainer:
             "(a NaN latent); then run again (with --resume latest to continue from the checkpoint)"
         )
 
-    def validate(self) -> Path | None:
-        """Renders the validation grid to samples/step-NNNNNN.png (main process).
-
-        The first call of a run (or of a resumed run) also renders the base model,
-        adapter off, to samples/base.png: the same prompts and seeds, to compare.
-        """
-        if self.validator is None:
-            return None
-        samples = Path(self.config.output_dir) / SAMPLES
-        path = samples / f"step-{self.state.step:06d}.png"
-        count = self.validator.images_due()
-        logger.info("drawing %d validation image%s into %s", count, "s" * (count != 1), samples)
-        grid, base = self.validator.grids()
-        if base is not None:
-            save_grid(base, samples / BASE_GRID, self.writer, "validation/base", self.state.step)
-        save_grid(grid, path, self.writer, "validation", self.state.step)
-        return path
-
-    def plot_loss(self) -> Path | None:
-        """Draws the loss history to OUTPUT_DIR/loss.png (main process); returns its path."""
-        if not self.is_main:
-            return None
-        out = Path(self.config.output_dir)
-        return plots.plot_loss(self.loss_history, out / LOSS_PLOT, title=f"{out.name}: loss")
-
     def metadata(self) -> dict[str, object]:
         """What the adapter's safetensors header records about this training."""
         return {
@@ -488,6 +468,8 @@ class Trainer:
             "dataset_fingerprint": self.dataset_fingerprint,
             "pixart_tune_version": __version__,
             "training_config": to_dict(self.config),
+            **({"ema": f"decay {self.config.ema.decay:g} from step {self.config.ema.start_step}"} if self.ema is not None else {}),
+            **({"metrics": self._metrics()} if self.final_metrics else {}),
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -496,6 +478,8 @@ class Trainer:
 
         rng = gather_object([ckpt.rng_state()]) if self.accelerator.num_processes > 1 else [ckpt.rng_state()]
         path = None
+        # A schedule-free optimizer is saved at its averaged point (its state says so); see _restore.
+        set_optimizer_mode(self.optimizer, False)
         if self.is_main:
             path = ckpt.save_checkpoint(
                 self.config.output_dir,
@@ -509,18 +493,29 @@ class Trainer:
                 config=self.config,
                 keep_last=self.config.checkpoint.keep_last,
                 grad_scaler=self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
+                ema=self.ema.state_dict() if self.ema is not None else None,
             )
+        set_optimizer_mode(self.optimizer, True)
         self.accelerator.wait_for_everyone()
         return path
 
     def save_adapter(self) -> Path:
-        """The final adapter, OUTPUT_DIR/adapter (PEFT layout, metadata in the header)."""
-        out = Path(self.config.output_dir) / ADAPTER_DIR
+        """The final adapter, OUTPUT_DIR/adapter (PEFT layout, metadata in the header).
+
+        With an EMA that is the averaged weights, and the raw ones go to adapter_raw/.
+        """
+        root = Path(self.config.output_dir)
+        out = root / ADAPTER_DIR
         if self.is_main:
+            transformer = self.accelerator.unwrap_model(self.model)
             try:
-                save_adapter(self.accelerator.unwrap_model(self.model), out, self.lora, self.metadata())
-                if self.lora.type != "lora":  # a PEFT LoKr / LoHa folder is nothing ComfyUI reads
-                    write_comfyui_file(out)
+                if self.ema is not None:
+                    with contextlib.ExitStack() as raw:
+                        raw.callback(set_optimizer_mode, self.optimizer, True)
+                        set_optimizer_mode(self.optimizer, False)
+                        self._write_adapter(transformer, root / RAW_ADAPTER_DIR, dict(self.metadata(), weights="raw (the EMA is in adapter/)"))
+                with self.judged_weights():
+                    self._write_adapter(transformer, out, self.metadata())
             except Exception as error:
                 if ckpt.is_disk_full(error):
                     again = (
@@ -533,43 +528,22 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return out
 
+    def _write_adapter(self, transformer: torch.nn.Module, out: Path, metadata: dict[str, object]) -> None:
+        save_adapter(transformer, out, self.lora, metadata)
+        if self.lora.type != "lora":  # a PEFT LoKr / LoHa folder is nothing ComfyUI reads
+            write_comfyui_file(out)
+
     def cleanup(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        if self.validator is not None:
+            self.validator.close()
         self.validator = None
+        self.evaluator = None
         self.accelerator.end_training()
-
-
-class _Window:
-    """Loss and throughput accumulated on the device between two log points."""
-
-    def __init__(self, device: torch.device):
-        self.loss_sum = torch.zeros((), device=device)
-        self.reset()
-
-    def add(self, loss: torch.Tensor, samples: int) -> None:
-        self.loss_sum += loss
-        self.count += 1
-        self.samples += samples
-
-    def reset(self) -> None:
-        self.loss_sum.zero_()
-        self.count = 0
-        self.samples = 0
-        self.start = time.perf_counter()
 
 
 def epochs_to_steps(epochs: int, batches_per_epoch: int, grad_accum: int) -> int:
     """Optimizer steps that see every batch of ``epochs`` epochs at least once."""
     return max(1, math.ceil(epochs * batches_per_epoch / grad_accum))
-
-
-def _peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    # Peak resident set size of the process (Linux reports KiB).
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def run(config: TrainConfig, resume: str | None = None, progress: bool = True) -> Path:
