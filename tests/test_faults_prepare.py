@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
+from PIL import Image
 
 from pixart_tune import cli
 from pixart_tune.data import sources
@@ -191,6 +193,19 @@ def check_caption(expected: str) -> Callable[[Ctx], None]:
     return check
 
 
+def second_image(ctx: Ctx, name: str = "x.png") -> None:
+    """An image beside good.png for a mask fault to spoil, so that good.png still trains and the run answers 0."""
+    write(ctx.src / name, encode(photo(256, 256, seed=3), "PNG"))
+
+
+def check_mask(value: float) -> Callable[[Ctx], None]:
+    def check(ctx: Ctx) -> None:
+        cache = FeatureCache(ctx.out)
+        [item] = cache.read_manifest().items
+        assert torch.allclose(cache.read_mask(item.mask_key), torch.full((1, 32, 32), value))
+    return check
+
+
 def check_counts(**expected: int) -> Callable[[Ctx], None]:
     def check(ctx: Ctx) -> None:
         counts = ctx.report()["counts"]
@@ -238,6 +253,20 @@ CASES = [
     # damaged outputs of an earlier run
     Case("latent cut short", prepared_then(cut_latent), 0, r"^  1 damaged cache entries were encoded again", check_counts(latents_encoded=1, cache_entries_repaired=1)),
     Case("garbage manifest", prepared_then(lambda c: (c.out / "dataset.json").write_bytes(b"\x00garbage")), 0, r"^prepared 1 of 1 images", lambda c: FeatureCache(c.out).read_manifest()),
+    # loss masks (NAME.mask.png beside NAME.EXT): a bad mask skips its image alone, naming the mask and the fix
+    Case("truncated mask", lambda c: (second_image(c), write(c.src / "x.mask.png", encode(Image.new("L", (256, 256), 255), "PNG")[:70])), 0,
+         r"^  x.png: x.mask.png: truncated: .*; fix or re-save the mask, or remove it to train this image unmasked$", check_counts(accepted=1, skipped=1)),
+    Case("mask of another size", lambda c: (second_image(c), write(c.src / "x.mask.png", encode(Image.new("L", (100, 80), 255), "PNG"))), 0,
+         r"^  x.png: x.mask.png is 100x80 but x.png is 256x256: save the mask at the image's size$", check_counts(accepted=1, skipped=1)),
+    Case("RGB mask", lambda c: write(c.src / "good.mask.png", encode(Image.new("RGB", (256, 256), (255, 0, 0)), "PNG")), 0,
+         r"^masks: 1 of 1 images have masks", check_mask(76 / 255)),
+    Case("orphan mask", lambda c: write(c.src / "lonely.mask.png", encode(Image.new("L", (256, 256), 255), "PNG")), 0,
+         r"^  lonely.mask.png: a mask with no image beside it", check_counts(seen=1, accepted=1, skipped=0)),
+    Case("folder named like a mask", lambda c: (second_image(c), write(c.src / "x.mask.png" / "notes.txt", b"mine")), 0,
+         r"^  x.png: x.mask.png: a folder, not an image file; fix or re-save the mask, or remove it", check_counts(accepted=1, skipped=1)),
+    Case("unreadable mask", lambda c: (second_image(c), write(c.src / "x.mask.png", encode(Image.new("L", (256, 256), 255), "PNG")), c.deny(c.src / "x.mask.png")), 0,
+         r"^  x.png: x.mask.png: cannot read the file \(Permission denied\); fix its permissions"),
+    Case("fifo mask", lambda c: (second_image(c), fifo(c.src / "x.mask.png")), 0, r"^  x.png: x.mask.png: a FIFO \(named pipe\), not a regular file"),
     Case("garbage scan index", prepared_then(lambda c: (c.out / "scan_index.json").write_text("{")), 0, r"^prepared 1 of 1 images"),
 ]
 

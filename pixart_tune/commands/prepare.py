@@ -36,6 +36,8 @@ def main(argv: list[str]) -> int:
     flags.add("--split")
     flags.add("--image-column")
     flags.add("--caption-column")
+    flags.add("--mask-column")
+    flags.add("--mask-from-alpha", action="store_true")
     flags.add("--caption-order", type=_names, help="comma list of sidecar, metadata, filename, captioner: where captions come from, first hit wins")
     flags.add("--captioner")
     flags.add("--captioner-prompt")

@@ -56,27 +56,39 @@ def crop_box(resized: tuple[int, int], bucket: tuple[int, int], crop: str, seed:
     return left, top, left + bucket[1], top + bucket[0]
 
 
+def bucket_region(size: tuple[int, int], bucket: tuple[int, int], crop: str = "center", seed: int = 0) -> tuple[float, float, float, float]:
+    """The region (left, top, right, bottom) of an image of ``size`` (height, width) that fills ``bucket``.
+
+    In the image's own full-size pixel coordinates, possibly fractional: the crop
+    (``crop_box``) placed on the covering size, mapped back through the one scale
+    that makes the image cover the bucket. The image (``resize_to_bucket``) and its
+    loss mask (``masks.mask_to_latent``) are both cut from this region.
+    """
+    height, width = size
+    factor = cover_scale((height, width), bucket)
+    # ceil, so rounding never leaves the covering size a pixel short of the bucket
+    resized = (max(bucket[0], math.ceil(height * factor - 1e-6)), max(bucket[1], math.ceil(width * factor - 1e-6)))
+    left, top, _, _ = crop_box(resized, bucket, crop, seed)
+    # kept inside the image
+    region_w, region_h = min(width, bucket[1] / factor), min(height, bucket[0] / factor)
+    x0, y0 = min(left / factor, width - region_w), min(top / factor, height - region_h)
+    return x0, y0, x0 + region_w, y0 + region_h
+
+
 def resize_to_bucket(
     image: Image.Image, bucket: tuple[int, int], crop: str = "center", seed: int = 0, full_size: tuple[int, int] | None = None, scale: int = 1
 ) -> Image.Image:
     """Resizes ``image`` to cover ``bucket`` (keeping its aspect ratio) and crops it to the bucket exactly.
 
-    The crop is placed on the covering size (``crop_box``), then only that region
-    of the source is resampled, straight to the bucket (Lanczos, with Pillow's
-    ``box``): no time spent on pixels the crop throws away, and one exact scale
-    on both axes. When ``image`` is a JPEG decoded ``scale`` times smaller from
-    an image of ``full_size`` (height, width), the geometry is computed on the
-    full size, so the reduced decode yields the same region at the same scale.
+    Only the bucket's region of the source (``bucket_region``) is resampled,
+    straight to the bucket (Lanczos, with Pillow's ``box``): no time spent on
+    pixels the crop throws away, and one exact scale on both axes. When ``image``
+    is a JPEG decoded ``scale`` times smaller from an image of ``full_size``
+    (height, width), the geometry is computed on the full size, so the reduced
+    decode yields the same region at the same scale.
     """
-    height, width = full_size or (image.height, image.width)
-    factor = cover_scale((height, width), bucket)
-    # ceil, so rounding never leaves the covering size a pixel short of the bucket
-    resized = (max(bucket[0], math.ceil(height * factor - 1e-6)), max(bucket[1], math.ceil(width * factor - 1e-6)))
-    left, top, _, _ = crop_box(resized, bucket, crop, seed)
-    # the bucket's region in full-size pixel coordinates, kept inside the image
-    region_w, region_h = min(width, bucket[1] / factor), min(height, bucket[0] / factor)
-    x0, y0 = min(left / factor, width - region_w), min(top / factor, height - region_h)
-    box = tuple(v / scale for v in (x0, y0, x0 + region_w, y0 + region_h))
+    region = bucket_region(full_size or (image.height, image.width), bucket, crop, seed)
+    box = tuple(v / scale for v in region)
     box = (box[0], box[1], min(box[2], image.width), min(box[3], image.height))
     # Lanczos with reducing_gap: sharp downscales at a fraction of the cost on big photos.
     return image.resize((bucket[1], bucket[0]), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)

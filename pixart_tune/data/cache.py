@@ -6,6 +6,7 @@ Layout of a prepared dataset folder::
     report.json                  what prepare accepted, skipped and found duplicated
     latents/<key>.safetensors    {"latent": [C, H/8, W/8]}, already times the VAE scaling factor
     text/<key>.safetensors       {"embeds": [n, D]}: the n valid T5 tokens only
+    masks/<key>.safetensors      {"mask": [1, H/8, W/8]} float32 loss weights in [0, 1], for images with a mask
 
 Entries are keyed by content (image bytes + transform for latents, caption +
 encoder for text), never by position, so a re-run reuses what is done, and a
@@ -34,6 +35,10 @@ from pixart_tune.fsutil import atomic_path, os_error_text, read_regular
 # 2: an item lists every caption variant (``captions``, ``text_keys``). Format 1
 # (one ``caption`` / ``text_key``) is still read; a version that reads only 1 refuses
 # a format-2 manifest with its "re-run prepare" message instead of misreading it.
+# An item with a loss mask also has ``mask_key``; items without one are written as
+# before, so an unmasked manifest is what older versions read. Masks stay within
+# format 2: a version older than masks does not ignore them silently, it refuses
+# the unknown key (its "damaged ... re-run prepare" message).
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 
@@ -59,6 +64,8 @@ class CacheItem:
     latent_key: str
     text_keys: tuple[str, ...]
     """Text entry of each caption, in the order of ``captions``."""
+    mask_key: str | None = None
+    """Loss-mask entry (``FeatureCache.read_mask``), or None for an image trained everywhere alike."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "captions", tuple(self.captions))
@@ -101,9 +108,7 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["items"] = [
-            dict(dataclasses.asdict(i), bucket=list(i.bucket), captions=list(i.captions), text_keys=list(i.text_keys)) for i in self.items
-        ]
+        data["items"] = [_item_json(i) for i in self.items]
         return data
 
     @classmethod
@@ -111,6 +116,13 @@ class Manifest:
         """A manifest of any readable format, as the current format."""
         items = [CacheItem.from_json(i) for i in data["items"]]
         return cls(**dict(data, items=items, format=FORMAT_VERSION))
+
+
+def _item_json(item: CacheItem) -> dict[str, Any]:
+    data = dict(dataclasses.asdict(item), bucket=list(item.bucket), captions=list(item.captions), text_keys=list(item.text_keys))
+    if data["mask_key"] is None:
+        del data["mask_key"]  # an unmasked item reads as it did before masks existed
+    return data
 
 
 class FeatureCache:
@@ -158,6 +170,27 @@ class FeatureCache:
         mask = torch.zeros(max_tokens, dtype=torch.long)
         mask[:length] = 1
         return padded, mask
+
+    # loss masks
+    def mask_path(self, key: str) -> Path:
+        return self.root / "masks" / f"{key}.safetensors"
+
+    def has_mask(self, key: str) -> bool:
+        return entry_intact(self.mask_path(key))
+
+    def write_mask(self, key: str, mask: torch.Tensor) -> None:
+        """Stores one image's loss weights: [h, w] or [1, h, w] at latent resolution, values in [0, 1]."""
+        mask = torch.as_tensor(mask, dtype=torch.float32)
+        mask = mask[None] if mask.dim() == 2 else mask
+        if mask.dim() != 3 or mask.shape[0] != 1 or mask.numel() == 0:
+            raise ValueError(f"a mask is [h, w] or [1, h, w], got shape {list(mask.shape)}")
+        if not bool(((mask >= 0) & (mask <= 1)).all()):
+            raise ValueError("mask weights must lie in [0, 1]")
+        _write(self.mask_path(key), {"mask": mask})
+
+    def read_mask(self, key: str) -> torch.Tensor:
+        """The loss weights [1, H/8, W/8] (float32, in [0, 1]) of an item whose ``mask_key`` is ``key``."""
+        return _read(self.mask_path(key))["mask"].float()
 
     # manifest
     def write_manifest(self, manifest: Manifest) -> None:

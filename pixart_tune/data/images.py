@@ -22,7 +22,7 @@ import dataclasses
 import hashlib
 import io
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
@@ -34,6 +34,7 @@ DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 _SRGB = ImageCms.createProfile("sRGB")
 # EXIF orientations that turn the stored image by 90 degrees (its width becomes the height)
 _QUARTER_TURNS = frozenset({5, 6, 7, 8})
+_HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 NeededSize = Callable[[int, int], "tuple[int, int] | None"]
 """Maps an upright (height, width) to the smallest (height, width) the caller will use, or None for full size."""
@@ -55,11 +56,17 @@ class LoadedImage:
     """(height, width) of the full upright image, whatever the scale it was decoded at."""
     scale: int = 1
     """1 for a full-size decode, else the JPEG DCT reduction (2, 4 or 8)."""
+    alpha: Image.Image | None = None
+    """The upright alpha channel (mode L, full size) of an image with real transparency; None for an opaque one."""
 
     @property
     def full_hash(self) -> str | None:
         """The pixel hash of the full-size image, when this decode gives it (``scale`` 1)."""
         return self.pixel_hash if self.scale == 1 else None
+
+    @property
+    def alpha_hash(self) -> str | None:
+        return None if self.alpha is None else pixel_hash(self.alpha)
 
 
 def load_image(
@@ -72,6 +79,30 @@ def load_image(
 
     ``needed`` (optional) lets a JPEG be decoded reduced, to no less than the size it returns.
     """
+    decoded = decode(data, lambda image: (to_rgb(image, background), alpha_channel(image)), max_pixels, needed)
+    if isinstance(decoded, ImageSkip):
+        return decoded
+    (rgb, alpha), original_mode, size, scale = decoded
+    if rgb.width < 1 or rgb.height < 1:
+        return ImageSkip("image has no pixels")
+    return LoadedImage(rgb, pixel_hash(rgb), original_mode, size, scale, alpha)
+
+
+def load_gray(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str] | ImageSkip:
+    """(upright 8-bit greyscale, original mode) of a whole file, as a loss mask is read; or why it cannot be.
+
+    Colour becomes its luminance, 16-bit and float greyscale are scaled, and
+    transparent pixels count as black (a mask drawn on a transparent layer).
+    """
+    decoded = decode(data, to_gray, max_pixels)
+    if isinstance(decoded, ImageSkip):
+        return decoded
+    gray, original_mode, _, _ = decoded
+    return gray, original_mode
+
+
+def decode(data: bytes, convert: Callable[[Image.Image], Any], max_pixels: int = DEFAULT_MAX_PIXELS, needed: NeededSize | None = None):
+    """(convert(upright image), original mode, upright (height, width) at full size, scale), or an ``ImageSkip``."""
     if not data:
         return ImageSkip("empty file (0 bytes)")
     try:
@@ -92,7 +123,7 @@ def load_image(
             original_mode = image.mode
             turned = image.getexif().get(ExifTags.Base.Orientation, 1) in _QUARTER_TURNS
             image = ImageOps.exif_transpose(image, in_place=True) or image
-            rgb = to_rgb(image, background)
+            converted = convert(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         return ImageSkip(f"decompression bomb: {error}")
     except UnidentifiedImageError:
@@ -104,10 +135,8 @@ def load_image(
         if "truncated" in text.lower():
             return ImageSkip(f"truncated: the file ends before the image data does ({text})")
         return ImageSkip(f"corrupt image data: {text}")
-    if rgb.width < 1 or rgb.height < 1:
-        return ImageSkip("image has no pixels")
     size = (stored[1], stored[0]) if turned else stored
-    return LoadedImage(rgb, pixel_hash(rgb), original_mode, size, scale)
+    return converted, original_mode, size, scale
 
 
 def pixel_hash(rgb: Image.Image) -> str:
@@ -140,9 +169,28 @@ def has_transparency(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
 
 
+def alpha_channel(image: Image.Image) -> Image.Image | None:
+    """The alpha channel of an image with transparency (mode L), or None when every pixel is opaque.
+
+    An RGBA file whose alpha is 255 everywhere says nothing about where to train:
+    it counts as having no alpha, as the image it looks like.
+    """
+    if not has_transparency(image) or image.mode in _HIGH_DEPTH:
+        return None
+    alpha = image.convert("RGBA").getchannel("A")
+    return None if alpha.getextrema() == (255, 255) else alpha
+
+
+def to_gray(image: Image.Image) -> Image.Image:
+    """8-bit greyscale from any Pillow mode: luminance of colour, transparency composited onto black."""
+    if image.mode == "L" and not has_transparency(image):
+        return image
+    return to_rgb(image, (0, 0, 0)).convert("L")
+
+
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """8-bit RGB from any Pillow mode, compositing transparency onto ``background``."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if image.mode in _HIGH_DEPTH:
         image = _high_depth_to_l(image)
     if has_transparency(image):
         rgba = image.convert("RGBA")

@@ -22,7 +22,7 @@ from pixart_tune.errors import UserError
 from pixart_tune.fsutil import LockBusy, file_kind, os_error_text, pid_lock, printable
 
 OUTPUT_FILES = (MANIFEST, REPORT, SCAN_INDEX)
-OUTPUT_FOLDERS = ("latents", "text", "captions")
+OUTPUT_FOLDERS = ("latents", "text", "captions", "masks")
 LOCK_FILE = ".prepare.lock"
 """Hidden, like the atomic writes in flight: an earlier run's folder stays free of foreign names."""
 

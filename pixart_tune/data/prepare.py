@@ -31,7 +31,9 @@ from pixart_tune.data.captioner import MAX_NEW_TOKENS, Captioner
 from pixart_tune.data.captions import CAPTION_SOURCES, clean, compose, distinct, filename_caption, sidecar_text, split_variants
 from pixart_tune.data.duplicates import DuplicateFinder
 from pixart_tune.data.images import DEFAULT_MAX_PIXELS, ImageSkip
+from pixart_tune.data.masks import mask_key
 from pixart_tune.data.outdir import check_out, locked_out
+from pixart_tune.data.report import summary  # noqa: F401 - the verb's summary, imported from here by callers
 from pixart_tune.data.scanindex import ScanIndex
 from pixart_tune.data.sources import SOURCE_KINDS, Entry, open_source
 from pixart_tune.data.stage import Bucketed, ImageStage, Outcome, StageSettings
@@ -58,6 +60,10 @@ class PrepareConfig:
     """Dataset column holding images; default: the first Image column."""
     caption_column: str | None = None
     """Metadata/dataset column holding captions; default: the first of text, caption, prompt, description."""
+    mask_column: str | None = None
+    """Dataset column holding loss masks (images; white trains, black does not); default: the column mask, if there is one."""
+    mask_from_alpha: bool = False
+    """Use each image's alpha channel as its loss mask (an image without transparency has none; a NAME.mask.png file wins)."""
     caption_order: tuple[str, ...] = ("sidecar", "metadata", "filename", "captioner")
     """Where captions come from, first hit wins (see docs/prepare.md)."""
     captioner: str | None = None
@@ -147,17 +153,18 @@ class PrepareConfig:
         return resolve_dtype(self.text_dtype)
 
     def stage_settings(self) -> StageSettings:
-        return StageSettings(self.resolution, self.max_upscale, self.max_pixels, ImageColor.getrgb(self.background)[:3], self.crop, self.reduce_jpeg)
+        background = ImageColor.getrgb(self.background)[:3]
+        return StageSettings(self.resolution, self.max_upscale, self.max_pixels, background, self.crop, self.reduce_jpeg, self.mask_from_alpha)
 
 
 def bucketed_images(config: PrepareConfig) -> Iterator[tuple[Entry, Outcome]]:
     """Prepare's image stage alone: scan, read, decode, validate, bucket and crop, loading no model and writing nothing.
 
     Yields ``(entry, Bucketed or ImageSkip)`` in scan order, every ``Bucketed`` with
-    its crop (``pixels``), on ``config.workers`` threads. What ``prepare_dataset``
+    its crop (``pixels``) and, if it has one, its mask's weights (``mask``), on ``config.workers`` threads. What ``prepare_dataset``
     does before the VAE, less duplicate finding; the throughput benchmark times it.
     """
-    entries, _ = open_source(config.source, config.source_kind, config.split, config.image_column, config.caption_column)
+    entries, _ = open_source(config.source, config.source_kind, config.split, config.image_column, config.caption_column, mask_column=config.mask_column)
     yield from ImageStage(config.stage_settings(), config.workers).run(entries)
 
 
@@ -174,6 +181,10 @@ class _Accepted:
     latent_key: str
     caption_key: str = ""
     """Key of the captioner's output for these pixels (captioned images only)."""
+    mask_key: str | None = None
+    mask_name: str | None = None
+    mask_empty: bool = False
+    """The mask's weights are 0 everywhere in the crop: the image trains only at the trainer's floor weight."""
 
 
 class _Run:
@@ -187,6 +198,8 @@ class _Run:
         self.skipped: list[dict[str, str]] = []
         self.unread: list[dict[str, str]] = []
         """Files other than images (metadata, caption files) that exist but could not be read."""
+        self.ignored: list[dict[str, str]] = []
+        """Files found but not used: masks with no image beside them."""
         self.duplicates: list[list[str]] = []
         self.counts = Counter()
         self.vae_dtype = resolve_dtype(self.config.vae_dtype)
@@ -205,7 +218,7 @@ class _Run:
             self.captioner_fingerprint = content_key(weights, config.captioner_prompt or "", str(config.caption_max_new_tokens))
         settings = config.stage_settings()
         self.index = ScanIndex(config.out, settings.decode_key())
-        self.stage = ImageStage(settings, config.workers, self.index, self.wants_pixels)
+        self.stage = ImageStage(settings, config.workers, self.index, self.wants_pixels, self.wants_mask)
         self.finder = DuplicateFinder(self.full_hash, self.remember_full_hash)
         self.models_loaded: list[str] = []
 
@@ -219,6 +232,13 @@ class _Run:
     def transform(self, bucket: tuple[int, int]) -> str:
         # "box": the crop's region resampled straight to the bucket (see resize_to_bucket)
         return f"{bucket[0]}x{bucket[1]}|{self.config.crop}|lanczos-box"
+
+    def mask_key(self, image: Bucketed) -> str:
+        return mask_key(image.mask_hash, image.bucket, self.config.crop, image.crop_seed)
+
+    def wants_mask(self, image: Bucketed) -> bool:
+        """Whether an image's mask weights are needed (not cached). Called from decode threads."""
+        return not self.cache.has_mask(self.mask_key(image))
 
     def full_hash(self, ref: tuple[Entry, str | None]) -> str:
         return self.stage.full_hash(ref[0])
@@ -247,6 +267,11 @@ class _Run:
         bucket = outcome.bucket
         item = _Accepted(len(self.accepted), entry.source, outcome.size, bucket, captions, caption_source, self.latent_key(outcome.pixel_hash, bucket))
         self.accepted.append(item)
+        if outcome.mask_hash is not None:
+            reason = self.add_mask(entry, item, outcome)
+            if reason is not None:
+                self.accepted.pop()
+                return self.skip(entry.source, reason)
         need_latent = not self.cache.has_latent(item.latent_key) and item.latent_key not in {k for k, _ in self.pending[bucket]}
         need_caption = False
         if captions is None:  # the captioner's turn: reuse what it wrote for these pixels before
@@ -279,6 +304,27 @@ class _Run:
             self.to_caption.append((item, pixels))
             if len(self.to_caption) >= config.captioner_batch_size:
                 self.flush_captions()
+
+    def add_mask(self, entry: Entry, item: _Accepted, outcome: Bucketed) -> str | None:
+        """Caches the image's mask weights unless they are; None, or why the image must be skipped after all."""
+        item.mask_key, item.mask_name = self.mask_key(outcome), outcome.mask_name
+        if self.cache.has_mask(item.mask_key):
+            self.counts["masks_reused"] += 1
+            item.mask_empty = float(self.cache.read_mask(item.mask_key).max()) == 0.0
+            return None
+        if outcome.mask is None:  # not made on the decode thread (cached then, or a duplicate's hint): make it now
+            again = self.stage.process(entry, force_pixels=True)
+            if not isinstance(again, Bucketed) or again.mask is None:
+                return again.reason if isinstance(again, ImageSkip) else "its mask changed while prepare ran; re-run prepare"
+            outcome.mask = again.mask
+            if outcome.pixels is None:  # decoded anyway: the latent or the captioner may want them too
+                outcome.pixels = again.pixels
+        self.counts["repaired"] += self.cache.mask_path(item.mask_key).exists()  # there, but damaged
+        self.cache.write_mask(item.mask_key, torch.from_numpy(outcome.mask))
+        item.mask_empty = float(outcome.mask.max()) == 0.0
+        outcome.mask = None
+        self.counts["masks_encoded"] += 1
+        return None
 
     def skip(self, source: str, reason: str) -> None:
         self.skipped.append({"source": source, "reason": reason})
@@ -419,7 +465,7 @@ def prepare_dataset(config: PrepareConfig) -> dict[str, Any]:
 def _prepare(config: PrepareConfig, source: str, out: Path) -> dict[str, Any]:
     start = time.perf_counter()
     run = _Run(config)
-    entries, total = open_source(source, config.source_kind, config.split, config.image_column, config.caption_column, run.unread)
+    entries, total = open_source(source, config.source_kind, config.split, config.image_column, config.caption_column, run.unread, config.mask_column, run.ignored)
     for entry, outcome in tqdm(run.stage.run(entries), total=total, desc="read, check and encode images (VAE)", unit="image", disable=not config.progress):
         run.add(entry, outcome)
     run.finish_images()
@@ -428,7 +474,7 @@ def _prepare(config: PrepareConfig, source: str, out: Path) -> dict[str, Any]:
     # neither T5 (gigabytes, for the empty prompt alone) nor a manifest is needed.
     if run.accepted:
         text_keys, empty_key, overlong = run.encode_texts()
-        items = [CacheItem(a.source, tuple(a.captions), a.bucket, a.latent_key, tuple(text_keys[c] for c in a.captions)) for a in run.accepted]
+        items = [CacheItem(a.source, tuple(a.captions), a.bucket, a.latent_key, tuple(text_keys[c] for c in a.captions), a.mask_key) for a in run.accepted]
         run.cache.write_manifest(
             Manifest(
                 model=config.model,
@@ -449,11 +495,15 @@ def _prepare(config: PrepareConfig, source: str, out: Path) -> dict[str, Any]:
         "model": config.model,
         "resolution": config.resolution,
         "accepted": [
-            {"source": a.source, "caption": a.captions[0], "captions": a.captions, "caption_from": a.caption_source, "bucket": list(a.bucket), "size": list(a.size)}
+            {"source": a.source, "caption": a.captions[0], "captions": a.captions, "caption_from": a.caption_source, "bucket": list(a.bucket), "size": list(a.size),
+             "mask": a.mask_name}
             for a in run.accepted
         ],
         "skipped": run.skipped,
         "unread": run.unread,
+        "ignored": run.ignored,
+        "masks": sum(a.mask_key is not None for a in run.accepted),
+        "empty_masks": [a.source for a in run.accepted if a.mask_empty],
         "duplicates": run.duplicates,
         "overlong_captions": overlong,
         "buckets": {f"{h}x{w}": n for (h, w), n in sorted(Counter(a.bucket for a in run.accepted).items())},
@@ -474,6 +524,8 @@ def _prepare(config: PrepareConfig, source: str, out: Path) -> dict[str, Any]:
             "captions_generated": run.counts["captions_generated"],
             "captions_reused": run.counts["captions_reused"],
             "images_decoded": run.stage.decoded,
+            "masks_encoded": run.counts["masks_encoded"],
+            "masks_reused": run.counts["masks_reused"],
             "cache_entries_repaired": run.counts["repaired"],
         },
         "models_loaded": run.models_loaded,
@@ -501,51 +553,3 @@ def _vae_scaling_factor(model: str) -> float:
     """The VAE's scaling factor from its config.json, without loading its weights."""
     config = json.loads((resolve_component(model, "vae") / "config.json").read_text(encoding="utf-8"))
     return float(config.get("scaling_factor", 0.18215))
-
-
-def summary(report: dict[str, Any], out: str, limit: int = 20) -> str:
-    """The few lines a person reads at the end of a run."""
-    counts = report["counts"]
-    rate = f", {report['images_per_second']:g} images/s" if report.get("images_per_second") else ""
-    lines = [f"prepared {counts['accepted']} of {counts['seen']} images into {out} (resolution {report['resolution']}) in {report['seconds']:g} s{rate}"]
-    if report["skipped"]:
-        lines.append(f"skipped {len(report['skipped'])}:")
-        lines += [f"  {s['source']}: {s['reason']}" for s in report["skipped"][:limit]]
-        if len(report["skipped"]) > limit:
-            lines.append(f"  ... and {len(report['skipped']) - limit} more (see report.json)")
-    if report.get("unread"):
-        lines.append(f"could not read {len(report['unread'])} other files (not used):")
-        lines += [f"  {s['source']}: {s['reason']}" for s in report["unread"][:limit]]
-        if len(report["unread"]) > limit:
-            lines.append(f"  ... and {len(report['unread']) - limit} more (see report.json)")
-    if report["duplicates"]:
-        kept = "all copies kept" if report["config"]["keep_duplicates"] else "first copy kept"
-        lines.append(f"exact duplicates {len(report['duplicates'])} ({kept}):")
-        lines += [f"  {b} = {a}" for a, b in report["duplicates"][:limit]]
-    if report["overlong_captions"]:
-        lines.append(f"captions over {report['overlong_captions'][0]['limit']} T5 tokens (truncated when encoded; shorten them): {len(report['overlong_captions'])}")
-        lines += [
-            f"  {o['source']}: {o['tokens']} tokens" + (f" (caption {o['variant'] + 1} of {o['variants']})" if "variant" in o else "")
-            for o in report["overlong_captions"][:limit]
-        ]
-    if report["buckets"]:
-        lines.append("images per bucket (height x width): " + ", ".join(f"{b}: {n}" for b, n in report["buckets"].items()))
-    lines.append("captions from: " + (", ".join(f"{k} {v}" for k, v in report["caption_sources"].items()) or "-"))
-    if report["caption_sources"].get("none"):
-        lines.append(f"  {report['caption_sources']['none']} images have no caption (only trigger/prefix/suffix); add .txt files or --captioner")
-    if report["config"].get("caption_variants"):
-        lines.append(f"caption variants: {counts['images_with_variants']} images have several captions; {counts['captions']} captions in all")
-    elif counts.get("images_with_unused_variants"):
-        lines.append(
-            f"  {counts['images_with_unused_variants']} images have several captions (sidecar lines joined into one, or the first "
-            "of a metadata list taken); --caption-variants trains on each of them in turn"
-        )
-    lines.append(
-        f"cache: {counts['latents_encoded']} latents encoded, {counts['latents_reused']} reused; "
-        f"{counts['texts_encoded']} captions encoded, {counts['texts_reused']} reused; "
-        f"{counts.get('images_decoded', 0)} images decoded; models loaded: {', '.join(report.get('models_loaded') or ['none'])}"
-    )
-    if counts.get("cache_entries_repaired"):
-        lines.append(f"  {counts['cache_entries_repaired']} damaged cache entries were encoded again")
-    lines.append(f"report: {Path(out) / REPORT}")
-    return "\n".join(lines)

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
+from pixart_tune.data.masks import MaskSource, is_mask_name, mask_name_for, mask_source_for, orphan_reason
 from pixart_tune.data.scan import Found, scan_folder
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import os_error_text, printable, read_regular
@@ -42,6 +43,8 @@ class Entry:
     rereadable: bool = True
     """``read`` can be called again later without this entry holding the bytes (files, saved datasets);
     streamed rows cannot, so they are always decoded at full size (see duplicates.py)."""
+    mask: MaskSource | None = None
+    """The image's loss mask (a ``NAME.mask.png`` file or a dataset column), if it has one."""
 
 
 def detect_kind(source: str) -> str:
@@ -59,15 +62,16 @@ def detect_kind(source: str) -> str:
 
 def open_source(
     source: str, kind: str = "auto", split: str = "train", image_column: str | None = None, caption_column: str | None = None,
-    unread: list[dict[str, str]] | None = None,
+    unread: list[dict[str, str]] | None = None, mask_column: str | None = None, ignored: list[dict[str, str]] | None = None,
 ) -> tuple[Iterator[Entry], int | None]:
-    """(entries, their number when known) for ``source``; metadata files that could not be read go into ``unread``."""
+    """(entries, their number when known) for ``source``; metadata files that could not be read go into ``unread``,
+    files found but not used (masks without an image) into ``ignored``."""
     kind = detect_kind(source) if kind == "auto" else kind
     if kind == "folder":
         # The whole tree is listed first (small records): its count is the progress bar's total, and every
         # file found is then accounted for, even when a folder vanishes while images are being encoded.
         found = list(scan_folder(source))
-        return folder_entries(source, caption_column, unread, found), len(found)
+        return folder_entries(source, caption_column, unread, found, ignored), sum(not is_mask_name(f.path.name) for f in found)
     if kind == "saved":
         import datasets
 
@@ -88,14 +92,27 @@ def open_source(
             ) from None
     else:
         raise UserError(f"unknown source kind {kind!r}; use one of {', '.join(SOURCE_KINDS)}")
-    return dataset_entries(data, split, image_column, caption_column), getattr(data, "num_rows", None)
+    return dataset_entries(data, split, image_column, caption_column, mask_column), getattr(data, "num_rows", None)
 
 
-def folder_entries(root: str | Path, caption_column: str | None = None, unread: list[dict[str, str]] | None = None, found: list[Found] | None = None) -> Iterator[Entry]:
-    """The images of a folder (``found``: its scan, when already made); unreadable metadata files go into ``unread``."""
+def folder_entries(
+    root: str | Path, caption_column: str | None = None, unread: list[dict[str, str]] | None = None, found: list[Found] | None = None,
+    ignored: list[dict[str, str]] | None = None,
+) -> Iterator[Entry]:
+    """The images of a folder (``found``: its scan, when already made), each with its ``NAME.mask.png`` if there is one.
+
+    Unreadable metadata files go into ``unread``; masks that belong to no image into ``ignored``.
+    """
     root = Path(root)
+    found = list(scan_folder(root)) if found is None else found
+    masks = {f.source: f for f in found if is_mask_name(f.path.name)}
+    claimed = {mask_source_for(f.source) for f in found if not is_mask_name(f.path.name)}
+    if ignored is not None:
+        ignored += [{"source": source, "reason": orphan_reason()} for source in sorted(set(masks) - claimed)]
     metadata = read_metadata(root, unread)
-    for item in scan_folder(root) if found is None else found:
+    for item in found:
+        if is_mask_name(item.path.name):
+            continue
         row = metadata.get(item.source, {})
         yield Entry(
             source=item.source,
@@ -105,7 +122,18 @@ def folder_entries(root: str | Path, caption_column: str | None = None, unread: 
             metadata_caption=pick_caption(row, caption_column),
             metadata_captions=pick_captions(row, caption_column),
             skip=item.skip,
+            mask=_folder_mask(item, masks.get(mask_source_for(item.source))),
         )
+
+
+def _folder_mask(image: Found, mask: Found | None) -> MaskSource | None:
+    """The mask file found beside ``image``; also a folder in its place, which the scan does not list as a file."""
+    if mask is not None:
+        return MaskSource(printable(mask.path.name), None if mask.skip else functools.partial(read_regular, mask.path), mask.skip)
+    path = image.path.with_name(mask_name_for(image.path.name))
+    if path.is_dir():
+        return MaskSource(printable(path.name), None, "a folder, not an image file")
+    return None
 
 
 def text_name(name: str) -> str:
@@ -194,35 +222,61 @@ def pick_captions(row: dict, column: str | None) -> tuple[str, ...]:
     return next((found for c in CAPTION_COLUMNS if (found := strings(row.get(c)))), ())
 
 
-def dataset_entries(data, split: str, image_column: str | None, caption_column: str | None) -> Iterator[Entry]:
+MASK_COLUMN = "mask"
+"""The dataset column read as each row's loss mask when it is there (an Image column) and no other is named."""
+
+
+def dataset_entries(data, split: str, image_column: str | None, caption_column: str | None, mask_column: str | None = None) -> Iterator[Entry]:
     import datasets
 
     features = data.features or {}
+    mask_column = _mask_column(features, mask_column)
     if image_column is None:
-        image_column = next((name for name, feature in features.items() if isinstance(feature, datasets.Image)), None)
+        image_column = next((name for name, feature in features.items() if isinstance(feature, datasets.Image) and name != mask_column), None)
     if image_column is None or image_column not in features:
         raise UserError(f"no image column found (columns: {', '.join(features)}); name it with --image-column")
-    if isinstance(features[image_column], datasets.Image):
-        data = data.cast_column(image_column, datasets.Image(decode=False))
+    for column in (image_column, mask_column):
+        if column is not None and isinstance(features[column], datasets.Image):
+            data = data.cast_column(column, datasets.Image(decode=False))
     random_access = isinstance(data, datasets.Dataset)  # a save_to_disk dataset: rows are memory-mapped
     for index, row in enumerate(data):
         value = row[image_column]
-        data_bytes, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+        path = value.get("path") if isinstance(value, dict) else None
         source = f"{split}/{index}" + (f":{Path(path).name}" if path else "")
         name = Path(path).name if path else ""
-        rereadable = True
-        if data_bytes is None and path and Path(path).is_file():
-            read = functools.partial(read_regular, path)
-        elif isinstance(data_bytes, (bytes, bytearray)):
-            if random_access:  # fetch the row again when asked rather than holding its bytes
-                read = (lambda i=index: _image_bytes(data[i][image_column]))
-            else:
-                read, rereadable = (lambda b=bytes(data_bytes): b), False
-        else:
+        read, rereadable = _cell_reader(data, index, image_column, random_access, value)
+        if read is None:
             yield Entry(source, name, None, skip="row has no image bytes")
             continue
+        mask = None
+        if mask_column is not None and row[mask_column] is not None:
+            mask_read, _ = _cell_reader(data, index, mask_column, random_access, row[mask_column])
+            mask = MaskSource(f"the mask in column {mask_column!r}", mask_read, None if mask_read else "the mask cell holds no image bytes")
         yield Entry(source, name, read, metadata_caption=pick_caption(row, caption_column),
-                    metadata_captions=pick_captions(row, caption_column), rereadable=rereadable)
+                    metadata_captions=pick_captions(row, caption_column), rereadable=rereadable, mask=mask)
+
+
+def _mask_column(features: dict, mask_column: str | None) -> str | None:
+    """The column holding loss masks: the one named, else ``mask`` when it is an Image column, else none."""
+    import datasets
+
+    if mask_column is None:
+        return MASK_COLUMN if isinstance(features.get(MASK_COLUMN), datasets.Image) else None
+    if mask_column not in features:
+        raise UserError(f"no column {mask_column!r} for masks (columns: {', '.join(features)}); check --mask-column")
+    return mask_column
+
+
+def _cell_reader(data, index: int, column: str, random_access: bool, value) -> tuple[Callable[[], bytes] | None, bool]:
+    """(a reader of the image bytes in cell ``value``, whether it can be called again without holding them); None: no bytes."""
+    data_bytes, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+    if data_bytes is None and path and Path(path).is_file():
+        return functools.partial(read_regular, path), True
+    if isinstance(data_bytes, (bytes, bytearray)):
+        if random_access:  # fetch the row again when asked rather than holding its bytes
+            return (lambda: _image_bytes(data[index][column])), True
+        return (lambda b=bytes(data_bytes): b), False
+    return None, True
 
 
 def _image_bytes(value) -> bytes:
