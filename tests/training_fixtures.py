@@ -64,6 +64,20 @@ def blue_dataset(tiny_model, tmp_path_factory) -> Path:
     return prepare(tiny_model, source, root / "prepared")
 
 
+@pytest.fixture(scope="session")
+def masked_dataset(tiny_model, tmp_path_factory) -> Path:
+    """Four shaded blue images, three with a NAME.mask.png beside them (left half white:
+    train there), one without, prepared at 256 px: masked-loss training."""
+    root = tmp_path_factory.mktemp("masked")
+    sizes = [(256, 256), (256, 256), (320, 192), (320, 192)]
+    source = write_flat_images(root / "source", BLUE, sizes, "a blue thing", shaded=True)
+    for index, (width, height) in enumerate(sizes[:3]):
+        mask = Image.new("L", (width, height), 0)
+        mask.paste(255, (0, 0, width // 2, height))
+        mask.save(source / f"flat_{index}.mask.png")
+    return prepare(tiny_model, source, root / "prepared")
+
+
 def tiny_config(model: str, data: Path, out: Path, *overrides: str) -> TrainConfig:
     """The shipped tiny recipe pointed at test folders, quiet, with extra overrides."""
     base = [

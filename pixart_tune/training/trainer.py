@@ -351,13 +351,15 @@ class Trainer(Judging):
             step = self.state.step
             if step % config.logging.every == 0 or step == total:
                 self._log(window, bar)
-            if config.checkpoint.every and step % config.checkpoint.every == 0 and step < total:
-                self._check_finite(window)
-                self.save_checkpoint()
+            # Judged before the checkpoint: a run killed right after it resumes with this step's
+            # held-out loss and grid already written, not skipped.
             if self.evaluator is not None and config.evaluation.every and step % config.evaluation.every == 0:
                 self.evaluate()
             if config.validation.every and step % config.validation.every == 0:
                 self.validate()
+            if config.checkpoint.every and step % config.checkpoint.every == 0 and step < total:
+                self._check_finite(window)
+                self.save_checkpoint()
 
     def train_step(self, batch: Batch) -> torch.Tensor:
         """One micro-step on a device batch; returns the (detached) loss tensor.
