@@ -13,6 +13,7 @@ from pixart_tune.models import XL2_TRANSFORMER_CONFIG
 from pixart_tune.training import autoplan
 from pixart_tune.training.autoplan import FORWARD_SHARE, checkpoint_modes, fastest, recompute_cost, resolve_auto
 from pixart_tune.training.config import TrainConfig
+from pixart_tune.training.memory import EMA_ROW
 from tests.conftest import REPO
 from tests.training_fixtures import red_dataset, tiny_config  # noqa: F401  (red_dataset: a fixture)
 
@@ -89,3 +90,18 @@ def test_a_training_run_with_auto_checkpoints_what_its_budget_needs(tiny_model, 
             assert trainer.checkpointed_blocks == (list(range(layers)) if everything else [])
         finally:
             trainer.cleanup()
+
+
+def test_auto_makes_room_for_the_ema_shadow(xl2):
+    """A budget that batch 4 without recomputation fits by less than the EMA shadow
+    (4 bytes a LoRA weight) needs recomputation once the recipe keeps an EMA."""
+    config = dataclasses.replace(xl2, gradient_checkpointing="auto", data=dataclasses.replace(xl2.data, batch_size=4))
+    without = autoplan.options(config, 1024, 1e9, (4,))[0]
+    lora = without.plan.rows[1][1] / 4  # "LoRA weights (fp32)": 4 bytes a weight
+    ema = dataclasses.replace(config, ema=dataclasses.replace(config.ema, enabled=True))
+    budget = (without.plan.total_bytes + 2 * lora) / 2**30  # room for half the shadow
+    assert without.checkpointing is False
+    assert resolve_auto(dataclasses.replace(config, memory_budget_gb=budget), 1024)[0].gradient_checkpointing is False
+    chosen, choice = resolve_auto(dataclasses.replace(ema, memory_budget_gb=budget), 1024)
+    assert chosen.gradient_checkpointing is not False and choice.fits
+    assert dict(choice.plan.rows)[EMA_ROW] == 4 * lora

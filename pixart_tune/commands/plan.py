@@ -15,6 +15,7 @@ def main(argv: list[str]) -> int:
     from pixart_tune.training.autoplan import describe, options, resolve_auto
     from pixart_tune.training.config import load_train_config
     from pixart_tune.training.memory import plan_memory, resolution_of
+    from pixart_tune.training.optim import optimizer_advice
 
     parser = verb_parser(
         prog="pixart-tune plan",
@@ -35,6 +36,8 @@ def main(argv: list[str]) -> int:
     if auto is not None:
         print(f"gradient_checkpointing auto -> {describe(auto.checkpointing)}")
     print(plan.table())
+    for line in optimizer_advice(config.optim, config.schedule.lr_scheduler):
+        print(f"advice: {line}")
     found = options(config, resolution, budget)
     print()
     print(choices_table(found, budget))

@@ -76,7 +76,11 @@ def fastest(found: list[Option]) -> Option | None:
 
 def choose_checkpointing(config: TrainConfig, resolution: int) -> Option:
     """``gradient_checkpointing: auto``: at the recipe's batch size, the least
-    recomputation that fits ``memory_budget_gb`` (every block when nothing fits)."""
+    recomputation that fits ``memory_budget_gb`` (every block when nothing fits).
+
+    What must fit is the whole plan (:func:`plan_memory`): the EMA shadow and loss
+    masks when the recipe has them, and the start-up and validation peaks, which no
+    checkpointing mode lowers."""
     found = options(config, resolution, config.memory_budget_gb, (config.data.batch_size,))
     return fastest(found) or found[-1]
 

@@ -19,12 +19,28 @@ The method (docs/training.md explains it in full):
   the traced LoRA layers run as training runs them, so the trace has no fp32 copies.
 * **Backward working set** (gradients in flight inside one block) is estimated as
   one block's activations, and a fixed CUDA context + allocator reserve is added.
+* **EMA** (``ema.enabled``): the shadow is an fp32 copy of every trainable LoRA
+  weight (``training.ema.LoraEma``), 4 bytes each, resident all run.
+* **Loss masks**: a batch with a masked image carries fp32 [1, h/8, w/8] weights per
+  sample (``training.dataset.collate``), counted when a prepared dataset's
+  ``dataset.json`` lists items with a ``mask_key``; a dataset not prepared yet
+  counts none.
+* **Phases with their own peak**: start-up (T5 alone, for the validation prompts)
+  and, with ``validation.clip_model``, CLIP scoring: validation moves the VAE back
+  to the CPU and CLIP onto the device after drawing (``training.validation``), beside
+  the weights, optimizer state and EMA (plus the copy of the raw LoRA weights
+  ``LoraEma.applied`` holds while the average is validated); gradients are freed
+  by then (``zero_grad(set_to_none=True)``). CLIP's parameters are counted from its
+  config.json on the meta device, in bf16 (``base.auto_dtype`` on CUDA); its forward
+  on a few images is not counted. Drawing the validation images (VAE decode,
+  sampling at the validation size) is not planned.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -33,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from pixart_tune.adapters.lora import inject_lora, trainable_parameters
-from pixart_tune.base import MANIFEST, MAX_TOKENS, resolve_dtype
+from pixart_tune.base import MANIFEST, MAX_TOKENS, auto_dtype, resolve_dtype
 from pixart_tune.errors import UserError
 from pixart_tune.fsutil import os_error_text, read_regular
 from pixart_tune.models import T5_XXL_CONFIG, XL2_TRANSFORMER_CONFIG, meta_transformer
@@ -48,6 +64,11 @@ GIB = 2**30
 CONTEXT_RESERVE_GIB = 1.0
 FRAGMENTATION = 0.10
 """Share of the dynamic memory (activations + working set) lost to fragmentation."""
+FP32_BYTES = torch.finfo(torch.float32).bits // 8
+CLIP_BYTES = torch.finfo(auto_dtype("cuda")).bits // 8
+"""ClipScorer's default dtype on a CUDA device (bf16: 2 bytes a parameter)."""
+EMA_ROW = "EMA shadow of the LoRA weights (fp32)"
+MASK_ROW = "loss masks (fp32, latent resolution)"
 
 
 @dataclasses.dataclass
@@ -60,6 +81,10 @@ class MemoryPlan:
     startup: tuple[str, float] | None = None
     """(what, bytes) of a start-up phase with its own peak: T5 encoding the
     validation prompts, alone on the device before the transformer loads."""
+    validation: tuple[str, float] | None = None
+    """(what, bytes) of validation's CLIP scoring, a peak of its own (``validation.clip_model``)."""
+    notes: list[str] = dataclasses.field(default_factory=list)
+    """What the plan could not count, one line each."""
 
     @property
     def total_bytes(self) -> float:
@@ -71,8 +96,9 @@ class MemoryPlan:
 
     @property
     def peak_gib(self) -> float:
-        """The higher of the training peak and the start-up peak."""
-        return max(self.total_bytes, self.startup[1] if self.startup else 0.0) / GIB
+        """The highest of the training peak and the start-up and validation peaks."""
+        phases = [phase[1] for phase in (self.startup, self.validation) if phase]
+        return max([self.total_bytes, *phases]) / GIB
 
     @property
     def fits(self) -> bool:
@@ -85,6 +111,9 @@ class MemoryPlan:
         lines += [f"{'-' * width}  {'-' * 7}", f"{'predicted peak':<{width}}  {self.total_gib:7.2f}"]
         if self.startup:
             lines.append(f"start-up, before training: {self.startup[0]}: {self.startup[1] / GIB:.2f} GiB")
+        if self.validation:
+            lines.append(f"validation, CLIP scoring: {self.validation[0]}: {self.validation[1] / GIB:.2f} GiB")
+        lines += [f"note: {note}" for note in self.notes]
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"budget {self.budget_gib:g} GiB: {verdict} (margin {self.budget_gib - self.peak_gib:+.2f} GiB)")
         return "\n".join(lines)
@@ -172,14 +201,20 @@ def plan_memory(
         activations = trace.outside + trace.blocks[0] + (layers - 1) * block
     working = block
     optimizer_bytes = STATE_BYTES_PER_PARAM[config.optim.name] * lora_params
+    # LoraEma.shadow: p.detach().float().clone() of every trainable (fp32) LoRA weight.
+    ema_bytes = lora_params * FP32_BYTES if config.ema.enabled else 0
     tokens = (height // 16) * (width // 16)
     inputs = batch * (2 * 4 * arch["in_channels"] * (height // 8) * (width // 8) + MAX_TOKENS * (arch["caption_channels"] * base_bytes + 8))
+    # collate: one fp32 [1, h/8, w/8] mask per sample once any image of the batch has one.
+    masks = batch * (height // 8) * (width // 8) * FP32_BYTES if masked_images(config) else 0
     rows = [
         (f"base weights ({config.dtype})", float(base_params * base_bytes)),
-        ("LoRA weights (fp32)", float(lora_params * 4)),
-        ("LoRA gradients (fp32)", float(lora_params * 4)),
+        ("LoRA weights (fp32)", float(lora_params * FP32_BYTES)),
+        ("LoRA gradients (fp32)", float(lora_params * FP32_BYTES)),
         (f"optimizer state ({config.optim.name})", float(optimizer_bytes)),
+        *([(EMA_ROW, float(ema_bytes))] if ema_bytes else []),
         ("batch inputs (latents, noise, T5 embeddings)", float(inputs)),
+        *([(MASK_ROW, float(masks))] if masks else []),
         (f"activations kept for backward{f' ({recomputed} of {layers} blocks checkpointed)' if recomputed else ''}", float(activations)),
         ("backward working set (one block)", float(working)),
         ("allocator fragmentation (10% of dynamic)", FRAGMENTATION * (activations + working)),
@@ -197,7 +232,20 @@ def plan_memory(
     if config.validation.prompts:
         # validation.encode_prompts: T5 in bf16, alone, before the transformer loads.
         startup = ("T5 in bf16 for the validation prompts, alone", text_encoder_params(config.model) * 2 + CONTEXT_RESERVE_GIB * GIB)
-    return MemoryPlan(description, rows, budget_gib if budget_gib is not None else config.memory_budget_gb, startup)
+    validation, notes = None, []
+    if config.validation.prompts and config.validation.clip_model:
+        clip = clip_params(config.validation.clip_model)
+        if clip is None:
+            notes.append(f"validation.clip_model {config.validation.clip_model} is neither a local folder nor in the Hugging Face "
+                         "cache: the CLIP model's size is not counted")
+        else:
+            # Resident through validation: weights, optimizer state, the EMA shadow and,
+            # while LoraEma.applied swaps the average in, a copy of the raw LoRA weights.
+            resident = base_params * base_bytes + lora_params * FP32_BYTES + optimizer_bytes + 2 * ema_bytes
+            beside = "the weights, optimizer state" + (" and EMA (shadow + raw copy)" if ema_bytes else "")
+            validation = (f"CLIP ({clip / 1e6:.1f} M parameters) in bf16 beside {beside}", float(resident + clip * CLIP_BYTES + CONTEXT_RESERVE_GIB * GIB))
+    budget = budget_gib if budget_gib is not None else config.memory_budget_gb
+    return MemoryPlan(description, rows, budget, startup, validation, notes)
 
 
 def _checkpointing_words(recomputed: int, layers: int) -> str:
@@ -215,6 +263,53 @@ def text_encoder_params(model: str) -> int:
     with torch.device("meta"):
         encoder = T5EncoderModel(config)
     return sum(p.numel() for p in encoder.parameters())
+
+
+def masked_images(config: TrainConfig) -> int:
+    """Items with a loss mask over the recipe's prepared training datasets (0 for any not prepared yet).
+
+    Read from each ``dataset.json``'s raw items (``"mask_key"``, set by prepare for
+    an image with a mask), so the count needs nothing but the manifest's JSON.
+    """
+    count = 0
+    for folder, _ in config.data.sources():
+        manifest = Path(folder) / MANIFEST
+        if not manifest.is_file():
+            continue
+        try:
+            items = json.loads(read_regular(manifest).decode("utf-8")).get("items", [])
+            count += sum(bool(isinstance(item, dict) and item.get("mask_key")) for item in items)
+        except OSError as error:
+            raise UserError(f"cannot read {manifest} ({os_error_text(error)})") from None
+        except (ValueError, AttributeError) as error:
+            raise UserError(f"{manifest} is damaged ({error}); re-run pixart-tune prepare") from None
+    return count
+
+
+@functools.lru_cache(maxsize=8)  # autoplan plans a recipe once per batch size and checkpointing mode
+def clip_params(model: str) -> int | None:
+    """Parameters of CLIP model ``model`` counted on the meta device from its config.json, or None
+    when that is not at hand (neither a local folder nor a hub id in the local cache; no network asked)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    folder = Path(model).expanduser()
+    config_file: Path | str | None = folder / "config.json" if folder.is_dir() else None
+    if config_file is None:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            config_file = try_to_load_from_cache(model, "config.json")
+        except ValueError:  # not a hub id either; the trainer says so when validation is set up
+            return None
+    if not isinstance(config_file, (str, Path)) or not Path(config_file).is_file():
+        return None
+    try:
+        config = CLIPConfig.from_json_file(str(config_file))
+    except (OSError, ValueError) as error:
+        raise UserError(f"validation.clip_model {model}: cannot read {config_file} ({error})") from None
+    with torch.device("meta"):
+        clip = CLIPModel(config)
+    return sum(p.numel() for p in clip.parameters())
 
 
 @dataclasses.dataclass
