@@ -80,8 +80,10 @@ class DataSection:
     repeats: int = 1
     """Times each image of ``path`` appears per epoch."""
     extra: list[ExtraDataset] = dataclasses.field(default_factory=list)
-    """More prepared datasets, each ``{path: FOLDER, repeats: N}``; an epoch is every
-    dataset's images, each listed its ``repeats`` times, in bucket batches."""
+    """More prepared datasets, each ``{path: FOLDER, repeats: N}`` (plus ``kind``,
+    ``loss_weight``, ``ratio``); an epoch is every dataset's images, each listed its
+    ``repeats`` times, in bucket batches, and a ``kind: class`` dataset's images drawn
+    at its ``ratio``."""
     batch_size: int = 1
     """Samples per device per micro-step; every batch comes from one aspect bucket."""
     caption_dropout: float = 0.1
