@@ -266,8 +266,12 @@ class Trainer(Judging):
             check_compatible([self.dataset.main, held])
         if held is None:
             return
+        try:
+            evaluator = Evaluator(held, indices, config.evaluation, self.num_timesteps, batch_size=config.data.batch_size)
+        except ValueError as error:
+            raise UserError(str(error)) from None
         if self.is_main:
-            self.evaluator = Evaluator(held, indices, config.evaluation, self.num_timesteps, batch_size=config.data.batch_size)
+            self.evaluator = evaluator
             logger.info("evaluation: %d held-out image(s) x %d timesteps every %s", len(self.evaluator.indices),
                         len(self.evaluator.timesteps), f"{config.evaluation.every} steps" if config.evaluation.every else "run (at the end)")
 
