@@ -87,12 +87,19 @@ def training_settings(metadata: dict[str, str]) -> dict[str, Any]:
 
 
 def _flatten(settings: dict[str, Any], prefix: str, part: dict[str, Any]) -> None:
-    """Scalar settings of one recipe section (and its subsections, such as diffusion.timesteps) as dotted keys."""
+    """Settings of one recipe section (and its subsections, such as diffusion.timesteps) as dotted keys:
+    scalars, and lists of scalars (optim.betas, diffusion.timesteps.range); not paths or lists of sections."""
     for key, value in part.items():
+        if key in ("path", "eval", "num_workers"):
+            continue
         if isinstance(value, dict):
             _flatten(settings, f"{prefix}.{key}", value)
-        elif isinstance(value, (str, int, float, bool)) and value != "" and key not in ("path", "eval", "num_workers"):
+        elif _is_setting(value) or (isinstance(value, list) and value and all(map(_is_setting, value))):
             settings[f"{prefix}.{key}"] = value
+
+
+def _is_setting(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool)) and value != ""
 
 
 _METRICS = (

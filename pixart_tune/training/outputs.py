@@ -61,7 +61,7 @@ def describe_outputs(output_dir: Path, adapter: Path) -> list[str]:
         step, value, rise = best
         lines.append(
             f"  held-out loss lowest at step {step} ({value:.4f})"
-            + (f", {rise:.0%} higher at the end: over-fitting after it (see loss.png; a checkpoint near step {step} may be the better adapter)" if rise > 0.02 else "")
+            + (f", {rise:.0%} higher at the end: over-fitting after it (see loss.png; a checkpoint near step {step} may be the better adapter)" if rise > plots.OVERFIT_RISE else "")
         )
     kept = ckpt.list_checkpoints(output_dir)
     if kept:
@@ -69,5 +69,7 @@ def describe_outputs(output_dir: Path, adapter: Path) -> list[str]:
     if (output_dir / "logs").is_dir():
         lines.append(f"  logs/  TensorBoard (tensorboard --logdir {output_dir / 'logs'})")
     if (output_dir / "wandb").is_dir():
-        lines.append(f"  wandb/  Weights & Biases run files (an offline run: wandb sync {output_dir / 'wandb'}/offline-run-*)")
+        # An online run is on its page already; only an offline one has to be uploaded.
+        offline = any((output_dir / "wandb").glob("offline-run-*"))
+        lines.append("  wandb/  Weights & Biases run files" + (f" (an offline run: wandb sync {output_dir / 'wandb'}/offline-run-*)" if offline else ""))
     return lines

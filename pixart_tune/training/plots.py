@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pixart_tune.base import LOSS_HISTORY
 from pixart_tune.fsutil import atomic_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TRAIN = "train"
 """The series of training losses, one point per log point (``logging.every`` steps)."""
@@ -24,6 +28,9 @@ EVAL = "eval"
 """The held-out loss at fixed timesteps and noise, one point per evaluation."""
 CLIP = "clip_score"
 """The mean CLIP score of the validation images against their prompts."""
+
+OVERFIT_RISE = 0.02
+"""A last held-out loss more than this fraction above the lowest is called over-fitting (below it, noise)."""
 
 _LABELS = {TRAIN: "training loss (mean over each logging window)", EVAL: "held-out loss (fixed timesteps and noise)", CLIP: "CLIP score"}
 
@@ -36,7 +43,7 @@ class LossHistory:
         self.series: dict[str, list[tuple[int, float]]] = series or {}
 
     @classmethod
-    def load(cls, output_dir: str | Path, up_to_step: int) -> "LossHistory":
+    def load(cls, output_dir: str | Path, up_to_step: int) -> LossHistory:
         """The history of ``output_dir`` with every point after ``up_to_step`` dropped
         (0 for a fresh run: nothing from an earlier run in the folder is kept)."""
         path = Path(output_dir) / LOSS_HISTORY
@@ -76,7 +83,16 @@ def lowest_eval(history: LossHistory) -> tuple[int, float, float] | None:
 
 
 def plot_loss(history: LossHistory, path: str | Path, title: str = "") -> Path:
-    """Draws the losses against the optimizer step into a PNG at ``path`` (the CLIP score, if any, below).
+    """Draws :func:`loss_figure` into a PNG at ``path``."""
+    figure = loss_figure(history, title)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    return path
+
+
+def loss_figure(history: LossHistory, title: str = "") -> Figure:
+    """The losses against the optimizer step (the CLIP score, if any, in a panel below), as a matplotlib Figure.
 
     The lowest held-out loss is marked: where it lies well before the end, the run
     over-fitted after it. Uses matplotlib's Agg canvas directly (no pyplot), so no
@@ -95,8 +111,8 @@ def plot_loss(history: LossHistory, path: str | Path, title: str = "") -> Path:
         axes.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=_LABELS.get(name, name))
     best = lowest_eval(history)
     if best is not None:
-        step, value, rise = best
-        note = f"lowest held-out loss: step {step}" + (f" (+{rise:.0%} by the end: over-fitting after it)" if rise > 0.02 else "")
+        step, _, rise = best
+        note = f"lowest held-out loss: step {step}" + (f" (+{rise:.0%} by the end: over-fitting after it)" if rise > OVERFIT_RISE else "")
         axes.axvline(step, color="grey", linestyle="--", linewidth=1, label=note)
     axes.set_ylabel("loss")
     axes.set_title(title or "loss")
@@ -112,7 +128,4 @@ def plot_loss(history: LossHistory, path: str | Path, title: str = "") -> Path:
         clip_axes.grid(True, alpha=0.3)
         clip_axes.legend(loc="lower right", fontsize="small")
     (clip_axes or axes).set_xlabel("optimizer step")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
-    return path
+    return figure

@@ -9,7 +9,6 @@ the model card and the app read.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import resource
@@ -42,9 +41,12 @@ def make_trackers(settings: LoggingSection, output_dir: Path) -> list[Any]:
             # run name "logs" under OUTPUT_DIR: the event files land in OUTPUT_DIR/logs.
             trackers.append(TensorBoardTracker(LOGS, output_dir))
         elif name == "wandb":
-            if importlib.util.find_spec("wandb") is None:
-                raise UserError("logging.report_to lists wandb, which is not installed: pip install 'pixart-tune[wandb]' (or drop wandb from report_to)")
-            import wandb
+            try:
+                import wandb
+            except ImportError as error:
+                # Missing, or installed but broken (a dependency of its own): one line either way.
+                why = "is not installed" if error.name == "wandb" else f"fails to import ({error})"
+                raise UserError(f"logging.report_to lists wandb, which {why}: pip install 'pixart-tune[wandb]' (or drop wandb from report_to)") from None
             from accelerate.tracking import WandBTracker
 
             # wandb's own banner and sync lines are not ours to print; the run's link is (RunLog.start).
@@ -84,9 +86,8 @@ class RunLog:
         self.accelerator.init_trackers(LOGS, config=flat_config(config))
         if self.is_main:
             for tracker in self.accelerator.trackers:
-                url = getattr(getattr(tracker, "run", None), "url", None)
                 if tracker.name == "wandb":
-                    logger.info("wandb: %s", url or f"offline run in {self.output_dir / 'wandb'} (sync it with 'wandb sync')")
+                    logger.info("wandb: %s", _wandb_where(tracker.run))
 
     def scalars(self, values: dict[str, float], step: int, series: dict[str, str] | None = None) -> None:
         """Logs ``values`` at ``step``; keys named in ``series`` also join the loss history under that name."""
@@ -117,6 +118,15 @@ class RunLog:
         if not self.is_main:
             return None
         return plots.plot_loss(self.history, self.output_dir / LOSS_PLOT, title=title)
+
+
+def _wandb_where(run: Any) -> str:
+    """Where a wandb run can be seen: its page, or the folder of an offline run and how to upload it."""
+    # An offline run's ``url`` prints a warning of wandb's own on the console: ask ``offline`` first.
+    if getattr(run, "offline", False):
+        folder = Path(run.dir).parent  # run.dir is the run's files/ folder
+        return f"offline run in {folder} (upload it with 'wandb sync {folder}')"
+    return str(run.url)
 
 
 class Window:
