@@ -91,7 +91,7 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(name, tiny_model, red_
     assert json.loads((killed / "loss.json").read_text()) == history
     if "eval" in name:
         # Fixed timesteps and noise: the held-out loss of the resumed run is the uninterrupted one's, to the bit.
-        assert [step for step, _ in history["eval"]] == [4, 8, 12]
+        assert [step for step, _ in history["eval"]] == [0, 4, 8, 12]
         header = json.loads(json.dumps(_header(straight / "adapter")))
         metrics = json.loads(header["metrics"])
         assert metrics["eval/loss"] == pytest.approx(history["eval"][-1][1], abs=1e-6)

@@ -332,6 +332,8 @@ class Trainer(Judging):
         window = Window(self.device)
         # Lines logged mid-run (validation) print above the bar instead of through it.
         with logging_redirect_tqdm():
+            if self.evaluator is not None and self.state.step == 0:
+                self.evaluate()  # the base model's held-out loss: where the curve starts
             self._loop(bar, batches, window, total)
         bar.close()
         self._check_finite(window)
