@@ -80,6 +80,10 @@ def training_settings(metadata: dict[str, str]) -> dict[str, Any]:
             part = config.get(section)
             if isinstance(part, dict) and (section != "ema" or part.get("enabled")):
                 _flatten(settings, section, part)
+        diffusion = config.get("diffusion")
+        if isinstance(diffusion, dict) and diffusion.get("weighting") is None:
+            # null means "min_snr when a gamma is set": the card says which was in force.
+            settings["diffusion.weighting"] = "min_snr" if diffusion.get("min_snr_gamma") is not None else "none"
         for key in ("dtype", "seed", "gradient_checkpointing"):
             if isinstance(config.get(key), (str, int, float, bool)):
                 settings[key] = config[key]
