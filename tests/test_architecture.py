@@ -6,6 +6,7 @@ two packages on one layer stay out of each other):
     cli                      the ``pixart-tune`` entry: the table of verbs
     commands                 one module per verb: parse, call one library function, print
     app                      the Gradio app
+    class_images             class images for prior preservation, drawn by the Sampler
     training | sampling      the trainer; sampling with adapters
     adapters | data          LoRA files and tools; dataset preparation and the cache
     generation               one generation path, grids, PNGs
@@ -34,6 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pixart_tune.generation",),
     ("pixart_tune.adapters", "pixart_tune.data"),
     ("pixart_tune.training", "pixart_tune.sampling"),
+    ("pixart_tune.class_images",),
     ("pixart_tune.app",),
     ("pixart_tune.commands",),
     ("pixart_tune.cli",),

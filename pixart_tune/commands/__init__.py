@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from pixart_tune.commands import app, export, init_tiny, merge, plan, prepare, sample, train
+from pixart_tune.commands import app, class_images, export, init_tiny, merge, plan, prepare, sample, train
 
 # verb -> its module (with ``SUMMARY`` and ``main(argv) -> int``), in the order --help lists them
 VERBS: dict[str, ModuleType] = {
     "init-tiny": init_tiny,
+    "class-images": class_images,
     "prepare": prepare,
     "train": train,
     "plan": plan,
