@@ -6,11 +6,6 @@ test_optim_extras, test_evaluation and test_loss_math."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +14,7 @@ from safetensors.torch import load_file
 
 from pixart_tune.training import checkpoint as ckpt
 from pixart_tune.training.trainer import Trainer, run
-from tests.conftest import REPO
-from tests.training_fixtures import TINY_RECIPE, blue_dataset, cli_env, masked_dataset, red_dataset, tiny_config  # noqa: F401  (fixtures)
+from tests.training_fixtures import blue_dataset, kill_train_when, masked_dataset, red_dataset, tiny_config  # noqa: F401  (fixtures)
 
 COMMON = ["schedule.steps=12", "checkpoint.every=4", "checkpoint.keep_last=2", "logging.every=2", "lora.dropout=0.1",
           "data.caption_dropout=0.3", "schedule.lr_scheduler=constant_with_warmup"]
@@ -53,23 +47,6 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _kill_at_second_checkpoint(args: list[str], out: Path) -> None:
-    command = [sys.executable, "-m", "pixart_tune.cli", "train", str(TINY_RECIPE), *args, "--no-progress"]
-    process = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while not (out / "checkpoints" / "step-000008").exists():
-            assert process.poll() is None, process.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the training subprocess made no second checkpoint"
-            time.sleep(0.005)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-        process.stderr.close()
-    assert not (out / "adapter").exists(), "the run finished before it was killed; the test proves nothing"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(FEATURES))
 def test_kill_9_then_resume_matches_the_uninterrupted_run(name, tiny_model, red_dataset, blue_dataset, masked_dataset, tmp_path):  # noqa: F811
@@ -77,7 +54,7 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(name, tiny_model, red_
     data = masked_dataset if "masks" in name else red_dataset
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     args = [f"model={tiny_model}", f"data.path={data}", f"output_dir={killed}", "logging.report_to=[]", "validation.prompts=[]", *overrides]
-    _kill_at_second_checkpoint(args, killed)
+    kill_train_when(args, killed, step=8)
     assert (ckpt.list_checkpoints(killed)[-1] / "ema.pt").is_file(), "the checkpoint holds no EMA state"
 
     run(tiny_config(tiny_model, data, killed, *overrides), resume="latest", progress=False)

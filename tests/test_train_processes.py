@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
-import time
 
 import pytest
 from safetensors.torch import load_file
@@ -16,7 +12,7 @@ from safetensors.torch import load_file
 from pixart_tune.training import checkpoint as ckpt
 from pixart_tune.training.trainer import run
 from tests.conftest import REPO
-from tests.training_fixtures import TINY_RECIPE, cli_env, red_dataset, tiny_config  # noqa: F401  (fixture)
+from tests.training_fixtures import TINY_RECIPE, cli_env, kill_train_when, red_dataset, tiny_config  # noqa: F401  (fixture)
 
 # LoRA dropout, caption dropout, noise offset, min-SNR and accumulation all on: a
 # resume must restore every RNG stream and the data position to match exactly.
@@ -38,22 +34,7 @@ def _cli_args(model, data, out, *extra):
 @pytest.mark.slow
 def test_kill_9_then_resume_ends_with_the_uninterrupted_adapter(tiny_model, red_dataset, tmp_path):
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "pixart_tune.cli", "train", str(TINY_RECIPE), *_cli_args(tiny_model, red_dataset, killed, *RESUME), "--no-progress"]
-    process = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        # Kill as soon as the second checkpoint exists: the run is then mid-way,
-        # possibly in the middle of writing or pruning a checkpoint.
-        while len(ckpt.list_checkpoints(killed)) < 2 or not (killed / "checkpoints" / "step-000008").exists():
-            assert process.poll() is None, process.stderr.read().decode()
-            assert time.monotonic() < deadline, "the training subprocess made no checkpoint"
-            time.sleep(0.005)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-        process.stderr.close()
-    assert not (killed / "adapter").exists(), "the run finished before it was killed; the test proves nothing"
+    kill_train_when(_cli_args(tiny_model, red_dataset, killed, *RESUME), killed, step=8)
     resumed_from = ckpt.list_checkpoints(killed)[-1]
     assert 8 <= ckpt.load_checkpoint(resumed_from).state.step < 24
 

@@ -98,6 +98,32 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def kill_train_when(args: list[str], out: Path, step: int) -> None:
+    """Runs ``pixart-tune train`` with ``args`` in a subprocess and kills it with SIGKILL as
+    soon as checkpoint ``step`` exists (mid-way, possibly while it writes or prunes one)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pixart_tune.training import checkpoint as ckpt
+
+    command = [sys.executable, "-m", "pixart_tune.cli", "train", str(TINY_RECIPE), *args, "--no-progress"]
+    process = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not (ckpt.checkpoint_root(out) / f"step-{step:06d}").exists():
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, f"the training subprocess made no checkpoint at step {step}"
+            time.sleep(0.005)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+    assert not (out / "adapter").exists(), "the run finished before it was killed; the test proves nothing"
+
+
 class Interrupted(Exception):
     """Stands for a crash in the middle of training."""
 
