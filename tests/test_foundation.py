@@ -76,7 +76,7 @@ def test_override_syntax_error():
 
 def test_cli_lists_verbs():
     result = subprocess.run([sys.executable, "-m", "pixart_tune.cli", "--help"], capture_output=True, text=True, check=True)
-    for verb in ("init-tiny", "prepare", "train", "plan", "sample", "merge", "export", "app"):
+    for verb in ("init-tiny", "class-images", "prepare", "train", "plan", "sample", "merge", "export", "app"):
         assert verb in result.stdout
 
 
