@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -33,7 +32,7 @@ from pixart_tune.errors import UserError
 from pixart_tune.fsutil import files_into, os_error_text, read_regular, refuse_unsafe_outputs
 from pixart_tune.generation import save_png
 from pixart_tune.hub import resolve_component
-from pixart_tune.sampling import MAX_PIXELS, Sampler, bucket_size, check_numbers, parse_size
+from pixart_tune.sampling import Sampler, bucket_size, check_numbers, check_shape
 
 __all__ = ["ClassImagesConfig", "ClassImagesResult", "Survey", "make_class_images", "survey"]
 
@@ -96,12 +95,7 @@ class ClassImagesConfig:
         if not (0 <= self.seed and self.seed + self.count - 1 < 2**64):
             raise ValueError(f"seed must be a whole number from 0 with seed + count - 1 below 2**64, got {self.seed}")
         check_numbers(self.steps, self.guidance)
-        if self.aspect is not None and not (math.isfinite(self.aspect) and self.aspect > 0):
-            raise ValueError(f"aspect must be a positive number (height / width), got {self.aspect}")
-        if self.size is not None:
-            height, width = parse_size(self.size)
-            if height * width > MAX_PIXELS:
-                raise ValueError(f"size {self.size} has {height * width} pixels, beyond any PixArt-Sigma model (at most {MAX_PIXELS}); pick one of the buckets")
+        check_shape(self.aspect, self.size)
 
 
 @dataclasses.dataclass

@@ -174,6 +174,16 @@ def check_numbers(steps: int, guidance: float) -> None:
         raise UserError(f"guidance must be a finite number of at least 0 (4.5 is usual), got {guidance}")
 
 
+def check_shape(aspect: float | None, size: str | None) -> None:
+    """Refuses an aspect that is not a positive number and a size beyond any PixArt-Sigma model."""
+    if aspect is not None and not (math.isfinite(aspect) and aspect > 0):
+        raise ValueError(f"aspect must be a positive number (height / width), got {aspect}")
+    if size is not None:
+        height, width = parse_size(size)
+        if height * width > MAX_PIXELS:
+            raise ValueError(f"size {size} has {height * width} pixels, beyond any PixArt-Sigma model (at most {MAX_PIXELS}); pick one of the buckets")
+
+
 def _stat(path: Path) -> tuple[int, int]:
     if path.is_dir():
         files = [p for p in path.iterdir() if p.is_file()]
@@ -230,14 +240,9 @@ class SampleConfig:
         check_numbers(self.steps, self.guidance)
         if not self.seeds or any(not 0 <= seed < 2**64 for seed in self.seeds):
             raise ValueError(f"seeds must be whole numbers from 0 to 2**64 - 1, got {self.seeds}")
-        if self.aspect is not None and not (math.isfinite(self.aspect) and self.aspect > 0):
-            raise ValueError(f"aspect must be a positive number (height / width), got {self.aspect}")
+        check_shape(self.aspect, self.size)
         if any(not math.isfinite(scale) for scale in self.sweep or []):
             raise ValueError(f"sweep scales must be finite numbers, got {self.sweep}")
-        if self.size is not None:
-            height, width = parse_size(self.size)
-            if height * width > MAX_PIXELS:
-                raise ValueError(f"size {self.size} has {height * width} pixels, beyond any PixArt-Sigma model (at most {MAX_PIXELS}); pick one of the buckets")
 
 
 @dataclasses.dataclass
