@@ -82,7 +82,7 @@ def trainer_config(model: Path, data: Path, out: Path, resolution: int, batch: i
 
     return load_train_config(RECIPE, [
         f"model={model}", f"data.path={data}", f"output_dir={out}", f"resolution={resolution}", f"dtype={DTYPE_NAMES[dtype]}", f"data.batch_size={batch}",
-        "gradient_checkpointing=auto", "lora_compute_dtype=base", "validation.prompts=[]", "validation.every=0", "logging.tensorboard=false",
+        "gradient_checkpointing=auto", "lora_compute_dtype=base", "validation.prompts=[]", "validation.every=0", "logging.report_to=[]",
         f"logging.every={steps}", "checkpoint.every=0", f"schedule.steps={steps}", "schedule.warmup_steps=0",
     ])
 

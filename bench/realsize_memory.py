@@ -41,7 +41,7 @@ def overrides(model: Path, data: Path, out: Path, checkpointing: bool, batch_siz
     return [
         f"model={model}", f"data.path={data}", f"output_dir={out}", "resolution=256", f"data.batch_size={batch_size}",
         f"gradient_checkpointing={str(checkpointing).lower()}", "validation.prompts=[]", "validation.every=0",
-        "logging.tensorboard=false", "checkpoint.every=0",
+        "logging.report_to=[]", "checkpoint.every=0",
     ]
 
 

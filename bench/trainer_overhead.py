@@ -65,7 +65,7 @@ def trainer_config(model: Path, data: Path, out: Path, batch_size: int, rank: in
             f"model={model}", f"data.path={data}", f"output_dir={out}", f"data.batch_size={batch_size}",
             "dtype=fp32", "validation.prompts=[]", "checkpoint.every=0", "gradient_checkpointing=false",
             "optim.name=adamw", "data.caption_dropout=0", "diffusion.min_snr_gamma=null",
-            f"lora.rank={rank}", f"lora.alpha={rank}", "logging.every=10", "logging.tensorboard=true",
+            f"lora.rank={rank}", f"lora.alpha={rank}", "logging.every=10", "logging.report_to=[tensorboard]",
             "schedule.steps=1000000", "schedule.lr_scheduler=constant", "schedule.warmup_steps=0",
         ],
     )

@@ -115,6 +115,7 @@ def test_class_images_come_at_their_ratio_and_weight(tiny_model, red_dataset, bl
         batch = trainer.next_batch()
         expected = [0.25 if i in classes else 1.0 for i in trainer.sampler.epoch_batches(0)[0]]
         assert batch.weights.tolist() == expected
+        assert trainer.metadata()["prior_preservation"] == "4 class images, 4 per epoch (ratio 2), loss weight 0.25"
     finally:
         trainer.cleanup()
 
@@ -124,6 +125,7 @@ def test_masked_images_reach_the_loss_with_their_masks(tiny_model, masked_datase
     trainer.setup()
     try:
         assert "3 masked" in trainer.dataset.describe()
+        assert trainer.metadata()["masked_images"] == 3
         masks = [trainer.next_batch().loss_masks for _ in range(2)]
         # Each bucket's batch: the left half weighs 1, the right 0 (the unmasked image weighs 1 everywhere).
         for batch_masks in masks:

@@ -71,7 +71,10 @@ def training_settings(metadata: dict[str, str]) -> dict[str, Any]:
     """The settings worth a reader's attention, flattened to dotted keys."""
     values = decoded(metadata)
     settings: dict[str, Any] = {}
-    for key in ("lora_rank", "lora_alpha", "lora_targets", "steps", "resolution", "merge_method", "energy_kept", "dataset_fingerprint", "pixart_tune_version"):
+    for key in (
+        "lora_rank", "lora_alpha", "lora_targets", "steps", "resolution", "merge_method", "energy_kept", "prior_preservation",
+        "masked_images", "ema", "dataset_fingerprint", "pixart_tune_version",
+    ):
         if key in values and values[key] not in ("", None):
             settings[key] = values[key]
     config = values.get("training_config")

@@ -401,9 +401,16 @@ class LoggingSection:
     loss.json and loss.png are written either way."""
     project: str = "pixart-tune"
     """The tracker project (wandb's project; runs are named after output_dir)."""
+    tensorboard: bool | None = None
+    """Older recipes' switch, still read: true adds tensorboard to report_to, false
+    removes it; null leaves report_to as it is."""
 
     def __post_init__(self) -> None:
         _at_least("logging", 1, every=self.every)
+        if self.tensorboard is not None:
+            kept = [name for name in self.report_to if name != "tensorboard"]
+            self.report_to = ["tensorboard", *kept] if self.tensorboard else kept
+            self.tensorboard = None  # said once: the saved config.yaml carries report_to alone
         for name in self.report_to:
             if name not in TRACKERS:
                 raise ValueError(f"logging.report_to {name!r} is not one of {', '.join(TRACKERS)}")

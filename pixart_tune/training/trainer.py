@@ -477,8 +477,15 @@ class Trainer(Judging):
             "pixart_tune_version": __version__,
             "training_config": to_dict(self.config),
             **({"ema": f"decay {self.config.ema.decay:g} from step {self.config.ema.start_step}"} if self.ema is not None else {}),
+            **({"masked_images": masked} if (masked := sum(part.masked for part in self.dataset.parts)) else {}),
+            **({"prior_preservation": self._prior_preservation()} if self.dataset.class_items else {}),
             **({"metrics": self._metrics()} if self.final_metrics else {}),
         }
+
+    def _prior_preservation(self) -> str:
+        spec = next(spec for spec in self.dataset.specs if spec.kind == "class")
+        images = len(self.dataset.parts[self.dataset.specs.index(spec)])
+        return f"{images} class images, {self.sampler.class_per_epoch} per epoch (ratio {spec.ratio:g}), loss weight {spec.loss_weight:g}"
 
     def save_checkpoint(self) -> Path | None:
         """Writes a resumable checkpoint (main process; every rank's RNG state gathered)."""
