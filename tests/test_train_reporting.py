@@ -82,7 +82,7 @@ def test_tensorboard_holds_the_losses_the_lr_the_grids_and_the_recipe(reported):
     assert [s for s, _ in train] == list(range(1, STEPS + 1))
     _same(train, history[plots.TRAIN], 1e-6)
     evals = [(e.step, e.value) for e in events.Scalars("eval/loss")]
-    assert [s for s, _ in evals] == [2, 4]
+    assert [s for s, _ in evals] == [0, 2, 4]  # once before the first step, then every 2
     _same(evals, history[plots.EVAL], 1e-6)
     assert [e.step for e in events.Scalars("train/lr")] == list(range(1, STEPS + 1))
     assert events.Scalars("train/lr")[-1].value == 0.0  # cosine to 0 at the last step
@@ -160,7 +160,7 @@ def test_wandb_offline_run_holds_the_losses_at_their_steps(reported):
     evals = [(step, row["eval/loss"]) for step, row in sorted(steps.items()) if "eval/loss" in row]
     _same(train, history[plots.TRAIN], 1e-9)
     _same(evals, history[plots.EVAL], 1e-9)
-    assert [s for s, _ in evals] == [2, 4]
+    assert [s for s, _ in evals] == [0, 2, 4]
     assert all("train/lr" in steps[s] for s in range(1, STEPS + 1))
     clip = [(step, row["validation/clip_score"]) for step, row in sorted(steps.items()) if "validation/clip_score" in row]
     _same(clip, history[plots.CLIP], 1e-9)
@@ -278,7 +278,7 @@ def test_the_run_keeps_its_eval_series_and_plots_it(reported):
     history = _history(out)
     assert set(history) == {plots.TRAIN, plots.EVAL, plots.CLIP}
     assert [s for s, _ in history[plots.TRAIN]] == list(range(1, STEPS + 1))
-    assert [s for s, _ in history[plots.EVAL]] == [2, 4] and [s for s, _ in history[plots.CLIP]] == [2, 4]
+    assert [s for s, _ in history[plots.EVAL]] == [0, 2, 4] and [s for s, _ in history[plots.CLIP]] == [2, 4]
     step, value, rise = plots.lowest_eval(plots.LossHistory.load(out, STEPS))
     assert (step, value) == min(history[plots.EVAL], key=lambda p: (p[1], p[0]))
     figure = plots.loss_figure(plots.LossHistory.load(out, STEPS))
