@@ -1,0 +1,108 @@
+"""The Generate tab: the base model and the adapted one side by side with one seed, and a scale sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pixart_tune.app.files import unique
+from pixart_tune.app.page import Page, shown, sliders_for
+from pixart_tune.app.service import PreviewApp, bucket_choices, square_bucket
+
+
+def build(page: Page, app: PreviewApp) -> None:
+    """The tab's widgets and listeners; registers the adapters menu on ``page``."""
+    import gradio as gr
+
+    with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
+        with gr.Row():
+            with gr.Column(scale=2, min_width=340):
+                adapters = gr.Dropdown(page.adapter_choices, value=[], multiselect=True, label="Adapters", elem_id="adapters",
+                                       info="Found in the runs and outputs folders; each gets a scale slider")
+
+                @gr.render(inputs=adapters)
+                def scale_sliders(selected):
+                    selected = list(selected or [])
+                    sliders = sliders_for(app, selected, "Scale")
+                    generate.click(
+                        shown("Generate", lambda: (gr.skip(),) * 3)(lambda *v, progress=page.track(): _compare(app, selected, *v, progress=progress)),
+                        inputs=[page.model, prompt, negative, seed, steps, guidance, bucket, *sliders],
+                        outputs=[base_image, adapted_image, info],
+                    )
+                    sweep_button.click(
+                        shown("Scale sweep", gr.skip)(lambda *v, progress=page.track(): _sweep(app, selected, *v, progress=progress)),
+                        inputs=[page.model, prompt, negative, seed, steps, guidance, bucket, swept, sweep_values, *sliders],
+                        outputs=[sweep_image],
+                    )
+
+                with gr.Accordion("Add an adapter by path", open=False):
+                    add_path = gr.Textbox(label="Adapter folder or .safetensors file", elem_id="add-path",
+                                          placeholder="runs/my-style/final (under the allowed folders)")
+                    add_button = gr.Button("Add", size="sm", elem_id="add-adapter")
+                prompt = gr.Textbox("a photo of a cat", label="Prompt", lines=2, elem_id="prompt", interactive=True)
+                negative = gr.Textbox(label="Negative prompt", elem_id="negative", interactive=True)
+                with gr.Row():
+                    seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="seed", interactive=True)
+                    bucket = gr.Dropdown(bucket_choices(page.buckets), value=square_bucket(page.buckets), label="Size (width × height)",
+                                         elem_id="bucket", interactive=True)
+                with gr.Row():
+                    steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="steps", interactive=True)
+                    guidance = gr.Slider(1.0, 15.0, value=4.5, step=0.5, label="Guidance", elem_id="guidance", interactive=True)
+                generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Accordion("Scale sweep", open=False):
+                    swept = gr.Dropdown([], label="Adapter to sweep", elem_id="swept", interactive=True)
+                    sweep_values = gr.Textbox("0, 0.5, 1, 1.5", label="Scales", elem_id="sweep-values", interactive=True)
+                    sweep_button = gr.Button("Sweep", elem_id="sweep")
+            with gr.Column(scale=3):
+                with gr.Row():
+                    base_image = gr.Image(label="Base model", type="pil", format="png", interactive=False, elem_id="base-image")
+                    adapted_image = gr.Image(label="With adapters", type="pil", format="png", interactive=False, elem_id="adapted-image")
+                info = gr.Markdown("Same seed on both sides: the difference is the adapters.", elem_id="info")
+                sweep_image = gr.Image(label="Scale sweep", type="pil", format="png", interactive=False, visible=False, elem_id="sweep-image")
+
+    page.adapters, page.bucket, page.swept = adapters, bucket, swept
+
+    @shown("Add an adapter", lambda: (gr.skip(),) * 4)
+    def add_adapter(path, selected, current_extra):
+        resolved = str(app.check_adapter(path))
+        current_extra = [str(p) for p in unique([*map(Path, current_extra), Path(resolved)])]
+        choices = app.adapter_choices(current_extra)
+        return (
+            gr.Dropdown(choices=choices, value=[*dict.fromkeys([*(selected or []), resolved])]),
+            gr.Dropdown(choices=choices),
+            current_extra,
+            "",
+        )
+
+    # The Merge tab is built after this one: its menu exists once the page is done.
+    def add_listeners() -> None:
+        for trigger in (add_button.click, add_path.submit):
+            trigger(add_adapter, [add_path, adapters, page.extra], [adapters, page.merge_adapters, page.extra, add_path])
+
+    page.after_build.append(add_listeners)
+    adapters.change(
+        lambda selected, current: gr.Dropdown(
+            choices=[(app.label(p), p) for p in selected or []],
+            value=current if current in (selected or []) else next(iter(selected or []), None),
+        ),
+        [adapters, swept],
+        swept,
+    )
+
+
+def _compare(app: PreviewApp, selected, model, prompt, negative, seed, steps, guidance, bucket, *scales, progress):
+    import gradio as gr
+
+    base, adapted = app.compare(model, prompt, negative, seed, steps, guidance, bucket, selected, scales, progress)
+    if adapted is None:
+        gr.Warning("No adapter selected: showing the base model only. Pick adapters to compare.")
+    parts = ", ".join(f"{app.label(p)} x{s:g}" for p, s in zip(selected, scales)) or "none"
+    height, _, width = str(bucket).partition("x")
+    text = f"Seed {int(seed)}, {int(steps)} steps, guidance {float(guidance):g}, {width} × {height}. Adapters: {parts}."
+    return base, adapted, text
+
+
+def _sweep(app: PreviewApp, selected, model, prompt, negative, seed, steps, guidance, bucket, swept, values, *scales, progress):
+    import gradio as gr
+
+    grid = app.sweep(model, prompt, negative, seed, steps, guidance, bucket, selected, scales, swept, values, progress)
+    return gr.Image(value=grid, visible=True)
