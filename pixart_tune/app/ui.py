@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Any
 
-from pixart_tune.app import generate_tab, merge_tab
+from pixart_tune.app import generate_tab, merge_tab, runs_tab
 from pixart_tune.app.page import Page
 from pixart_tune.app.service import (
     AppSettings,
@@ -57,6 +57,7 @@ def build_app(settings: AppSettings, app: PreviewApp | None = None):
         with gr.Tabs() as page.tabs:
             generate_tab.build(page, app)
             merge_tab.build(page, app)
+            runs_tab.build(page, app)
         for connect in page.after_build:
             connect()
 
