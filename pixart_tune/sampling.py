@@ -289,8 +289,7 @@ def sample(config: SampleConfig, on_image: Callable[[int, int], None] | None = N
             }
             files.append(save_png(image, names[row * len(columns) + col], parameters))
             images.append(image)
-    labels = [f"{p[:24]} #{s}" for p, s in columns]
-    grid = image_grid(images, cols=len(columns), row_labels=[label for label, _ in rows], col_labels=labels)
+    grid, labels = comparison_grid(drawn, [label for label, _ in rows], columns)
     grid_path = save_png(grid, out / "grid.png", {"rows": [label for label, _ in rows], "columns": labels, "model": config.model})
     return SampleResult(files, grid_path)
 
@@ -326,6 +325,20 @@ def draw_comparison(
             if on_image is not None:
                 on_image(sum(map(len, drawn)), total)
     return drawn
+
+
+def comparison_grid(
+    drawn: Sequence[Sequence[Image.Image]], row_labels: Sequence[str], columns: Sequence[tuple[str, int]]
+) -> tuple[Image.Image, list[str]]:
+    """The ``sample`` verb's grid of :func:`draw_comparison`'s images, and its column labels.
+
+    One row per variant (labelled on the left), one column per (prompt, seed),
+    labelled with the prompt's first 24 characters and the seed. The app's prompt
+    grid draws one of these per prompt.
+    """
+    labels = [f"{p[:24]} #{s}" for p, s in columns]
+    images = [image for row in drawn for image in row]
+    return image_grid(images, cols=len(columns), row_labels=list(row_labels), col_labels=labels), labels
 
 
 def comparison_rows(specs: list[AdapterSpec], sweep: list[float] | None, base: bool, separately: bool) -> list[tuple[str, list[AdapterSpec]]]:
