@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image, ImageDraw
@@ -36,8 +36,11 @@ def generate(
     negative_prompt_embeds: torch.Tensor | None = None,
     negative_prompt_attention_mask: torch.Tensor | None = None,
     show_progress: bool = False,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[Image.Image]:
     """Images for ``prompts[i]`` (or ``prompt_embeds[i]``) with ``seeds[i]``.
+
+    ``on_step(done, steps)`` after each denoising step of each image (the app's progress).
 
     Pass cached T5 embeddings (and masks) instead of prompts to sample without a
     text encoder in memory; the negative embedding is then required too.
@@ -65,6 +68,8 @@ def generate(
             # something else at inference than the model saw in training.
             clean_caption=False,
         )
+        if on_step is not None:
+            kwargs.update(callback=lambda index, _timestep, _latents: on_step(index + 1, steps), callback_steps=1)
         if prompts is not None:
             kwargs.update(prompt=prompts[i], negative_prompt=negative_prompt)
         else:

@@ -9,6 +9,7 @@ T5 part goes into the text encoder), drawing through :func:`pixart_tune.generati
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import threading
@@ -136,8 +137,9 @@ class Sampler:
         height: int | None = None,
         width: int | None = None,
         show_progress: bool = False,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> list[Image.Image]:
-        """Images for ``prompts[i]`` with ``seeds[i]`` under exactly ``adapters``."""
+        """Images for ``prompts[i]`` with ``seeds[i]`` under exactly ``adapters``; ``on_step(done, steps)`` after each denoising step."""
         if len(prompts) != len(seeds):
             raise UserError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
         check_numbers(steps, guidance)
@@ -148,7 +150,7 @@ class Sampler:
             self.activate(adapters)
             return generate(
                 self.pipe, list(prompts), list(seeds), height=height, width=width, steps=steps,
-                guidance=guidance, negative_prompt=negative_prompt, show_progress=show_progress,
+                guidance=guidance, negative_prompt=negative_prompt, show_progress=show_progress, on_step=on_step,
             )
 
 
@@ -306,12 +308,14 @@ def draw_comparison(
     width: int | None = None,
     on_image: Callable[[int, int], None] | None = None,
     show_progress: bool = False,
+    on_step: Callable[[int, int, int], None] | None = None,
 ) -> list[list[Image.Image]]:
     """The image of every row (label, adapters) x column (prompt, seed), one list per row.
 
     The same seed in every row starts from the same noise, so rows differ by their
     adapters alone. ``on_image(done, total)`` after each image; ``show_progress``:
-    the pipeline's own bar over the denoising steps.
+    the pipeline's own bar over the denoising steps; ``on_step(image, step, steps)``
+    after each denoising step of the image numbered ``image`` (from 0).
     """
     total = len(rows) * len(columns)
     drawn: list[list[Image.Image]] = []
@@ -321,10 +325,37 @@ def draw_comparison(
             drawn[-1] += sampler.generate(
                 [prompt], [seed], adapters, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=height, width=width,
                 show_progress=show_progress,
+                on_step=None if on_step is None else functools.partial(on_step, sum(map(len, drawn))),
             )
             if on_image is not None:
                 on_image(sum(map(len, drawn)), total)
     return drawn
+
+
+def tile_grid(images: Sequence[Image.Image], labels: Sequence[str], max_cols: int = 4, top: int = 40) -> Image.Image:
+    """Images in rows of at most ``max_cols``, each under its own label in a font sized to the tile.
+
+    ``top`` pads the grid above the first row, so a viewer's badge in the corner
+    (the app's image label) covers no label.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    if not images:
+        raise ValueError("no images to tile")
+    w, h = images[0].size
+    cols = min(max_cols, len(images))
+    rows = -(-len(images) // cols)
+    size = max(14, w // 14)
+    band = size + size // 2
+    grid = Image.new("RGB", (cols * w, top + rows * (band + h)), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=size)
+    for index, (image, label) in enumerate(zip(images, labels)):
+        r, c = divmod(index, cols)
+        y = top + r * (band + h)
+        draw.text((c * w + 6, y + size // 4), label, fill="black", font=font)
+        grid.paste(image.convert("RGB").resize((w, h)), (c * w, y + band))
+    return grid
 
 
 def comparison_grid(

@@ -76,13 +76,13 @@ def test_guard_refuses_outside_paths_and_dotdot_escapes(tmp_path):
     secret = tmp_path / "secret.safetensors"
     secret.write_bytes(b"x")
     guard = PathGuard([root])
-    with pytest.raises(UserError, match="outside the folders"):
+    with pytest.raises(UserError, match="this app may read"):
         guard.check(secret)
-    with pytest.raises(UserError, match="outside the folders"):
+    with pytest.raises(UserError, match="this app may read"):
         guard.check(f"{root}/../secret.safetensors")
-    with pytest.raises(UserError, match="outside the folders"):
+    with pytest.raises(UserError, match="this app may read"):
         guard.check("../secret.safetensors")
-    with pytest.raises(UserError, match="outside the folders"):
+    with pytest.raises(UserError, match="this app may read"):
         guard.check("/etc/passwd")
     with pytest.raises(UserError, match="not found"):
         guard.check(root / "nothing-here")
@@ -103,7 +103,7 @@ def test_guard_refuses_symlink_escapes(tmp_path):
     (root / "link-inside").symlink_to(root / "inner", target_is_directory=True)
     guard = PathGuard([root])
     for escape in ("link-file.safetensors", root / "link-file.safetensors", root / "link-dir", root / "link-dir" / "lora.safetensors"):
-        with pytest.raises(UserError, match="outside the folders"):
+        with pytest.raises(UserError, match="this app may read"):
             guard.check(escape)
     # A link that stays inside the allowed folders is fine.
     assert guard.check(root / "link-inside") == (root / "inner").resolve()
@@ -162,7 +162,7 @@ def test_model_choice_is_checked(tmp_path, tiny_model):
     assert app.check_model(tiny_model) == tiny_model
     with pytest.raises(UserError, match="not a diffusers pipeline"):
         app.check_model(str(runs / "not-a-model"))
-    with pytest.raises(UserError, match="outside the folders"):
+    with pytest.raises(UserError, match="this app may read"):
         app.check_model(str(tmp_path))
     with pytest.raises(UserError, match="--allow-hub"):
         app.check_model("someone/some-model")
@@ -210,10 +210,10 @@ def test_compare_sweep_and_merge_on_the_tiny_model(tmp_path, tiny_model, adapter
     assert str(merged) in [value for _, value in app.adapter_choices()]
     with pytest.raises(UserError, match="already exists"):
         app.merge(tiny_model, [str(a), str(b)], [0.5, 0.5], "cat", 8, "mix")
-    with pytest.raises(UserError, match="outside the folders"):
+    with pytest.raises(UserError, match="this app may read"):
         app.merge(tiny_model, [str(a), str(tmp_path)], [0.5, 0.5], "cat", 8, "mix2")
     assert not (runs / "merged" / "mix2").exists()
-    with pytest.raises(UserError, match="rank of at least 1"):
+    with pytest.raises(UserError, match="svd rank 0 is out of range"):
         app.merge(tiny_model, [str(a), str(b)], [1.0, 1.0], "svd", 0, "low")
     assert (app.merge(tiny_model, [str(a), str(b)], [1.0, 1.0], "svd", 2, "low") / "adapter_model.safetensors").is_file()
     merged_grid = np.asarray(app.sweep(*args, [str(merged)], [1.0], str(merged), "0, 1"), float)
@@ -260,7 +260,7 @@ def test_an_adapter_folder_whose_files_lead_outside_is_refused(tmp_path, tiny_mo
     (planted / "adapter_config.json").write_bytes((outside / "adapter_config.json").read_bytes())
     (planted / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
     app = PreviewApp(AppSettings(models=[tiny_model], runs=runs))
-    with pytest.raises(UserError, match="outside the folders"):
+    with pytest.raises(UserError, match="this app may read"):
         app.check_adapter("planted")
     assert app.check_adapter(_copy(adapter_source, runs / "fine")) == (runs / "fine").resolve()
 
@@ -301,7 +301,117 @@ def test_a_model_folder_with_a_link_leading_outside_is_refused(tmp_path, tiny_mo
     (outside / "secret.txt").write_text("private")
     (runs / "model" / "scheduler" / "notes.txt").symlink_to(outside / "secret.txt")
     app = PreviewApp(AppSettings(models=[tiny_model], runs=runs))
-    with pytest.raises(UserError, match="outside the folders"):
+    with pytest.raises(UserError, match="this app may read"):
         app.check_model(str(runs / "model"))
     (runs / "model" / "scheduler" / "notes.txt").unlink()
     assert app.check_model(str(runs / "model")) == str((runs / "model").resolve())
+
+
+# --------------------------------------------------------------------------- honest controls (issue 14)
+
+
+def test_outside_paths_are_refused_alike_whatever_is_there(tmp_path):
+    """A refusal says nothing of the machine: an existing file, a missing one, a link out and a broken link read the same."""
+    root, outside = tmp_path / "runs", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "real.safetensors").write_bytes(b"x")
+    (root / "out-link").symlink_to(outside / "real.safetensors")
+    (root / "broken-link").symlink_to(outside / "gone.safetensors")
+    guard = PathGuard([root])
+    messages = {}
+    for text in (str(outside / "real.safetensors"), str(outside / "missing.safetensors"), "/etc/passwd", "/no/such/file", "out-link", "broken-link"):
+        with pytest.raises(UserError) as refused:
+            guard.check(text, "adapter")
+        messages[text] = str(refused.value).replace(repr(text), "PATH")
+        assert "not an adapter this app may read" in str(refused.value)
+        assert str(outside) not in str(refused.value).replace(repr(text), "")
+    assert len(set(messages.values())) == 1, messages
+
+
+def test_values_out_of_range_are_refused_with_the_range(tmp_path, tiny_model, adapter_source):
+    runs = tmp_path / "runs"
+    a = _copy(adapter_source, runs / "a" / "final")
+    app = PreviewApp(AppSettings(models=[tiny_model], runs=runs))
+    args = (tiny_model, "a cat", "")
+    cases = {
+        (None, 2, 4.5, 1.0): "seed is empty or not a number: write a whole number from 0 to 4294967295",
+        (99999999999999999999, 2, 4.5, 1.0): "seed 99999999999999999999 is out of range: write a whole number from 0 to 4294967295",
+        (-5, 2, 4.5, 1.0): "seed -5 is out of range",
+        (0, 100000, 4.5, 1.0): "steps 100000 is out of range: write a whole number from 1 to 100",
+        (0, 2, 4.5, 50): "adapter scale 50 is out of range: write a number from -2 to 2",
+        (0, 2, float("nan"), 1.0): "guidance nan is out of range",
+    }
+    for (seed, steps, guidance, scale), message in cases.items():
+        with pytest.raises(UserError) as refused:
+            app.compare(*args, seed, steps, guidance, "256x256", [str(a)], [scale])
+        assert message in str(refused.value)
+    for values, message in {"1e9, 1": r"sweep scale 1e\+09 is out of range", "": "give between 2 and 8 scales", "half, one": "numbers separated"}.items():
+        with pytest.raises(UserError, match=message):
+            app.sweep(*args, 0, 2, 4.5, "256x256", [str(a)], [1.0], str(a), values)
+
+
+def test_generate_reports_steps_and_shows_the_base_image_first(tmp_path, tiny_model, adapter_source):
+    runs = tmp_path / "runs"
+    a = _copy(adapter_source, runs / "a" / "final")
+    app = PreviewApp(AppSettings(models=[tiny_model], runs=runs))
+    said = []
+    results = app.compare_steps(tiny_model, "a cat", "", 1, 3, 4.5, "256x256", [str(a)], [1.0], lambda f, desc="": said.append(desc))
+    base, adapted = next(results)
+    assert base is not None and adapted is None  # shown before the adapted image is drawn
+    assert said[-1] == "base model: step 3/3" and not any(d.startswith("with adapters") for d in said)
+    base_again, adapted = next(results)
+    assert base_again is base and adapted is not None
+    assert [d for d in said if ":" in d] == [f"{part}: step {i}/3" for part in ("base model", "with adapters") for i in (1, 2, 3)]
+
+    said.clear()
+    grid = app.sweep(tiny_model, "a cat", "", 1, 2, 4.5, "256x256", [str(a)], [1.0], str(a), "0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2",
+                     lambda f, desc="": said.append(desc))
+    assert "scale 1.5: step 2/2" in said and said[-1] == "scale 2: step 2/2"
+    # 8 scales wrap into 2 rows of 4, each tile under its own label, the grid padded on top.
+    assert grid.size[0] == 4 * 256 and 2 * 256 < grid.size[1] < 2 * 256 + 140
+    assert np.asarray(grid)[:30].min() == 255  # nothing drawn where the image's badge sits
+
+
+def test_adapters_are_grouped_under_their_run(tmp_path, tiny_model, adapter_source):
+    runs = tmp_path / "runs"
+    app = PreviewApp(AppSettings(models=[tiny_model], runs=runs.mkdir() or runs))
+    assert "pixart-tune train" in app.adapters_note() and str(runs.resolve()) in app.adapters_note()
+    for step in (100, 500, 1000):
+        _copy(adapter_source, runs / "style-a" / "checkpoints" / f"step-{step:06d}" / "adapter")
+    _copy(adapter_source, runs / "style-a" / "adapter")
+    _copy(adapter_source, runs / "old" / "final")
+    _copy(adapter_source, runs / "zeta" / "checkpoints" / "step-000050" / "adapter")
+    labels = [label for label, _ in app.adapter_choices()]
+    assert labels == ["runs/old/final", "style-a / final", "style-a / step 1000", "style-a / step 500", "style-a / step 100", "zeta / step 50"]
+    assert app.adapters_note() == ""
+
+
+def test_merge_defaults_to_exact_clamps_the_svd_rank_visibly_and_names_the_download(tmp_path, tiny_model, adapter_source):
+    from pixart_tune.adapters.merge import MergeConfig
+    from pixart_tune.app.service import DEFAULT_METHOD
+
+    assert DEFAULT_METHOD == "cat" and MergeConfig(adapters=["a"], out="o").method == "cat"
+    runs = tmp_path / "runs"
+    a = _copy(adapter_source, runs / "a" / "final")
+    b = make_adapter(tiny_model, runs / "b" / "final", seed=2)
+    app = PreviewApp(AppSettings(models=[tiny_model], runs=runs))
+    out, notes = app.merge_noted(tiny_model, [str(a), str(b)], [1.0, 1.0], "svd", 1000000, "big")
+    assert notes == ["svd rank 1000000 is above the adapters' combined rank 8: using 8 (exact)"]
+    with pytest.raises(UserError, match="svd rank 0 is out of range"):
+        app.merge(tiny_model, [str(a), str(b)], [1.0, 1.0], "svd", 0, "zero")
+    with pytest.raises(UserError, match="svd needs a rank"):
+        app.merge(tiny_model, [str(a), str(b)], [1.0, 1.0], "svd", None, "none")
+    download = app.download(out)
+    assert download.name == "big.safetensors" and download.read_bytes() == (out / "adapter_model.safetensors").read_bytes()
+    assert (out / "adapter_model.safetensors").is_file()  # the PEFT folder keeps its own file name
+    assert str(download) not in [value for _, value in app.adapter_choices()]
+    # Mixed ranks: linear is refused in the page's words, not the command line's.
+    c = _copy(adapter_source, runs / "c" / "final")
+    from pixart_tune.adapters.lora import LoraSettings, inject_lora, save_adapter
+    from pixart_tune.models import load_transformer
+
+    d = save_adapter(inject_lora(load_transformer(tiny_model), LoraSettings(rank=2, alpha=2.0, targets="attention")), runs / "d", LoraSettings(rank=2, alpha=2.0, targets="attention"))
+    with pytest.raises(UserError) as refused:
+        app.merge(tiny_model, [str(c), str(d)], [1.0, 1.0], "linear", 8, "lin")
+    assert 'pick "cat" (exact) or "svd" in the Method list' in str(refused.value) and "--" not in str(refused.value)

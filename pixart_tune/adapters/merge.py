@@ -56,7 +56,7 @@ from pixart_tune.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from pixart_tune.fsutil import atomic_path, refuse_unsafe_outputs
 from pixart_tune.hub import looks_like_path
 
-METHODS = ("linear", "cat", "svd")
+METHODS = ("cat", "svd", "linear")
 LYCORIS_FILE = "adapter_lycoris.safetensors"
 """The file of a merged or resized adapter that holds LoKr / LoHa modules (read as a one-file folder)."""
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LYCORIS_FILE)
@@ -67,13 +67,18 @@ OVERFLOW_ADVICE = "the weighted sum overflows float32: give smaller weights (ADA
 # --- pure math -----------------------------------------------------------------------
 
 
+class MixedRanks(UserError):
+    """``linear`` was given adapters of different ranks (``ranks``); ``cat`` and ``svd`` take them."""
+
+    def __init__(self, ranks: list[int]):
+        self.ranks = ranks
+        super().__init__(f"linear merging needs adapters of the same rank (got ranks {ranks}); use --method cat (exact) or --method svd")
+
+
 def merge_linear(modules: Sequence[LoraModule], weights: Sequence[float]) -> LoraModule:
     """PEFT's linear combination: A = sum sign*sqrt|c_i| A_i, B = sum sqrt|c_i| B_i, c_i = w_i * scale_i."""
     if len({m.rank for m in modules}) != 1:
-        raise UserError(
-            f"linear merging needs adapters of the same rank (got ranks {sorted({m.rank for m in modules})}); "
-            "use --method cat or --method svd"
-        )
+        raise MixedRanks(sorted({m.rank for m in modules}))
     factors = [w * m.scale for m, w in zip(modules, weights)]
     weights_a = torch.tensor([math.copysign(math.sqrt(abs(c)), c) for c in factors], dtype=torch.float64)
     weights_b = torch.tensor([math.sqrt(abs(c)) for c in factors], dtype=torch.float64)
@@ -122,7 +127,7 @@ class MergeResult:
     """Fraction of the update's squared Frobenius norm kept (1.0 for exact methods)."""
 
 
-def merge_weights(adapters: Sequence[LoraWeights], weights: Sequence[float], method: str = "linear", rank: int | None = None) -> MergeResult:
+def merge_weights(adapters: Sequence[LoraWeights], weights: Sequence[float], method: str = "cat", rank: int | None = None) -> MergeResult:
     """Merges canonical adapters module by module (a module absent from one adapter is skipped there)."""
     if method not in METHODS:
         raise UserError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
@@ -283,7 +288,7 @@ def write_weights(weights: LoraWeights, out: str | Path, metadata: dict | None =
     return lora.write_adapter(out, state, settings, header)
 
 
-def merge_adapters(specs: list[AdapterSpec], out: str | Path, method: str = "linear", rank: int | None = None, allow_pickle: bool = False) -> Path:
+def merge_adapters(specs: list[AdapterSpec], out: str | Path, method: str = "cat", rank: int | None = None, allow_pickle: bool = False) -> Path:
     """Merges adapters (``spec.scale`` is each one's weight) into a PEFT adapter folder at ``out``."""
     if not specs:
         raise UserError("give at least one adapter to merge")
@@ -436,8 +441,8 @@ class MergeConfig:
     """Adapter folders or .safetensors files in any supported layout, each PATH or PATH:WEIGHT."""
     out: str
     """Output folder: an adapter folder, or a pipeline folder with fuse."""
-    method: str = "linear"
-    """How to merge several adapters: linear, cat (exact, ranks add up) or svd (exact sum truncated to rank)."""
+    method: str = "cat"
+    """How to merge several adapters: cat (exact, ranks add up; the default), svd (exact sum truncated to rank) or linear (PEFT's weighted A and B: same ranks, adds cross terms)."""
     rank: int | None = None
     """Rank of an svd merge (default: the largest input rank)."""
     resize: int | None = None

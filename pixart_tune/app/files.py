@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from pixart_tune.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST
+from pixart_tune.base import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINTS, MANIFEST
 from pixart_tune.errors import UserError
 
 # Names of outputs the app writes: one plain folder name, never a path.
@@ -34,25 +34,30 @@ class PathGuard:
         """The resolved ``path`` if it exists under an allowed folder; a UserError otherwise.
 
         A relative path is looked up under each allowed folder in turn, then under
-        the working folder.
+        the working folder. Every refusal of a path outside the folders reads the
+        same (:meth:`refusal`), whether it exists, is a link or is missing: the
+        answer must not tell anyone reaching the page what is on the machine.
         """
         text = str(path).strip()
         if not text:
             raise UserError(f"no {what} given")
         raw = Path(text).expanduser()
         candidates = [raw] if raw.is_absolute() else [root / raw for root in self.roots] + [raw]
-        existing = next((c for c in candidates if c.exists() or c.is_symlink()), None)
+        # Judged by the folder holding it (links followed) before anything about the path itself is looked up.
+        placed = [c for c in candidates if self.allows(c.parent.resolve() / c.name)]
+        if not placed:
+            raise UserError(self.refusal(text, what))
+        existing = next((c for c in placed if c.exists() or c.is_symlink()), None)
         if existing is None:
             raise UserError(f"{what} {text!r} not found under the allowed folders: {self.describe()}")
         resolved = existing.resolve()
-        if not self.allows(resolved):
-            raise UserError(
-                f"{what} {text!r} resolves to {resolved}, outside the folders this app may read "
-                f"({self.describe()}); copy it into the runs folder or restart the app with --allow FOLDER"
-            )
-        if not resolved.exists():
-            raise UserError(f"{what} {text!r} is a broken link")
+        if not self.allows(resolved) or not resolved.exists():  # a link leading out, or a broken one: said alike
+            raise UserError(self.refusal(text, what))
         return resolved
+
+    def refusal(self, text: str, what: str) -> str:
+        article = "an" if what[:1] in "aeiou" else "a"
+        return f"{text!r}: not {article} {what} this app may read (it reads only under {self.describe()}; copy it into the runs folder)"
 
     def describe(self) -> str:
         return ", ".join(str(r) for r in self.roots)
@@ -135,6 +140,52 @@ def label_for(path: str | Path, roots: Sequence[Path]) -> str:
         if path.is_relative_to(root):
             return f"{root.name}/{path.relative_to(root).as_posix()}"
     return str(path)
+
+
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+def run_position(path: str | Path) -> tuple[Path, int] | None:
+    """(run folder, order) for an adapter a training run wrote; None for any other adapter.
+
+    A run writes its final adapter to ``RUN/adapter`` (with an EMA, the raw weights
+    to ``RUN/adapter_raw``) and checkpoints to ``RUN/checkpoints/step-NNNNNN/adapter``.
+    The order puts the final adapter first, then the raw one, then the checkpoints,
+    latest first.
+    """
+    path = Path(path)
+    step = _STEP.match(path.parent.name)
+    if path.name == ADAPTER_DIR and step is not None and path.parent.parent.name == CHECKPOINTS:
+        return path.parent.parent.parent, int(step.group(1))
+    if path.name == ADAPTER_DIR:
+        return path.parent, -2
+    if path.name == f"{ADAPTER_DIR}_raw":
+        return path.parent, -1
+    return None
+
+
+def adapter_label(path: str | Path, roots: Sequence[Path]) -> str:
+    """``style-a / final``, ``style-a / step 500`` for a run's adapters; :func:`label_for` for others."""
+    where = run_position(path)
+    if where is None:
+        return label_for(path, roots)
+    run, step = where
+    run = run.name if run in roots else label_for(run, roots).split("/", 1)[-1]
+    return f"{run} / " + {-2: "final", -1: "final (raw, before EMA)"}.get(step, f"step {step}")
+
+
+def group_by_run(paths: Iterable[Path]) -> list[Path]:
+    """Each run's adapters together (final first, checkpoints latest first), at the place of the run's first one; others as they come."""
+    paths = unique(Path(p) for p in paths)
+    groups: dict[Path, list[tuple[int, Path]]] = {}
+    for path in paths:
+        where = run_position(path)
+        groups.setdefault(where[0] if where else path, []).append((where[1] if where else 0, path))
+
+    def order(item: tuple[int, Path]) -> tuple[int, int]:
+        return (item[0], 0) if item[0] < 0 else (0, -item[0])  # final, raw, then the latest step first
+
+    return [path for members in groups.values() for _, path in sorted(members, key=order)]
 
 
 def unique(paths: Iterable[Path]) -> list[Path]:

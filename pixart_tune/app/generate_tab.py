@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pixart_tune.app.files import unique
 from pixart_tune.app.page import Page, shown, sliders_for
-from pixart_tune.app.service import PreviewApp, bucket_choices, square_bucket
+from pixart_tune.app.service import GUIDANCE, MAX_SEED, STEPS, PreviewApp, bucket_choices, square_bucket
 
 
 def build(page: Page, app: PreviewApp) -> None:
@@ -14,8 +14,9 @@ def build(page: Page, app: PreviewApp) -> None:
     import gradio as gr
 
     with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
-        with gr.Row():
-            with gr.Column(scale=2, min_width=340):
+        # results-first: on a phone the images come above the controls (ui.CSS).
+        with gr.Row(elem_classes="results-first"):
+            with gr.Column(scale=2, min_width=340, elem_classes="controls"):
                 adapters = gr.Dropdown(page.adapter_choices, value=[], multiselect=True, label="Adapters", elem_id="adapters",
                                        info="Found in the runs and outputs folders; each gets a scale slider")
 
@@ -23,15 +24,23 @@ def build(page: Page, app: PreviewApp) -> None:
                 def scale_sliders(selected):
                     selected = list(selected or [])
                     sliders = sliders_for(app, selected, "Scale")
+                    def compare(*values, progress=page.track()):
+                        yield from _compare(app, selected, *values, progress=progress)
+
+                    def sweep(*values, progress=page.track()):
+                        yield from _sweep(app, selected, *values, progress=progress)
+
+                    # The widgets that ran are set to the values used, so the page never shows one value and runs another.
                     generate.click(
-                        shown("Generate", lambda: (gr.skip(),) * 3)(lambda *v, progress=page.track(): _compare(app, selected, *v, progress=progress)),
+                        shown("Generate", lambda: (gr.skip(),) * (5 + len(sliders)))(compare),
                         inputs=[page.model, prompt, negative, seed, steps, guidance, bucket, *sliders],
-                        outputs=[base_image, adapted_image, info],
+                        outputs=[base_image, adapted_image, info, steps, guidance, *sliders],
+                        show_progress_on=[base_image, adapted_image], api_name="generate",
                     )
                     sweep_button.click(
-                        shown("Scale sweep", gr.skip)(lambda *v, progress=page.track(): _sweep(app, selected, *v, progress=progress)),
+                        shown("Scale sweep", gr.skip)(sweep),
                         inputs=[page.model, prompt, negative, seed, steps, guidance, bucket, swept, sweep_values, *sliders],
-                        outputs=[sweep_image],
+                        outputs=[sweep_image], show_progress_on=[sweep_image], api_name="sweep",
                     )
 
                 with gr.Accordion("Add an adapter by path", open=False):
@@ -41,18 +50,21 @@ def build(page: Page, app: PreviewApp) -> None:
                 prompt = gr.Textbox("a photo of a cat", label="Prompt", lines=2, elem_id="prompt", interactive=True)
                 negative = gr.Textbox(label="Negative prompt", elem_id="negative", interactive=True)
                 with gr.Row():
-                    seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="seed", interactive=True)
+                    # No minimum/maximum on the number: Gradio's own check would answer a bare "Error"; the action says the range.
+                    seed = gr.Number(0, precision=0, label="Seed", elem_id="seed", interactive=True, min_width=120,
+                                     info=f"0 to {MAX_SEED}")
                     bucket = gr.Dropdown(bucket_choices(page.buckets), value=square_bucket(page.buckets), label="Size (width × height)",
-                                         elem_id="bucket", interactive=True)
+                                         elem_id="bucket", interactive=True, min_width=220)
                 with gr.Row():
-                    steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="steps", interactive=True)
-                    guidance = gr.Slider(1.0, 15.0, value=4.5, step=0.5, label="Guidance", elem_id="guidance", interactive=True)
+                    steps = gr.Slider(*STEPS, value=20, step=1, label="Steps", elem_id="steps", interactive=True, min_width=220)
+                    guidance = gr.Slider(*GUIDANCE, value=4.5, step=0.5, label="Guidance", elem_id="guidance", interactive=True, min_width=220)
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Accordion("Scale sweep", open=False):
                     swept = gr.Dropdown([], label="Adapter to sweep", elem_id="swept", interactive=True)
-                    sweep_values = gr.Textbox("0, 0.5, 1, 1.5", label="Scales", elem_id="sweep-values", interactive=True)
+                    sweep_values = gr.Textbox("0, 0.5, 1, 1.5", label="Scales", elem_id="sweep-values", interactive=True,
+                                              info="2 to 8 numbers from -2 to 2, separated by commas")
                     sweep_button = gr.Button("Sweep", elem_id="sweep")
-            with gr.Column(scale=3):
+            with gr.Column(scale=3, elem_classes="results"):
                 with gr.Row():
                     base_image = gr.Image(label="Base model", type="pil", format="png", interactive=False, elem_id="base-image")
                     adapted_image = gr.Image(label="With adapters", type="pil", format="png", interactive=False, elem_id="adapted-image")
@@ -76,7 +88,7 @@ def build(page: Page, app: PreviewApp) -> None:
     # The Merge tab is built after this one: its menu exists once the page is done.
     def add_listeners() -> None:
         for trigger in (add_button.click, add_path.submit):
-            trigger(add_adapter, [add_path, adapters, page.extra], [adapters, page.merge_adapters, page.extra, add_path])
+            trigger(add_adapter, [add_path, adapters, page.extra], [adapters, page.merge_adapters, page.extra, add_path], api_visibility="private")
 
     page.after_build.append(add_listeners)
     adapters.change(
@@ -86,23 +98,33 @@ def build(page: Page, app: PreviewApp) -> None:
         ),
         [adapters, swept],
         swept,
+        api_visibility="private",
     )
 
 
 def _compare(app: PreviewApp, selected, model, prompt, negative, seed, steps, guidance, bucket, *scales, progress):
+    """Yields the base image as soon as it is drawn, then both with the caption and the values used."""
     import gradio as gr
 
-    base, adapted = app.compare(model, prompt, negative, seed, steps, guidance, bucket, selected, scales, progress)
+    keep = (gr.skip(),) * (2 + len(scales))
+    for base, adapted in app.compare_steps(model, prompt, negative, seed, steps, guidance, bucket, selected, scales, progress):
+        if adapted is None and selected:
+            yield base, None, "Base model drawn; drawing the adapted image ...", *keep
     if adapted is None:
         gr.Warning("No adapter selected: showing the base model only. Pick adapters to compare.")
-    parts = ", ".join(f"{app.label(p)} x{s:g}" for p, s in zip(selected, scales)) or "none"
+    parts = ", ".join(f"{app.label(p)} x{float(s):g}" for p, s in zip(selected, scales)) or "none"
     height, _, width = str(bucket).partition("x")
     text = f"Seed {int(seed)}, {int(steps)} steps, guidance {float(guidance):g}, {width} × {height}. Adapters: {parts}."
-    return base, adapted, text
+    yield base, adapted, text, int(steps), float(guidance), *map(float, scales)
 
 
 def _sweep(app: PreviewApp, selected, model, prompt, negative, seed, steps, guidance, bucket, swept, values, *scales, progress):
+    """Shows the (empty) result first, so its progress is visible while the grid is drawn."""
     import gradio as gr
 
+    from pixart_tune.app.service import check_inputs, parse_scales
+
+    parse_scales(values), check_inputs(seed, steps, guidance, scales)  # a refusal before the result is shown
+    yield gr.Image(value=None, visible=True)
     grid = app.sweep(model, prompt, negative, seed, steps, guidance, bucket, selected, scales, swept, values, progress)
-    return gr.Image(value=grid, visible=True)
+    yield gr.Image(value=grid, visible=True)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 from typing import Any, Callable
 
-from pixart_tune.app.service import PreviewApp
+from pixart_tune.app.service import SCALES, PreviewApp
 from pixart_tune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ class Page:
     swept: Any = None
     merge_adapters: Any = None
     """The Merge tab's adapters menu."""
+    adapters_note: Any = None
+    """gr.Markdown above the tabs: where adapters go, shown while none is found."""
     after_build: list[Callable[[], None]] = dataclasses.field(default_factory=list)
     """Listeners that need widgets of tabs built later; ``build_app`` calls them once every tab exists."""
 
@@ -55,6 +58,30 @@ def shown(action: str, refused: Callable[[], Any]) -> Callable:
     import gradio as gr
 
     def decorate(fn: Callable) -> Callable:
+        def refuse(error: UserError):
+            log.info("%s refused: %s", action, error)
+            gr.Warning(str(error), title=f"{action}: refused")
+            return refused()
+
+        def fail(error: Exception):
+            log.exception("%s failed", action)
+            return gr.Error(f"{type(error).__name__}: {error} (details in the app's console)", title=f"{action}: failed", print_exception=False)
+
+        if inspect.isgeneratorfunction(fn):  # shows each result as it comes (Gradio streams a generator's yields)
+            @functools.wraps(fn)
+            def streamed(*args, **kwargs):
+                try:
+                    yield from fn(*args, **kwargs)
+                except gr.Error as error:
+                    error.print_exception = False
+                    raise
+                except UserError as error:
+                    yield refuse(error)
+                except Exception as error:
+                    raise fail(error) from None
+
+            return streamed
+
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             try:
@@ -63,11 +90,9 @@ def shown(action: str, refused: Callable[[], Any]) -> Callable:
                 error.print_exception = False
                 raise
             except UserError as error:
-                gr.Warning(str(error), title=f"{action}: refused")
-                return refused()
+                return refuse(error)
             except Exception as error:
-                log.exception("%s failed", action)
-                raise gr.Error(f"{type(error).__name__}: {error} (details in the app's console)", title=f"{action}: failed", print_exception=False) from None
+                raise fail(error) from None
 
         return wrapper
 
@@ -78,7 +103,8 @@ def sliders_for(app: PreviewApp, selected: list[str], kind: str) -> list:
     """One slider per selected adapter, keyed by path so a value survives re-renders."""
     import gradio as gr
 
+    low, high = SCALES
     return [
-        gr.Slider(-2, 2, value=1.0, step=0.05, label=f"{kind}: {app.label(p)}", key=f"{kind.lower()}-{p}", interactive=True)
+        gr.Slider(low, high, value=1.0, step=0.05, label=f"{kind}: {app.label(p)}", key=f"{kind.lower()}-{p}", interactive=True)
         for p in selected
     ]

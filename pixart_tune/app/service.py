@@ -8,23 +8,33 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
+import os
 import re
+import shutil
 import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
-from pixart_tune.app.files import PathGuard, discover_adapters, discover_models, label_for, output_path, unique
+from pixart_tune.app.files import PathGuard, adapter_label, discover_adapters, discover_models, group_by_run, output_path, unique
 from pixart_tune.errors import UserError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 MERGE_METHODS = {
-    "linear": "linear: weighted sum of A and B (same rank)",
     "cat": "cat: concatenate (ranks add up, exact)",
     "svd": "svd: exact sum cut to a rank by SVD",
+    "linear": "linear: weighted sum of A and B (same rank, approximate)",
     "fuse": "fuse: bake into the base model (full model folder)",
 }
+DEFAULT_METHOD = "cat"
 MAX_SWEEP = 8
+SWEEP_COLUMNS = 4
+MAX_SEED = 2**32 - 1
+STEPS = (1, 100)
+GUIDANCE = (1.0, 15.0)
+SCALES = (-2.0, 2.0)
+"""The ranges the page's widgets offer; the actions refuse values outside them, whoever sent them."""
 # owner/name on the Hugging Face hub.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -92,15 +102,41 @@ def parse_bucket(value: str) -> tuple[int, int]:
 
 
 def parse_scales(text: str) -> list[float]:
-    """``"0, 0.5, 1"`` -> [0.0, 0.5, 1.0]; between 2 and MAX_SWEEP values."""
-    parts = [p for p in re.split(r"[\s,;]+", str(text).strip()) if p]
+    """``"0, 0.5, 1"`` -> [0.0, 0.5, 1.0]; between 2 and MAX_SWEEP values, each within SCALES."""
+    parts = [p for p in re.split(r"[\s,;]+", str(text or "").strip()) if p]
     try:
         scales = [float(p) for p in parts]
     except ValueError:
         raise UserError(f"scales {text!r}: write numbers separated by commas, e.g. 0, 0.5, 1, 1.5") from None
     if not 2 <= len(scales) <= MAX_SWEEP:
-        raise UserError(f"give between 2 and {MAX_SWEEP} scales for a sweep, got {len(scales)}")
+        raise UserError(f"give between 2 and {MAX_SWEEP} scales for a sweep, separated by commas, got {len(scales)}")
+    for value in scales:
+        check_range("sweep scale", value, *SCALES)
     return scales
+
+
+def check_range(what: str, value, low: float, high: float, whole: bool = False) -> float:
+    """``value`` as a number within [low, high]; a one-line UserError naming the range otherwise."""
+    span = f"{low:g} to {high:g}" if not whole else f"{int(low)} to {int(high)}"
+    kind = "a whole number" if whole else "a number"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} is empty or not a number: write {kind} from {span}") from None
+    if not math.isfinite(number) or not low <= number <= high or whole and number != int(number):
+        shown = value if isinstance(value, int) else f"{number:g}"
+        raise UserError(f"{what} {shown} is out of range: write {kind} from {span}")
+    return int(number) if whole else number
+
+
+def check_inputs(seed, steps, guidance, scales: Sequence = ()) -> tuple[int, int, float, list[float]]:
+    """(seed, steps, guidance, scales) within the page's ranges, or a UserError saying the range."""
+    return (
+        check_range("seed", seed, 0, MAX_SEED, whole=True),
+        check_range("steps", steps, *STEPS, whole=True),
+        check_range("guidance", guidance, *GUIDANCE),
+        [check_range("adapter scale", s, *SCALES) for s in scales],
+    )
 
 
 def bucket_choices(buckets: Sequence[tuple[int, int]]) -> list[tuple[str, str]]:
@@ -168,16 +204,32 @@ class PreviewApp:
         self._writing = threading.Lock()
 
     def label(self, path: str | Path) -> str:
-        return label_for(path, self.guard.roots)
+        return adapter_label(path, self.guard.roots)
 
     # ---- menus
 
     def adapter_choices(self, extra: Sequence[str] = ()) -> list[tuple[str, str]]:
-        """(label, path) of the adapters in the runs and outputs folders, plus ``extra`` ones."""
+        """(label, path) of the adapters in the runs and outputs folders, plus ``extra`` ones.
+
+        A training run's adapters are together: its final adapter, then its
+        checkpoints, latest first ("style-a / final", "style-a / step 500").
+        """
         s = self.settings
         paths = discover_adapters([s.runs, s.outputs], self.guard)
         paths += [Path(p) for p in extra if self.guard.allows(p) and Path(p).exists()]
-        return [(self.label(p), str(p)) for p in unique(paths)]
+        return [(self.label(p), str(p)) for p in group_by_run(unique(paths))]
+
+    def adapters_note(self, choices: Sequence | None = None) -> str:
+        """What to do when no adapter was found (empty when some were)."""
+        if choices is None:
+            choices = self.adapter_choices()
+        if choices:
+            return ""
+        return (
+            f"No adapters yet. The app finds them in the runs folder `{self.settings.runs}` (and merges in `{self.settings.outputs}`): "
+            f"train one into it with `pixart-tune train RECIPE.yaml output_dir={self.settings.runs}/my-style`, "
+            "or copy an adapter folder or `.safetensors` file there, then press **Rescan folders**."
+        )
 
     def model_choices(self) -> list[tuple[str, str]]:
         """The startup models, then the fused models found in the outputs folder."""
@@ -235,26 +287,38 @@ class PreviewApp:
 
     def compare(self, model, prompt, negative, seed, steps, guidance, bucket, paths, scales, progress: Progress = _silent):
         """(base image, adapted image, or None without adapters) for one prompt and seed."""
+        *_, last = self.compare_steps(model, prompt, negative, seed, steps, guidance, bucket, paths, scales, progress)
+        return last
+
+    def compare_steps(self, model, prompt, negative, seed, steps, guidance, bucket, paths, scales, progress: Progress = _silent):
+        """Yields (base, None) as soon as the base image is drawn, then (base, adapted) (nothing more without adapters).
+
+        ``progress(fraction, desc="base model: step 7/20")`` after every denoising step.
+        """
         if not str(prompt or "").strip():
             raise UserError("write a prompt first")
+        seed, steps, guidance, scales = check_inputs(seed, steps, guidance, scales)
         height, width = parse_bucket(bucket)
         specs = self.specs(paths, scales)
-        kwargs = dict(negative_prompt=negative or "", steps=int(steps), guidance=float(guidance), height=height, width=width, show_progress=True)
+        parts = [("base model", [])] + ([("with adapters", specs)] if specs else [])
+        images = []
         with self.holder.lock:
             progress(0.0, desc="loading the base model")
             sampler = self.holder.get(self.check_model(model))
-            progress(0.1, desc="base model")
-            base = sampler.generate([prompt], [int(seed)], [], **kwargs)[0]
-            if not specs:
-                return base, None
-            progress(0.55, desc="with adapters")
-            adapted = sampler.generate([prompt], [int(seed)], specs, **kwargs)[0]
-        return base, adapted
+            for index, (name, adapters) in enumerate(parts):
+                def on_step(done, total, index=index, name=name):
+                    progress((index + done / total) / len(parts), desc=f"{name}: step {done}/{total}")
+
+                images += sampler.generate([prompt], [seed], adapters, negative_prompt=negative or "", steps=steps, guidance=guidance,
+                                           height=height, width=width, on_step=on_step)
+                yield images[0], (images[1] if len(images) > 1 else None)
 
     def sweep(self, model, prompt, negative, seed, steps, guidance, bucket, paths, scales, swept, values, progress: Progress = _silent):
-        """A one-row grid: the swept adapter at each scale, the other adapters at their own scale."""
-        from pixart_tune.generation import image_grid
-        from pixart_tune.sampling import comparison_rows, draw_comparison
+        """A grid of the swept adapter at each scale (rows of SWEEP_COLUMNS), the other adapters at their own scale.
+
+        ``progress(fraction, desc="scale 1.5: step 9/20")`` after every denoising step.
+        """
+        from pixart_tune.sampling import comparison_rows, draw_comparison, tile_grid
 
         if not paths:
             raise UserError("select at least one adapter, then choose which one to sweep")
@@ -263,25 +327,32 @@ class PreviewApp:
         if not str(prompt or "").strip():
             raise UserError("write a prompt first")
         values = parse_scales(values)
+        seed, steps, guidance, scales = check_inputs(seed, steps, guidance, scales)
         height, width = parse_bucket(bucket)
         specs = self.specs(paths, scales)
         index = list(paths).index(swept)
         # The sample verb's rows: the first adapter swept, the others as they are.
         rows = comparison_rows([specs[index], *specs[:index], *specs[index + 1 :]], values, base=False, separately=False)
+
+        def on_step(image, done, total):
+            progress((image + done / total) / len(values), desc=f"scale {values[image]:g}: step {done}/{total}")
+
         with self.holder.lock:
             progress(0.0, desc="loading the base model")
             sampler = self.holder.get(self.check_model(model))
-            drawn = draw_comparison(
-                sampler, rows, [(prompt, int(seed))], negative_prompt=negative or "", steps=int(steps), guidance=float(guidance),
-                height=height, width=width, on_image=lambda done, total: progress(done / total, desc=f"scale {values[min(done, total - 1)]:g}"), show_progress=True,
-            )
-        # Column labels must fit a 256 px image: drop the root folder's name, keep the end.
+            drawn = draw_comparison(sampler, rows, [(prompt, seed)], negative_prompt=negative or "", steps=steps, guidance=guidance,
+                                    height=height, width=width, on_step=on_step)
+        # Labels must fit a tile: drop the root folder's name, keep the end.
         name = self.label(swept).split("/", 1)[-1][-24:]
-        return image_grid([row[0] for row in drawn], cols=len(drawn), col_labels=[f"{name} x{v:g}" for v in values])
+        return tile_grid([row[0] for row in drawn], [f"{name} x{v:g}" for v in values], max_cols=SWEEP_COLUMNS)
 
     def merge(self, model, paths, weights, method, rank, name, progress: Progress = _silent) -> Path:
         """Writes a merged adapter (or, for ``fuse``, a full model folder) into the outputs folder."""
-        from pixart_tune.adapters.merge import fuse_adapters, merge_adapters
+        return self.merge_noted(model, paths, weights, method, rank, name, progress)[0]
+
+    def merge_noted(self, model, paths, weights, method, rank, name, progress: Progress = _silent) -> tuple[Path, list[str]]:
+        """:meth:`merge`, with notes on what was adjusted (an svd rank above what the adapters hold)."""
+        from pixart_tune.adapters.merge import MixedRanks, fuse_adapters, merge_adapters
 
         if method not in MERGE_METHODS:
             raise UserError(f"unknown method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
@@ -289,9 +360,17 @@ class PreviewApp:
             raise UserError("choose the adapters to merge")
         if method != "fuse" and len(paths) < 2:
             raise UserError("choose at least two adapters to merge (or the method 'fuse' to bake one into the base model)")
-        if method == "svd" and (rank is None or int(rank) < 1):
-            raise UserError("svd needs a rank of at least 1 for the merged adapter")
+        weights = [check_range("weight", w, *SCALES) for w in weights]
+        notes = []
         specs = self.specs(paths, weights)
+        if method == "svd":
+            rank = check_range("svd rank", rank, 1, 10**9, whole=True) if rank is not None else None
+            if rank is None:
+                raise UserError("svd needs a rank: write a whole number of at least 1")
+            combined = self.combined_rank(specs)
+            if combined and rank > combined:
+                notes.append(f"svd rank {rank} is above the adapters' combined rank {combined}: using {combined} (exact)")
+                rank = combined
         with self._writing:
             out = output_path(self.settings.outputs, name)
             if method == "fuse":
@@ -301,6 +380,40 @@ class PreviewApp:
                     written = fuse_adapters(self.check_model(model), specs, out)
             else:
                 progress(0.1, desc=f"merging ({method})")
-                written = merge_adapters(specs, out, method=method, rank=int(rank) if method == "svd" else None)
+                try:
+                    written = merge_adapters(specs, out, method=method, rank=rank if method == "svd" else None)
+                except MixedRanks as error:
+                    raise UserError(f"linear merging needs adapters of the same rank (these have ranks {error.ranks}): "
+                                    'pick "cat" (exact) or "svd" in the Method list') from None
         progress(1.0, desc="done")
-        return Path(written)
+        return Path(written), notes
+
+    def combined_rank(self, specs) -> int:
+        """The largest sum of ranks over the layers the adapters change: the rank of an exact (cat) merge."""
+        from pixart_tune.adapters.loader import read_lora
+
+        totals: dict[str, int] = {}
+        for spec in specs:
+            for layer, module in read_lora(spec.path).modules.items():
+                totals[layer] = totals.get(layer, 0) + module.rank
+        return max(totals.values(), default=0)
+
+    def download(self, out: Path) -> Path | None:
+        """The merge's weights as ``<name>.safetensors`` for the download button: a link (or copy) in a hidden folder of the outputs.
+
+        The PEFT folder keeps its own file name, which loaders expect.
+        """
+        from pixart_tune.adapters.merge import LYCORIS_FILE
+        from pixart_tune.base import ADAPTER_WEIGHTS
+
+        source = next((out / f for f in (ADAPTER_WEIGHTS, LYCORIS_FILE) if (out / f).is_file()), None)
+        if source is None:
+            return None
+        target = self.settings.outputs / ".downloads" / out.name / f"{out.name}.safetensors"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copyfile(source, target)
+        return target

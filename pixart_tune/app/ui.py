@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Any
 
-from pixart_tune.app import generate_tab, merge_tab, runs_tab
+from pixart_tune.app import generate_tab, grid_tab, merge_tab, runs_tab
 from pixart_tune.app.page import Page
 from pixart_tune.app.service import (
     AppSettings,
@@ -27,6 +27,14 @@ from pixart_tune.errors import UserError
 log = logging.getLogger(__name__)
 
 TITLE = "pixart-tune: preview and merge adapters"
+MAX_UPLOAD = "5mb"
+"""The page uploads nothing; a bigger upload to Gradio's upload route is refused."""
+CSS = """
+/* On a phone the columns stack: the results come first, above the controls. */
+@media (max-width: 720px) {
+  .results-first { flex-direction: column-reverse !important; }
+}
+"""
 
 
 def build_app(settings: AppSettings, app: PreviewApp | None = None):
@@ -53,26 +61,32 @@ def build_app(settings: AppSettings, app: PreviewApp | None = None):
             page.model = gr.Dropdown(app.model_choices(), value=settings.models[0], label="Base model", allow_custom_value=True, scale=5,
                                      elem_id="model", info="A startup model, a fused model from the outputs folder, or a pipeline folder under the allowed folders")
             rescan = gr.Button("Rescan folders", scale=0, min_width=160, size="md", elem_id="rescan")
+        note = app.adapters_note(page.adapter_choices)
+        page.adapters_note = gr.Markdown(note, visible=bool(note), elem_id="adapters-note")
 
         with gr.Tabs() as page.tabs:
             generate_tab.build(page, app)
             merge_tab.build(page, app)
             runs_tab.build(page, app)
+            grid_tab.build(page, app)
         for connect in page.after_build:
             connect()
 
         def rescan_folders(selected, merging, current_extra):
             choices = app.adapter_choices(current_extra)
             values = {value for _, value in choices}
+            note = app.adapters_note(choices)
             return (
                 gr.Dropdown(choices=choices, value=[p for p in selected or [] if p in values]),
                 gr.Dropdown(choices=choices, value=[p for p in merging or [] if p in values]),
                 gr.Dropdown(choices=app.model_choices()),
+                gr.Markdown(note, visible=bool(note)),
             )
 
         # Each page load rescans too, so adapters trained since the start are offered.
         for trigger in (rescan.click, demo.load):
-            trigger(rescan_folders, [page.adapters, page.merge_adapters, page.extra], [page.adapters, page.merge_adapters, page.model])
+            trigger(rescan_folders, [page.adapters, page.merge_adapters, page.extra], [page.adapters, page.merge_adapters, page.model, page.adapters_note],
+                    api_visibility="private", show_progress="hidden")
 
         def change_model(name, progress=page.track()):
             # A model that cannot load is a warning and the menu goes back to the loaded
@@ -88,7 +102,7 @@ def build_app(settings: AppSettings, app: PreviewApp | None = None):
                 return gr.skip(), gr.Dropdown(value=app.holder.loaded or settings.models[0])
             return gr.Dropdown(choices=bucket_choices(sizes), value=square_bucket(sizes)), gr.skip()
 
-        page.model.change(change_model, page.model, [page.bucket, page.model])
+        page.model.change(change_model, page.model, [page.bucket, page.model], api_visibility="private")
 
     demo.queue(default_concurrency_limit=1)
     _quiet_rejections(demo)
@@ -118,6 +132,30 @@ def _quiet_rejections(demo) -> None:
     demo.process_api = quiet
 
 
+def _same_origin_uploads():
+    """A middleware that refuses uploads sent by pages of other sites (a browser names the page's origin)."""
+    from urllib.parse import urlsplit
+
+    from starlette.middleware import Middleware
+    from starlette.responses import PlainTextResponse
+
+    class SameOriginUploads:
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/upload"):
+                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+                origin = headers.get("origin")
+                if origin is not None and urlsplit(origin).netloc != headers.get("host"):
+                    log.info("refused an upload from another site (%s)", origin)
+                    await PlainTextResponse("uploads are accepted from this app's own page only", status_code=403)(scope, receive, send)
+                    return
+            await self.app(scope, receive, send)
+
+    return Middleware(SameOriginUploads)
+
+
 def launch_kwargs(settings: AppSettings) -> dict[str, Any]:
     """Arguments for ``Blocks.launch``: Gradio may serve files from the outputs folder only."""
     settings.outputs.mkdir(parents=True, exist_ok=True)
@@ -127,6 +165,10 @@ def launch_kwargs(settings: AppSettings) -> dict[str, Any]:
         share=settings.share,
         allowed_paths=[str(settings.outputs)],
         show_error=False,
+        css=CSS,
+        # The page itself uploads nothing: Gradio's upload route takes small files only, and from this page only.
+        max_file_size=MAX_UPLOAD,
+        app_kwargs={"middleware": [_same_origin_uploads()]},
         # No "Running on local URL" and no "set `share=True` in `launch()`" hint (the flag is --share): launch() says where it serves.
         quiet=True,
     )
