@@ -121,3 +121,29 @@ def screenshot(page, tmp_path: Path, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     shutil.copy(path, ARTIFACTS / f"app-{name}.png")
     print(f"screenshot: {path}")
+
+
+def start_app(tmp_path: Path, model: str, runs: Path):
+    """``pixart-tune app`` on ``model`` and ``runs`` in its own process: (url, process, log); stop it with :func:`stop_app`."""
+    port = free_port()
+    command = [sys.executable, "-m", "pixart_tune.cli", "app", "--model", model, "--runs", str(runs), "--port", str(port)]
+    env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
+    env.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    log = tmp_path / "app.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    return f"http://127.0.0.1:{port}/", process, log
+
+
+@pytest.fixture
+def runs_app_url(tmp_path, tiny_model, trained_run):
+    """The app with a runs folder holding a real training run (``trained_run`` of tests/test_app_runs.py) as ``red-style``."""
+    runs = tmp_path / "runs"
+    shutil.copytree(trained_run, runs / trained_run.name)
+    url, process, log = start_app(tmp_path, tiny_model, runs)
+    try:
+        wait_until_up(url, process, log)
+        yield url, runs / trained_run.name
+    finally:
+        stop_app(process)
+        print(f"app log: {log}")

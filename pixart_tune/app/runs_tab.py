@@ -29,15 +29,15 @@ def build(page: Page, app: PreviewApp) -> None:
 
     runs_root = app.settings.runs
     with gr.Tab("Runs", id="runs", elem_id="tab-runs") as tab:
-        with gr.Row(equal_height=True):
-            run = gr.Dropdown(_run_choices(app), value=None, label="Run", elem_id="run", scale=5, interactive=True,
+        with gr.Row():
+            run = gr.Dropdown(_run_choices(app), value=None, label="Run", elem_id="run", scale=5, min_width=280, interactive=True,
                               info="Training runs (output_dir) under the runs folder, newest first")
             rescan = gr.Button("Rescan runs", scale=0, min_width=140, size="md", elem_id="rescan-runs")
         summary = gr.Markdown(EMPTY.format(runs=runs_root) if not _run_choices(app) else "Choose a run.", elem_id="run-summary")
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
                 losses = gr.LinePlot(x="step", y="loss", color="series", label="Loss", elem_id="run-loss", x_title="optimizer step",
-                                     y_title="loss", color_title="", height=300, buttons=["export"])
+                                     y_title="loss", color_title="", buttons=["export"])
                 clip = gr.LinePlot(x="step", y="CLIP score", label="CLIP score of the validation images", elem_id="run-clip",
                                    x_title="optimizer step", height=180, visible=False)
                 lowest = gr.Markdown(elem_id="run-lowest")
