@@ -171,8 +171,9 @@ def layout(drawn: Sequence[Sequence[Image.Image]], row_labels: Sequence[str], pr
     for k, prompt in enumerate(prompts):
         block, _ = comparison_grid([row[k * count : (k + 1) * count] for row in drawn], row_labels, [(prompt, s) for s in seeds])
         blocks.append((_heading(f"{k + 1}/{len(prompts)}: {prompt}", block.width, drawn[0][0].width), block))
-    grid = Image.new("RGB", (blocks[0][1].width, sum(h.height + b.height for h, b in blocks)), "white")
-    y = 0
+    # A white band on top, so that the viewer's badge in the corner (the image's label on the page) covers no heading.
+    y = max(40, 2 * _font_size(drawn[0][0].width))
+    grid = Image.new("RGB", (blocks[0][1].width, y + sum(h.height + b.height for h, b in blocks)), "white")
     for heading, block in blocks:
         grid.paste(heading, (0, y))
         grid.paste(block, (0, y + heading.height))
@@ -184,7 +185,7 @@ def _heading(text: str, width: int, tile: int, max_lines: int = 3) -> Image.Imag
     """``text`` wrapped to ``width`` in a font sized to the tiles (readable when the grid is shown scaled down)."""
     from PIL import ImageDraw, ImageFont
 
-    size = max(14, tile // 14)
+    size = _font_size(tile)
     font = ImageFont.load_default(size=size)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     lines: list[str] = []
@@ -202,6 +203,10 @@ def _heading(text: str, width: int, tile: int, max_lines: int = 3) -> Image.Imag
     for i, line in enumerate(lines):
         draw.text((8, size // 2 + i * line_height), line, fill="black", font=font)
     return heading
+
+
+def _font_size(tile: int) -> int:
+    return max(14, tile // 14)
 
 
 def _write(folder: Path, image: Image.Image, parameters: dict) -> Path:
