@@ -69,7 +69,6 @@ def build_app(settings: AppSettings, app: PreviewApp | None = None):
             merge_tab.build(page, app)
             runs_tab.build(page, app)
             grid_tab.build(page, app)
-            grid_tab.build(page, app)
         for connect in page.after_build:
             connect()
 
