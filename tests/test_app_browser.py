@@ -48,7 +48,7 @@ def test_preview_merge_and_preview_the_merge(app_url, tmp_path):
             page.get_by_text("Add an adapter by path").click()
             page.fill("#add-path input, #add-path textarea", "/etc/passwd")
             page.click("#add-adapter")
-            warning = page.locator(".toast-body", has_text="outside the folders this app may read")
+            warning = page.locator(".toast-body", has_text="not an adapter this app may read")
             expect(warning).to_be_visible(timeout=20_000)
             warning.locator(".toast-close").click()
 
@@ -99,3 +99,148 @@ def test_preview_merge_and_preview_the_merge(app_url, tmp_path):
             screenshot(page, tmp_path, "sweep")
         finally:
             browser.close()
+
+
+def _toast(page, text: str) -> None:
+    from playwright.sync_api import expect
+
+    toast = page.locator(".toast-body", has_text=text)
+    expect(toast.first).to_be_visible(timeout=30_000)
+    toast.first.locator(".toast-close").click()
+
+
+def _set(page, label: str, value: str) -> None:
+    box = page.get_by_label(label)
+    box.fill(value)
+    box.press("Tab")
+
+
+def test_progress_by_step_base_first_and_refusals_keep_the_images(app_url, tmp_path):
+    """At 1400 px: step progress, the base image before the adapted one, app warnings (no 'Error') for bad values."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, runs = app_url
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            pick(page, "#adapters", "runs/style-a/final")
+            page.get_by_label("number input for Scale: runs/style-a/final").wait_for()
+            _set(page, "number input for Steps", "100")
+            page.click("#generate")
+            # While the adapted image is drawn the base one is already shown, with the step count in the progress.
+            expect(page.locator("#adapted-image").get_by_text("with adapters: step")).to_be_visible(timeout=60_000)
+            assert page.locator("#base-image img").count() == 1
+            _, base = shown_image(page, "#base-image")
+            adapted_src, _ = shown_image(page, "#adapted-image")
+            expect(page.locator("#info")).to_contain_text("100 steps")
+
+            for seed, message in (("", "seed is empty"), ("99999999999999999999", "from 0 to 4294967295"), ("-5", "seed -5 is out of range")):
+                page.fill("#seed input", seed)
+                page.click("#generate")
+                _toast(page, message)
+                assert page.locator(".toast-body", has_text="Error").count() == 0
+                assert page.locator("#adapted-image img").get_attribute("src") == adapted_src  # nothing blanked
+            page.fill("#seed input", "0")
+
+            # The sweep: its result shows while it works, the grid wraps into rows of 4.
+            page.get_by_text("Scale sweep", exact=True).click()
+            values = page.locator("#sweep-values textarea, #sweep-values input")
+            expect(values).to_have_value("0, 0.5, 1, 1.5")
+            for text, message in (("1e9, 1", "out of range"), ("", "between 2 and 8"), ("big, small", "numbers separated")):
+                values.fill(text)
+                values.press("Tab")
+                page.click("#sweep")
+                _toast(page, message)
+            values.fill("0, 0.25, 0.5, 0.75, 1, 1.25")
+            values.press("Tab")
+            _set(page, "number input for Steps", "30")
+            page.click("#sweep")
+            expect(page.locator("#sweep-image").get_by_text("scale")).to_be_visible(timeout=60_000)
+            _, grid = shown_image(page, "#sweep-image")
+            assert grid.shape[1] == 4 * 256 and grid.shape[0] > 2 * 256
+            screenshot(page, tmp_path, "sweep-rows")
+        finally:
+            browser.close()
+
+
+def test_merge_by_default_exact_with_a_named_download_and_a_visible_rank_clamp(app_url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, runs = app_url
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.get_by_role("tab", name="Merge").click()
+            expect(page.get_by_label("cat: concatenate (ranks add up, exact)")).to_be_checked()
+            for name in ("runs/style-a/final", "runs/style-b/final"):
+                pick(page, "#merge-adapters", name)
+                page.get_by_label(f"number input for Weight: {name}").wait_for()
+            page.fill("#out-name input, #out-name textarea", "mix")
+            page.click("#merge")
+            expect(page.locator("#merge-result")).to_contain_text("Wrote a merged adapter", timeout=60_000)
+            expect(page.locator("#merged-file")).to_contain_text("mix.safetensors")
+            page.get_by_label("svd: exact sum cut to a rank by SVD").check()
+            for rank, message in (("0", "svd rank 0 is out of range"), ("", "svd rank is empty")):
+                page.fill("#rank input", rank)
+                page.click("#merge")
+                _toast(page, message)
+            page.fill("#rank input", "1000000")
+            page.fill("#out-name input, #out-name textarea", "big")
+            page.click("#merge")
+            expect(page.locator("#merge-result")).to_contain_text("above the adapters' combined rank 8: using 8", timeout=60_000)
+            expect(page.locator("#merge-result")).to_contain_text("kept 100.0%")
+            expect(page.locator("#merged-file")).to_contain_text("big.safetensors")
+        finally:
+            browser.close()
+
+
+def test_phone_layout_shows_the_result_first_and_cuts_nothing(app_url, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url, runs = app_url
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 390, "height": 844})
+            page.goto(url)
+            page.locator("#bucket input").wait_for()
+            assert page.locator("#base-image").bounding_box()["y"] < page.locator("#adapters").bounding_box()["y"]
+            size = page.locator("#bucket input")
+            assert size.evaluate("e => e.scrollWidth <= e.clientWidth"), size.input_value()
+            label = page.locator("#guidance label, #guidance .head").first
+            assert label.evaluate("e => e.getBoundingClientRect().height") < 40  # one line
+            screenshot(page, tmp_path, "phone-390")
+        finally:
+            browser.close()
+
+
+def test_named_api_endpoints_upload_limits_and_the_empty_runs_note(app_url):
+    import json
+    import urllib.error
+    import urllib.request
+
+    url, runs = app_url
+    with urllib.request.urlopen(url + "gradio_api/info", timeout=30) as response:
+        info = json.load(response)
+    named = set(info["named_endpoints"])
+    assert {"/generate", "/sweep", "/merge"} <= named, named
+    assert not any(word in name for name in named for word in ("lambda", "rescan", "add_adapter", "render", "change", "after")), named
+    assert not info["unnamed_endpoints"]
+
+    def upload(size: int, origin: str | None) -> int:
+        body = b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.bin\"\r\n\r\n" + b"0" * size + b"\r\n--b--\r\n"
+        headers = {"Content-Type": "multipart/form-data; boundary=b", **({"Origin": origin} if origin else {})}
+        request = urllib.request.Request(url + "gradio_api/upload", data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    assert upload(10, url.rstrip("/")) == 200
+    assert upload(10, "https://elsewhere.example") == 403
+    assert upload(6 * 1024 * 1024, None) in (413, 400)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pixart_tune.app.files import unique
-from pixart_tune.app.page import Page, shown, sliders_for
+from pixart_tune.app.page import Page, follow_sliders, shown, sliders_for, values_for
 from pixart_tune.app.service import GUIDANCE, MAX_SEED, STEPS, PreviewApp, bucket_choices, square_bucket
 
 
@@ -20,28 +20,12 @@ def build(page: Page, app: PreviewApp) -> None:
                 adapters = gr.Dropdown(page.adapter_choices, value=[], multiselect=True, label="Adapters", elem_id="adapters",
                                        info="Found in the runs and outputs folders; each gets a scale slider")
 
+                scale_values = gr.JSON({}, visible=False, label="Scales (adapter path: scale, 1 when not given)")
+
                 @gr.render(inputs=adapters)
                 def scale_sliders(selected):
                     selected = list(selected or [])
-                    sliders = sliders_for(app, selected, "Scale")
-                    def compare(*values, progress=page.track()):
-                        yield from _compare(app, selected, *values, progress=progress)
-
-                    def sweep(*values, progress=page.track()):
-                        yield from _sweep(app, selected, *values, progress=progress)
-
-                    # The widgets that ran are set to the values used, so the page never shows one value and runs another.
-                    generate.click(
-                        shown("Generate", lambda: (gr.skip(),) * (5 + len(sliders)))(compare),
-                        inputs=[page.model, prompt, negative, seed, steps, guidance, bucket, *sliders],
-                        outputs=[base_image, adapted_image, info, steps, guidance, *sliders],
-                        show_progress_on=[base_image, adapted_image], api_name="generate",
-                    )
-                    sweep_button.click(
-                        shown("Scale sweep", gr.skip)(sweep),
-                        inputs=[page.model, prompt, negative, seed, steps, guidance, bucket, swept, sweep_values, *sliders],
-                        outputs=[sweep_image], show_progress_on=[sweep_image], api_name="sweep",
-                    )
+                    follow_sliders(sliders_for(app, selected, "Scale"), selected, scale_values)
 
                 with gr.Accordion("Add an adapter by path", open=False):
                     add_path = gr.Textbox(label="Adapter folder or .safetensors file", elem_id="add-path",
@@ -72,6 +56,25 @@ def build(page: Page, app: PreviewApp) -> None:
                 sweep_image = gr.Image(label="Scale sweep", type="pil", format="png", interactive=False, visible=False, elem_id="sweep-image")
 
     page.adapters, page.bucket, page.swept = adapters, bucket, swept
+
+    def compare(model, prompt, negative, seed, steps, guidance, bucket, selected, scales, progress=page.track()):
+        yield from _compare(app, selected, model, prompt, negative, seed, steps, guidance, bucket, *values_for(selected, scales), progress=progress)
+
+    def sweep(model, prompt, negative, seed, steps, guidance, bucket, selected, scales, swept, values, progress=page.track()):
+        yield from _sweep(app, selected, model, prompt, negative, seed, steps, guidance, bucket, swept, values, *values_for(selected, scales), progress=progress)
+
+    # The widgets that ran are set to the values used, so the page never shows one value and runs another.
+    generate.click(
+        shown("Generate", lambda: (gr.skip(),) * 5)(compare),
+        inputs=[page.model, prompt, negative, seed, steps, guidance, bucket, adapters, scale_values],
+        outputs=[base_image, adapted_image, info, steps, guidance],
+        show_progress_on=[base_image, adapted_image], api_name="generate",
+    )
+    sweep_button.click(
+        shown("Scale sweep", gr.skip)(sweep),
+        inputs=[page.model, prompt, negative, seed, steps, guidance, bucket, adapters, scale_values, swept, sweep_values],
+        outputs=[sweep_image], show_progress_on=[sweep_image], api_name="sweep",
+    )
 
     @shown("Add an adapter", lambda: (gr.skip(),) * 4)
     def add_adapter(path, selected, current_extra):
@@ -106,7 +109,7 @@ def _compare(app: PreviewApp, selected, model, prompt, negative, seed, steps, gu
     """Yields the base image as soon as it is drawn, then both with the caption and the values used."""
     import gradio as gr
 
-    keep = (gr.skip(),) * (2 + len(scales))
+    keep = (gr.skip(),) * 2
     for base, adapted in app.compare_steps(model, prompt, negative, seed, steps, guidance, bucket, selected, scales, progress):
         if adapted is None and selected:
             yield base, None, "Base model drawn; drawing the adapted image ...", *keep
@@ -115,7 +118,7 @@ def _compare(app: PreviewApp, selected, model, prompt, negative, seed, steps, gu
     parts = ", ".join(f"{app.label(p)} x{float(s):g}" for p, s in zip(selected, scales)) or "none"
     height, _, width = str(bucket).partition("x")
     text = f"Seed {int(seed)}, {int(steps)} steps, guidance {float(guidance):g}, {width} × {height}. Adapters: {parts}."
-    yield base, adapted, text, int(steps), float(guidance), *map(float, scales)
+    yield base, adapted, text, int(steps), float(guidance)
 
 
 def _sweep(app: PreviewApp, selected, model, prompt, negative, seed, steps, guidance, bucket, swept, values, *scales, progress):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from pixart_tune.app.page import Page, shown, sliders_for
+from pixart_tune.app.page import Page, follow_sliders, shown, sliders_for, values_for
 from pixart_tune.app.service import DEFAULT_METHOD, MERGE_METHODS, PreviewApp
 
 
@@ -19,18 +19,12 @@ def build(page: Page, app: PreviewApp) -> None:
                 merge_adapters = gr.Dropdown(page.adapter_choices, value=[], multiselect=True, label="Adapters to merge", elem_id="merge-adapters",
                                              info="Each gets a weight slider")
 
+                weight_values = gr.JSON({}, visible=False, label="Weights (adapter path: weight, 1 when not given)")
+
                 @gr.render(inputs=merge_adapters)
                 def weight_sliders(selected):
                     selected = list(selected or [])
-                    sliders = sliders_for(app, selected, "Weight")
-                    # The menus are updated only after a merge succeeded, so a refused
-                    # merge leaves them (and the user's selection) as they were.
-                    merge_button.click(
-                        shown("Merge", lambda: (gr.skip(), gr.skip(), ""))(lambda *v, progress=page.track(): _merge(app, selected, *v, progress=progress)),
-                        inputs=[page.model, method, rank, out_name, *sliders],
-                        outputs=[merge_result, merged_file, page.written], api_name="merge",
-                    ).success(functools.partial(_after_merge, app), inputs=[page.written, method, page.extra], outputs=[page.adapters, merge_adapters, page.model],
-                              api_visibility="private")
+                    follow_sliders(sliders_for(app, selected, "Weight"), selected, weight_values)
 
                 method = gr.Radio([(text, key) for key, text in MERGE_METHODS.items()], value=DEFAULT_METHOD, label="Method",
                                   elem_id="method", interactive=True)
@@ -45,6 +39,18 @@ def build(page: Page, app: PreviewApp) -> None:
                 merged_file = gr.File(label="Merged adapter weights", interactive=False, elem_id="merged-file")
 
     page.merge_adapters = merge_adapters
+
+    def merge(model, method, rank, name, selected, weights, progress=page.track()):
+        return _merge(app, selected, model, method, rank, name, *values_for(selected, weights), progress=progress)
+
+    # The menus are updated only after a merge succeeded, so a refused
+    # merge leaves them (and the user's selection) as they were.
+    merge_button.click(
+        shown("Merge", lambda: (gr.skip(), gr.skip(), ""))(merge),
+        inputs=[page.model, method, rank, out_name, merge_adapters, weight_values],
+        outputs=[merge_result, merged_file, page.written], api_name="merge",
+    ).success(functools.partial(_after_merge, app), inputs=[page.written, method, page.extra], outputs=[page.adapters, merge_adapters, page.model],
+              api_visibility="private")
 
 
 def _merge(app: PreviewApp, selected, model, method, rank, name, *weights, progress):

@@ -108,3 +108,20 @@ def sliders_for(app: PreviewApp, selected: list[str], kind: str) -> list:
         gr.Slider(low, high, value=1.0, step=0.05, label=f"{kind}: {app.label(p)}", key=f"{kind.lower()}-{p}", interactive=True)
         for p in selected
     ]
+
+
+def follow_sliders(sliders: list, paths: list[str], values) -> None:
+    """Each slider writes its value into ``values`` (a hidden gr.JSON of path -> value) that the named events read.
+
+    The events stay outside ``@gr.render``: declared inside, they exist only once a
+    browser rendered the sliders, and the API would not list them.
+    """
+    for slider, path in zip(sliders, paths):
+        slider.change(lambda value, current, path=path: {**(current or {}), path: value}, [slider, values], values,
+                      api_visibility="private", queue=False, show_progress="hidden")
+
+
+def values_for(paths, values) -> list[float]:
+    """The value of each selected path (1.0 where its slider was not moved)."""
+    values = values or {}
+    return [values.get(p, 1.0) for p in paths or []]
