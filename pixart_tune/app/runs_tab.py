@@ -28,12 +28,13 @@ def build(page: Page, app: PreviewApp) -> None:
     import gradio as gr
 
     runs_root = app.settings.runs
+    choices = _run_choices(app)
     with gr.Tab("Runs", id="runs", elem_id="tab-runs") as tab:
         with gr.Row():
-            run = gr.Dropdown(_run_choices(app), value=None, label="Run", elem_id="run", scale=5, min_width=280, interactive=True,
+            run = gr.Dropdown(choices, value=None, label="Run", elem_id="run", scale=5, min_width=280, interactive=True,
                               info="Training runs (output_dir) under the runs folder, newest first")
             rescan = gr.Button("Rescan runs", scale=0, min_width=140, size="md", elem_id="rescan-runs")
-        summary = gr.Markdown(EMPTY.format(runs=runs_root) if not _run_choices(app) else "Choose a run.", elem_id="run-summary")
+        summary = gr.Markdown(EMPTY.format(runs=runs_root) if not choices else "Choose a run.", elem_id="run-summary")
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
                 losses = gr.LinePlot(x="step", y="loss", color="series", label="Loss", elem_id="run-loss", x_title="optimizer step",
@@ -92,16 +93,14 @@ def build(page: Page, app: PreviewApp) -> None:
 
     grid_step.change(move_grid, [run, grid_step], grid, api_visibility="private", show_progress="hidden")
 
-    def rescan_runs(current):
-        choices = _run_choices(app)
-        values = [value for _, value in choices]
-        value = current if current in values else None
-        text = gr.skip() if value else (EMPTY.format(runs=runs_root) if not choices else "Choose a run.")
-        return gr.Dropdown(choices=choices, value=value), text
+    def rescan_runs():
+        # Choices only: the value the browser holds stays (a run picked while this ran is kept).
+        choices = _run_choices(app)  # listed now, not as at start
+        return gr.Dropdown(choices=choices), gr.skip() if choices else EMPTY.format(runs=runs_root)
 
     # Opening the tab rescans too, so runs started since the page loaded are listed.
     for trigger in (rescan.click, tab.select):
-        trigger(rescan_runs, run, [run, summary], api_visibility="private", show_progress="hidden")
+        trigger(rescan_runs, None, [run, summary], api_visibility="private", show_progress="hidden")
 
     @shown("Preview this checkpoint", lambda: (gr.skip(),) * 4)
     def preview_checkpoint(name, chosen, current_extra):
