@@ -21,12 +21,27 @@ def looks_like_path(name: str) -> bool:
 
 
 def resolve_component(model: str, subfolder: str) -> Path:
-    """The local folder of ``subfolder`` of a model folder or hub id (downloading when online)."""
+    """The local folder of ``subfolder`` of a model folder or hub id (downloading when online).
+
+    The VAE, T5, tokenizer and scheduler come from where :func:`~pixart_tune.parts.resolve_parts`
+    says (the model, ``--components``, or its family's component repository); a bare
+    transformer's "transformer" folder is the model folder itself.
+    """
+    from pixart_tune.parts import COMPONENTS, TRANSFORMER, resolve_parts
+
+    parts = resolve_parts(model)
+    if subfolder in COMPONENTS:
+        model = parts.components
+    elif subfolder == TRANSFORMER and parts.transformer_subfolder is None and Path(model).is_dir():
+        return Path(model)
     local = Path(model) / subfolder
     if local.is_dir():
         return local
     if Path(model).is_dir():
-        raise UserError(f"{model} has no {subfolder}/ folder; point --model at a PixArt-Sigma pipeline folder in the diffusers layout")
+        raise UserError(
+            f"{model} has no {subfolder}/ folder; point --model at a PixArt pipeline folder in the diffusers layout "
+            f"(or a transformer folder, with --components naming where the VAE, T5, tokenizer and scheduler are)"
+        )
     if looks_like_path(model):
         raise UserError(f"model folder {model} does not exist; give a pipeline folder (pixart-tune init-tiny makes a tiny one) or a hub id")
     if (model, subfolder) not in _HUB_FOLDERS:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from pixart_tune.parts import resolve_parts
 
 logger = logging.getLogger(__name__)
 
@@ -59,21 +60,28 @@ def default_device() -> torch.device:
 
 
 def load_transformer(model: str, dtype: torch.dtype = torch.float32, **kwargs: Any):
+    """The transformer of ``model``: its transformer/ folder, or the folder itself for a bare transformer."""
     from diffusers import PixArtTransformer2DModel
 
-    return PixArtTransformer2DModel.from_pretrained(model, subfolder="transformer", dtype=dtype, **kwargs)
+    subfolder = resolve_parts(model).transformer_subfolder
+    return PixArtTransformer2DModel.from_pretrained(model, dtype=dtype, **({"subfolder": subfolder} if subfolder else {}), **kwargs)
+
+
+def components(model: str) -> str:
+    """Where ``model``'s VAE, T5, tokenizer and scheduler load from (see :mod:`pixart_tune.parts`)."""
+    return resolve_parts(model).components
 
 
 def load_vae(model: str, dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=dtype)
+    return AutoencoderKL.from_pretrained(components(model), subfolder="vae", dtype=dtype)
 
 
 def load_tokenizer(model: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
+    return AutoTokenizer.from_pretrained(components(model), subfolder="tokenizer")
 
 
 def text_encoder_in_8bit(load_in_8bit: bool, device: torch.device | str) -> bool:
@@ -93,10 +101,10 @@ def load_text_encoder(model: str, dtype: torch.dtype = torch.float32, load_in_8b
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         # Placed by bitsandbytes on the very device the prompts go to (not the current one).
         kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
-        return T5EncoderModel.from_pretrained(model, subfolder="text_encoder", **kwargs)
+        return T5EncoderModel.from_pretrained(components(model), subfolder="text_encoder", **kwargs)
     if load_in_8bit:
         logger.warning("8-bit T5 needs a CUDA device; loading the text encoder in %s on %s instead", dtype, device)
-    return T5EncoderModel.from_pretrained(model, subfolder="text_encoder", **kwargs).to(device)
+    return T5EncoderModel.from_pretrained(components(model), subfolder="text_encoder", **kwargs).to(device)
 
 
 def quiet_loading() -> None:
@@ -112,17 +120,29 @@ def load_noise_scheduler(model: str):
     """The DDPM training schedule, built from the model folder's scheduler config."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    return DDPMScheduler.from_pretrained(components(model), subfolder="scheduler")
 
 
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32, transformer=None):
-    """The full ``PixArtSigmaPipeline``; pass ``transformer`` to reuse one already loaded."""
-    from diffusers import PixArtSigmaPipeline
+def pipeline_class(model: str):
+    """The diffusers pipeline class of ``model``'s family (PixArtSigmaPipeline or PixArtAlphaPipeline)."""
+    import diffusers
 
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    return getattr(diffusers, resolve_parts(model).family.pipeline)
+
+
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, transformer=None, **kwargs: Any):
+    """The family's pipeline of ``model``, its transformer put together with its components.
+
+    Pass ``transformer`` to reuse one already loaded, and other components (``vae``,
+    ``text_encoder=None`` ...) as ``from_pretrained`` takes them.
+    """
+    parts = resolve_parts(model)
+    kwargs["dtype"] = dtype
     if transformer is not None:
         kwargs["transformer"] = transformer
-    return PixArtSigmaPipeline.from_pretrained(model, **kwargs)
+    elif not (parts.own_components and parts.transformer_subfolder):
+        kwargs["transformer"] = load_transformer(model, dtype)
+    return pipeline_class(model).from_pretrained(parts.components, **kwargs)
 
 
 def meta_transformer(config: dict[str, Any] | None = None, dtype: torch.dtype | None = None):

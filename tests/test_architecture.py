@@ -13,7 +13,9 @@ two packages on one layer stay out of each other):
     encoders                 the VAE and T5
     tiny                     the tiny pipeline (init-tiny)
     models | hub | tiny_vae  loading components; hub look-ups; the tiny pipeline's VAE
-    base | config | fsutil   the vocabulary; typed configs; safe file writes
+    parts                    where a model's transformer and components are
+    base | config | fsutil   the vocabulary; typed configs; safe file writes;
+    | family                 the model families (Sigma, alpha)
     errors | pixart_tune     the user-facing error; the version
 """
 
@@ -28,7 +30,8 @@ from tests.conftest import REPO
 
 LAYERS: list[tuple[str, ...]] = [
     ("pixart_tune", "pixart_tune.errors"),
-    ("pixart_tune.base", "pixart_tune.config", "pixart_tune.fsutil"),
+    ("pixart_tune.base", "pixart_tune.config", "pixart_tune.fsutil", "pixart_tune.family"),
+    ("pixart_tune.parts",),
     ("pixart_tune.models", "pixart_tune.hub", "pixart_tune.tiny_vae"),
     ("pixart_tune.tiny",),
     ("pixart_tune.encoders",),
