@@ -11,7 +11,16 @@ import pytest
 import yaml
 
 from pixart_tune.app.files import PathGuard
-from pixart_tune.app.runs import RunInfo, find_run, is_run, list_runs, load_image, lowest_text, read_run, summary_text
+from pixart_tune.app.runs import (
+    RunInfo,
+    find_run,
+    is_run,
+    list_runs,
+    load_image,
+    lowest_text,
+    read_run,
+    summary_text,
+)
 from pixart_tune.errors import UserError
 from pixart_tune.training.plots import EVAL, TRAIN, LossHistory, lowest_eval
 from tests.training_fixtures import red_dataset, tiny_config  # noqa: F401  (fixture)

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from tests.browser_fixtures import BROWSER_ARGS, BROWSER_MARKS, CHROMIUM, pick, runs_app_url, screenshot, shown_image  # noqa: F401  (fixture)
+from tests.browser_fixtures import (  # noqa: F401  (fixture)
+    BROWSER_ARGS,
+    BROWSER_MARKS,
+    CHROMIUM,
+    pick,
+    runs_app_url,
+    screenshot,
+    shown_image,
+)
 from tests.test_app_runs import trained_run  # noqa: F401  (fixture)
 from tests.training_fixtures import red_dataset  # noqa: F401  (fixture)
 
@@ -30,10 +38,10 @@ def assert_inside(inner, outer) -> None:
     assert b["y"] <= a["y"] and a["y"] + a["height"] <= b["y"] + b["height"] + 1, (a, b)
 
 
-def test_a_run_in_pictures_and_a_checkpoint_previewed(runs_app_url, tmp_path):
+def test_a_run_in_pictures_and_a_checkpoint_previewed(runs_app_url, tmp_path):  # noqa: F811
     from playwright.sync_api import expect, sync_playwright
 
-    url, run = runs_app_url
+    url, _ = runs_app_url
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
         try:

@@ -345,7 +345,7 @@ def load_image(path: Path | None, guard: PathGuard, notes: list[str] | None = No
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except Exception:  # half-written, not a PNG, too large to decode: a note, never a failure
+    except Exception:  # noqa: BLE001  (half-written, not a PNG, too large to decode: a note, never a failure)
         if notes is not None:
             notes.append(f"{path.name}: not a readable image (half-written?)")
         return None

@@ -10,11 +10,19 @@ on another scale, gets its own small plot when the run measured it.
 
 from __future__ import annotations
 
+import itertools
 import math
 from functools import reduce
 
 from pixart_tune.app.page import Page, shown
-from pixart_tune.app.runs import RunInfo, find_run, list_runs, load_image, lowest_text, summary_text
+from pixart_tune.app.runs import (
+    RunInfo,
+    find_run,
+    list_runs,
+    load_image,
+    lowest_text,
+    summary_text,
+)
 from pixart_tune.app.service import PreviewApp
 from pixart_tune.errors import UserError
 from pixart_tune.training.plots import CLIP, EVAL, TRAIN
@@ -54,7 +62,7 @@ def build(page: Page, app: PreviewApp) -> None:
         with gr.Accordion("Config (config.yaml, the resolved recipe)", open=False, elem_id="run-config-box"):
             config = gr.Code(language="yaml", interactive=False, label="config.yaml", elem_id="run-config", max_lines=40)
 
-    nothing = lambda: (gr.skip(),) * 9  # noqa: E731
+    nothing = lambda: (gr.skip(),) * 9
 
     @shown("Open a run", nothing)
     def open_run(name):
@@ -152,6 +160,6 @@ def _slider(info: RunInfo):
     steps = [g.step for g in info.grids]
     if len(steps) < 2:
         return gr.Slider(visible=False)
-    gap = reduce(math.gcd, (b - a for a, b in zip(steps, steps[1:]))) or 1
+    gap = reduce(math.gcd, (b - a for a, b in itertools.pairwise(steps))) or 1
     return gr.Slider(minimum=steps[0], maximum=steps[-1], step=gap, value=steps[-1], visible=True,
                      label=f"Validation step ({len(steps)} grids, steps {steps[0]} to {steps[-1]})")
