@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.prepare_fixtures import WORDS, build_tiny_blip, encode, photo, write
-from tests.test_app_browser import _free_port, _stop, _wait_until_up
+from tests.browser_fixtures import free_port, stop_app, wait_until_up
 
 REPO = Path(__file__).resolve().parents[1]
 PROXIES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
@@ -148,7 +148,7 @@ def test_the_app_says_where_it_serves_and_rejected_values_leave_no_tracebacks(tm
 
     runs = tmp_path / "runs"
     runs.mkdir()
-    port = _free_port()
+    port = free_port()
     env = _env(tmp_path)
     env.pop("GRADIO_TEMP_DIR", None)
     env["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -158,18 +158,20 @@ def test_the_app_says_where_it_serves_and_rejected_values_leave_no_tracebacks(tm
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
         url = f"http://127.0.0.1:{port}/"
-        _wait_until_up(url, process, log)
+        wait_until_up(url, process, log)
         client = Client(url, verbose=False)
         # Gradio's own check refuses a menu value that is not offered: shown to the user as an error.
         with pytest.raises(AppError, match="not in the list of choices"):
-            client.predict("runs/x", ["/not/offered"], [], api_name="/add_adapter")
-        # The app's own check refuses a path outside its folders: a warning on the page.
-        client.predict("/etc/passwd", [], [], api_name="/add_adapter")
+            client.predict(tiny_model, "a cat", "", 0, 2, 4.5, "256x256", ["/not/offered"], {}, api_name="/generate")
+        with pytest.raises(AppError, match="greater than maximum value 100"):
+            client.predict(tiny_model, "a cat", "", 0, 100000, 4.5, "256x256", [], {}, api_name="/generate")
+        # The app's own check refuses a seed out of range: a warning on the page.
+        client.predict(tiny_model, "a cat", "", -5, 2, 4.5, "256x256", [], {}, api_name="/generate")
         deadline = time.monotonic() + 30
         while "serving at" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
     finally:
-        _stop(process)
+        stop_app(process)
     out = log.read_text()
     assert f"serving at http://127.0.0.1:{port}" in out and "Ctrl+C" in out, out[-3000:]
     assert "share=True" not in out and "Running on local URL" not in out, out[-3000:]

@@ -366,7 +366,7 @@ class PreviewApp:
         if method == "svd":
             rank = check_range("svd rank", rank, 1, 10**9, whole=True) if rank is not None else None
             if rank is None:
-                raise UserError("svd needs a rank: write a whole number of at least 1")
+                raise UserError("svd rank is empty: write a whole number from 1 up (svd needs a rank)")
             combined = self.combined_rank(specs)
             if combined and rank > combined:
                 notes.append(f"svd rank {rank} is above the adapters' combined rank {combined}: using {combined} (exact)")

@@ -83,10 +83,17 @@ def build_app(settings: AppSettings, app: PreviewApp | None = None):
                 gr.Markdown(note, visible=bool(note)),
             )
 
-        # Each page load rescans too, so adapters trained since the start are offered.
-        for trigger in (rescan.click, demo.load):
-            trigger(rescan_folders, [page.adapters, page.merge_adapters, page.extra], [page.adapters, page.merge_adapters, page.model, page.adapters_note],
-                    api_visibility="private", show_progress="hidden")
+        def offer_found(current_extra):
+            # On page load only the choices change: a value set here would undo an adapter
+            # the person picked while the scan ran (the event read the menus before that).
+            choices = app.adapter_choices(current_extra)
+            note = app.adapters_note(choices)
+            return gr.Dropdown(choices=choices), gr.Dropdown(choices=choices), gr.Dropdown(choices=app.model_choices()), gr.Markdown(note, visible=bool(note))
+
+        outputs = [page.adapters, page.merge_adapters, page.model, page.adapters_note]
+        rescan.click(rescan_folders, [page.adapters, page.merge_adapters, page.extra], outputs, api_visibility="private", show_progress="hidden")
+        # Each page load scans too, so adapters trained since the start are offered.
+        demo.load(offer_found, [page.extra], outputs, api_visibility="private", show_progress="hidden")
 
         def change_model(name, progress=page.track()):
             # A model that cannot load is a warning and the menu goes back to the loaded
