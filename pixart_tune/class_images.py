@@ -29,9 +29,15 @@ from PIL import Image
 
 from pixart_tune.base import REAL_MODEL_ID, resolution_of
 from pixart_tune.errors import UserError
-from pixart_tune.fsutil import files_into, os_error_text, read_regular, refuse_unsafe_outputs
+from pixart_tune.fsutil import (
+    files_into,
+    os_error_text,
+    read_regular,
+    refuse_unsafe_outputs,
+)
 from pixart_tune.generation import save_png
 from pixart_tune.hub import resolve_component
+from pixart_tune.parts import use_components
 from pixart_tune.sampling import Sampler, bucket_size, check_numbers, check_shape
 
 __all__ = ["ClassImagesConfig", "ClassImagesResult", "Survey", "make_class_images", "survey"]
@@ -60,7 +66,9 @@ class ClassImagesConfig:
     out: str
     """Folder for class_00000.png ... and their .txt captions (created; other files in it stay)."""
     model: str = REAL_MODEL_ID
-    """Base model the subject LoRA trains on: a diffusers PixArt-Sigma folder or hub id."""
+    """Base model the subject LoRA trains on: a diffusers PixArt folder or hub id."""
+    components: str | None = None
+    """Where the VAE, T5, tokenizer and scheduler come from when the model is a transformer alone."""
     count: int = 200
     """Class images the folder should hold; those already there with the same prompt count."""
     seed: int = 0
@@ -215,6 +223,7 @@ def make_class_images(config: ClassImagesConfig, on_image: Callable[[int, int], 
     (unless ``overwrite``), and a folder that is complete loads no model at all.
     ``done`` counts the images kept too, so the first call reports those.
     """
+    use_components(config.model, config.components)
     out = Path(config.out)
     refuse_unsafe_outputs([out], kind="folder", overwrite=True)  # it may exist and hold other files
     plan = survey(out, config.prompt, config.count)

@@ -148,13 +148,12 @@ class TextEncoder:
     @property
     def pipe(self):
         if self._pipe is None:
-            from diffusers import PixArtSigmaPipeline
-
             logger.info("loading the text encoder of %s", self.model)
             self.loaded = True
             encoder = models.load_text_encoder(local_model(self.model, "text_encoder"), self.dtype, load_in_8bit=self.load_in_8bit, device=self.device)
             encoder.eval().requires_grad_(False)
-            self._pipe = PixArtSigmaPipeline(tokenizer=self.tokenizer, text_encoder=encoder, vae=None, transformer=None, scheduler=None)
+            # The family's own encode_prompt (PixArt-Sigma's or PixArt-alpha's).
+            self._pipe = models.pipeline_class(self.model)(tokenizer=self.tokenizer, text_encoder=encoder, vae=None, transformer=None, scheduler=None)
         return self._pipe
 
     @torch.inference_mode()

@@ -130,18 +130,19 @@ def pipeline_class(model: str):
     return getattr(diffusers, resolve_parts(model).family.pipeline)
 
 
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32, transformer=None, **kwargs: Any):
+def load_pipeline(model: str, dtype: torch.dtype | None = torch.float32, transformer=None, **kwargs: Any):
     """The family's pipeline of ``model``, its transformer put together with its components.
 
     Pass ``transformer`` to reuse one already loaded, and other components (``vae``,
     ``text_encoder=None`` ...) as ``from_pretrained`` takes them.
     """
     parts = resolve_parts(model)
-    kwargs["dtype"] = dtype
+    if dtype is not None:  # None: each component in its saved dtype (a passed transformer keeps its own)
+        kwargs["dtype"] = dtype
     if transformer is not None:
         kwargs["transformer"] = transformer
     elif not (parts.own_components and parts.transformer_subfolder):
-        kwargs["transformer"] = load_transformer(model, dtype)
+        kwargs["transformer"] = load_transformer(model, dtype or torch.float32)
     return pipeline_class(model).from_pretrained(parts.components, **kwargs)
 
 

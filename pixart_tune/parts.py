@@ -64,11 +64,14 @@ class ModelParts:
 
 
 def use_components(model: str, components: str | None) -> None:
-    """Records that ``model``'s VAE, T5, tokenizer and scheduler come from ``components`` (None: found as usual)."""
+    """Records that ``model``'s VAE, T5, tokenizer and scheduler come from ``components``; None changes nothing."""
     if components:
-        _CHOSEN[model] = str(components)
-    else:
-        _CHOSEN.pop(model, None)
+        _CHOSEN[str(model)] = str(components)
+
+
+def forget_components(model: str) -> None:
+    """Drops what :func:`use_components` recorded for ``model``: found as usual again."""
+    _CHOSEN.pop(str(model), None)
 
 
 def components_of(model: str) -> str | None:

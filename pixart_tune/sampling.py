@@ -28,6 +28,7 @@ from pixart_tune.errors import UserError
 from pixart_tune.fsutil import refuse_unsafe_outputs
 from pixart_tune.generation import generate, image_grid, save_png
 from pixart_tune.models import default_device, load_pipeline, quiet_loading
+from pixart_tune.parts import use_components
 
 __all__ = ["AdapterSpec", "SampleConfig", "Sampler", "sample"]
 
@@ -202,7 +203,10 @@ class SampleConfig:
     """What ``pixart-tune sample`` draws: every row (base, adapters) x every prompt and seed."""
 
     model: str
-    """Base model: a diffusers PixArt-Sigma folder or hub id."""
+    """Base model: a diffusers PixArt folder or hub id (or a transformer alone, with ``components``)."""
+    components: str | None = None
+    """Where the VAE, T5, tokenizer and scheduler come from when the model is a transformer
+    alone: a pipeline folder or hub id (default: the model's own, else its family's)."""
     prompts: list[str] = dataclasses.field(default_factory=list)
     """Prompts; every prompt is drawn with every seed."""
     prompts_file: str | None = None
@@ -260,6 +264,7 @@ def sample(config: SampleConfig, on_image: Callable[[int, int], None] | None = N
 
     Every adapter is read (and a bad one refused) before the model loads, and read once.
     """
+    use_components(config.model, config.components)
     prompts = read_prompts(config.prompts, config.prompts_file)
     specs = [parse_spec(text) for text in config.adapters]
     rows = comparison_rows(specs, config.sweep, base=config.base, separately=config.separately)

@@ -191,7 +191,7 @@ CASES = [
          r"error: the output .*/in/a/pub lies inside the input adapter"),
     Case("merge --out holds the user's files", lambda c: (write(c.out / "notes.txt", b"mine"), ["merge", str(c.a), str(c.b), "--out", str(c.out), "--overwrite"])[1], 1,
          r"error: --out .*/out holds notes.txt, which this command does not write; --overwrite replaces a folder of its own outputs only", keeps("notes.txt")),
-    Case("merge --overwrite over its own output", merge_over_own_output, 0, r"^wrote .*/out \(linear, rank 4"),
+    Case("merge --overwrite over its own output", merge_over_own_output, 0, r"^wrote .*/out \(cat, rank 8"),
     Case("merge --out inside an input", lambda c: ["merge", str(c.a), str(c.b), "--out", str(c.a / "merged"), "--overwrite"], 1,
          r"error: the output .*/in/a/merged lies inside one of the input adapters"),
     Case("merge --out is a file", lambda c: (write(c.out, b"mine"), ["merge", str(c.a), str(c.b), "--out", str(c.out), "--overwrite"])[1], 1,

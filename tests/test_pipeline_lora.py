@@ -282,7 +282,7 @@ def test_a_hub_repo_loads_from_the_cache_and_an_uncached_one_fails_in_one_line(t
 # --- how a pipeline gets the methods ---------------------------------------------------------------
 
 
-def test_the_import_gives_plain_pipelines_the_methods_and_enable_lora_any_pixart_pipeline(tiny_model, adapters, base):
+def test_the_import_gives_both_pixart_pipelines_the_methods_and_enable_lora_any_pixart_pipeline(tiny_model, adapters, base):
     assert all(getattr(PixArtSigmaPipeline, name) is getattr(PixArtSigmaLoraLoaderMixin, name) for name in API)
     assert install() is True  # again: nothing changes
 
@@ -294,7 +294,8 @@ def test_the_import_gives_plain_pipelines_the_methods_and_enable_lora_any_pixart
 
     sigma = pipeline(tiny_model)
     alpha = PixArtAlphaPipeline(**sigma.components)
-    assert not hasattr(alpha, "load_lora_weights")
+    # PixArt-alpha's pipeline gets them on import too (what diffusers issue #9887 asks for).
+    assert all(getattr(PixArtAlphaPipeline, name) is getattr(PixArtSigmaLoraLoaderMixin, name) for name in API)
     assert enable_lora(alpha) is alpha
     assert isinstance(alpha, PixArtAlphaPipeline) and type(alpha).__name__ == "PixArtAlphaPipeline"
     alpha.load_lora_weights(adapters["a"], adapter_name="a")

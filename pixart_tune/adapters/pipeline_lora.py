@@ -39,7 +39,6 @@ import functools
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -589,3 +588,8 @@ def enable_lora(pipe: Any) -> Any:
 
 
 install()
+# PixArt-alpha's pipeline runs the same transformer: its LoRAs (PixArt-LCM, the DMD
+# one-step model) load the same way (diffusers issue #9887 asks for exactly this).
+from diffusers import PixArtAlphaPipeline  # noqa: E402
+
+install(PixArtAlphaPipeline)

@@ -21,14 +21,13 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
-from pixart_tune.app.service import PreviewApp, parse_bucket, square_bucket
+from pixart_tune.app.service import MAX_SEED, PreviewApp, parse_bucket, square_bucket
 from pixart_tune.errors import UserError
 
 MAX_PROMPTS = 16
 MAX_SEEDS = 8
 MAX_IMAGES = 64
 """The most images one grid may hold (rows x prompts x seeds): a 1024 px model draws for minutes per dozen."""
-MAX_SEED = 2**64 - 1
 GRIDS_FOLDER = "grids"
 """Under the outputs folder: where the grids are written."""
 
@@ -58,7 +57,7 @@ def parse_prompts(text: str) -> list[str]:
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0, 1, 2"`` -> [0, 1, 2]: whole numbers from 0 to 2**64 - 1, at most MAX_SEEDS."""
+    """``"0, 1, 2"`` -> [0, 1, 2]: whole numbers from 0 to MAX_SEED (the Generate tab's range), at most MAX_SEEDS."""
     parts = [p for p in re.split(r"[\s,;]+", str(text or "").strip()) if p]
     if not parts:
         raise UserError("give at least one seed, e.g. 0, 1")

@@ -76,7 +76,8 @@ def build(page: Page, app: PreviewApp) -> None:
         """
         return gr.Dropdown(choices=app.adapter_choices(current_extra))
 
-    tab.select(refresh, page.extra, adapters, api_visibility="private", show_progress="hidden")
+    for trigger in (tab.select, page.rescan.click):  # opening the tab, or the page's "Rescan folders"
+        trigger(refresh, page.extra, adapters, api_visibility="private", show_progress="hidden")
 
     def follow_model(name, current):
         # The page loads the model (ui.change_model, with its warning if it cannot); this only follows its sizes.

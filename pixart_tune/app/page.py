@@ -37,6 +37,8 @@ class Page:
     """The Merge tab's adapters menu."""
     adapters_note: Any = None
     """gr.Markdown above the tabs: where adapters go, shown while none is found."""
+    rescan: Any = None
+    """The page's "Rescan folders" button: a tab with its own lists adds a listener to it."""
     after_build: list[Callable[[], None]] = dataclasses.field(default_factory=list)
     """Listeners that need widgets of tabs built later; ``build_app`` calls them once every tab exists."""
 

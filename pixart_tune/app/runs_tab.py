@@ -107,7 +107,8 @@ def build(page: Page, app: PreviewApp) -> None:
         return gr.Dropdown(choices=choices), gr.skip() if choices else EMPTY.format(runs=runs_root)
 
     # Opening the tab rescans too, so runs started since the page loaded are listed.
-    for trigger in (rescan.click, tab.select):
+    # The page's "Rescan folders" too.
+    for trigger in (rescan.click, tab.select, page.rescan.click):
         trigger(rescan_runs, None, [run, summary], api_visibility="private", show_progress="hidden")
 
     @shown("Preview this checkpoint", lambda: (gr.skip(),) * 4)

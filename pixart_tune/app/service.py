@@ -16,8 +16,17 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
-from pixart_tune.app.files import PathGuard, adapter_label, discover_adapters, discover_models, group_by_run, output_path, unique
+from pixart_tune.app.files import (
+    PathGuard,
+    adapter_label,
+    discover_adapters,
+    discover_models,
+    group_by_run,
+    output_path,
+    unique,
+)
 from pixart_tune.errors import UserError
+from pixart_tune.parts import use_components
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -47,6 +56,9 @@ class AppSettings:
     """Base models offered in the model menu: local pipeline folders or hub ids. The first one loads at start."""
     runs: Path
     """Folder searched (recursively) for adapters: PEFT folders and LoRA ``.safetensors`` files."""
+    components: str | None = None
+    """Where the VAE, T5, tokenizer and scheduler come from for a startup model that is a
+    transformer alone (a pipeline folder or hub id); default: its family's."""
     outputs: Path | None = None
     """Where merged adapters and fused models are written; ``<runs>/merged`` when not given."""
     allow: list[Path] = dataclasses.field(default_factory=list)
@@ -89,7 +101,8 @@ class AppSettings:
     @property
     def roots(self) -> list[Path]:
         """Every folder the app may read from; it writes only into ``outputs``."""
-        return unique([self.runs, self.outputs, *self.allow, *self.local_models])
+        components = [Path(self.components)] if self.components and Path(self.components).is_dir() else []
+        return unique([self.runs, self.outputs, *self.allow, *self.local_models, *components])
 
 
 def parse_bucket(value: str) -> tuple[int, int]:
@@ -197,6 +210,8 @@ class PreviewApp:
 
     def __init__(self, settings: AppSettings):
         self.settings = settings
+        for model in settings.models:  # a transformer alone takes its VAE, T5 ... from here
+            use_components(model, settings.components)
         self.guard = PathGuard(settings.roots)
         self.holder = ModelHolder(settings.device, settings.dtype)
         # Two browser tabs merging to one name: the second must find the first's

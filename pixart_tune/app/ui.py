@@ -60,7 +60,7 @@ def build_app(settings: AppSettings, app: PreviewApp | None = None):
         with gr.Row():
             page.model = gr.Dropdown(app.model_choices(), value=settings.models[0], label="Base model", allow_custom_value=True, scale=5,
                                      elem_id="model", info="A startup model, a fused model from the outputs folder, or a pipeline folder under the allowed folders")
-            rescan = gr.Button("Rescan folders", scale=0, min_width=160, size="md", elem_id="rescan")
+            rescan = page.rescan = gr.Button("Rescan folders", scale=0, min_width=160, size="md", elem_id="rescan")
         note = app.adapters_note(page.adapter_choices)
         page.adapters_note = gr.Markdown(note, visible=bool(note), elem_id="adapters-note")
 

@@ -20,6 +20,7 @@ def main(argv: list[str]) -> int:
               help="base model folder or hub id (repeat to offer several; the first loads at start)")
     flags.add("--runs", help="folder searched for adapters (default: runs)")
     flags.add("--outputs")
+    flags.add("--components")
     flags.add("--allow", action="append", help="another folder adapters and models may be read from (repeatable)")
     flags.add("--host")
     flags.add("--port", type=int)

@@ -28,6 +28,7 @@ def main(argv: list[str]) -> int:
     flags.add("PROMPT", field="prompt", nargs="?")
     flags.add("--out")
     flags.add("--model")
+    flags.add("--components")
     flags.add("--count", type=int)
     flags.add("--seed", type=int)
     flags.add("--steps", type=int)

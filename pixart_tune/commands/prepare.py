@@ -31,6 +31,7 @@ def main(argv: list[str]) -> int:
     flags.add("SRC", field="source")
     flags.add("--out")
     flags.add("--model")
+    flags.add("--components")
     flags.add("--resolution", type=int, choices=RESOLUTIONS)
     flags.add("--source-kind", choices=SOURCE_KINDS)
     flags.add("--split")

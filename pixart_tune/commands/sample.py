@@ -28,6 +28,7 @@ def main(argv: list[str]) -> int:
     )
     flags = ConfigFlags(parser, SampleConfig)
     flags.add("--model")
+    flags.add("--components")
     flags.add("--prompt", field="prompts", action="append", help="a prompt (repeat for several)")
     flags.add("--prompts-file")
     flags.add("--negative-prompt")

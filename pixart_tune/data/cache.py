@@ -104,6 +104,9 @@ class Manifest:
     items: list[CacheItem]
     text_encoder: str = ""
     """Fingerprint of the T5 that made the embeddings (``component_fingerprint``); empty in older manifests."""
+    components: str = ""
+    """Where the VAE, T5, tokenizer and scheduler came from when not the model itself
+    (a transformer alone); training and validation use the same."""
     format: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:

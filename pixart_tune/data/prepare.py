@@ -24,7 +24,7 @@ from PIL import ImageColor
 from tqdm.auto import tqdm
 
 from pixart_tune import models
-from pixart_tune.base import DTYPE_CHOICES, MAX_TOKENS, REAL_MODEL_ID, REPORT, RESOLUTIONS, auto_dtype, resolve_dtype
+from pixart_tune.base import DTYPE_CHOICES, REAL_MODEL_ID, REPORT, RESOLUTIONS, auto_dtype, resolve_dtype
 from pixart_tune.data.buckets import CROPS
 from pixart_tune.data.cache import CacheItem, FeatureCache, Manifest, content_key
 from pixart_tune.data.captioner import MAX_NEW_TOKENS, Captioner
@@ -40,6 +40,7 @@ from pixart_tune.data.stage import Bucketed, ImageStage, Outcome, StageSettings
 from pixart_tune.encoders import LatentEncoder, TextEncoder, component_fingerprint
 from pixart_tune.fsutil import atomic_path, printable, read_regular
 from pixart_tune.hub import resolve_component
+from pixart_tune.parts import check_components, resolve_parts, use_components
 
 
 @dataclasses.dataclass
@@ -49,7 +50,13 @@ class PrepareConfig:
     out: str
     """Folder for the prepared dataset (created; must not be inside ``source``)."""
     model: str = REAL_MODEL_ID
-    """PixArt-Sigma pipeline folder or hub id whose VAE and T5 encode the features."""
+    """PixArt pipeline folder or hub id whose VAE and T5 encode the features (a model
+    published as a transformer alone takes them from ``components``)."""
+    components: str | None = None
+    """Where the VAE, T5, tokenizer and scheduler come from: a pipeline folder or hub id.
+    Default: the model itself when it holds them, else its family's component
+    repository (PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers for PixArt-Sigma).
+    Recorded in dataset.json, so training uses the same."""
     resolution: int = 1024
     """Bucket table: 256, 512, 1024 or 2048 (diffusers' ASPECT_RATIO_*_BIN)."""
     source_kind: str = "auto"
@@ -106,8 +113,8 @@ class PrepareConfig:
     """fp32, bf16, or auto: bf16 on CUDA, fp32 on CPU."""
     text_8bit: bool = False
     """Load T5 in 8-bit with bitsandbytes (CUDA only): T5-XXL fits in about 5 GB."""
-    max_tokens: int = MAX_TOKENS
-    """T5 sequence length; PixArt-Sigma reads 300 tokens."""
+    max_tokens: int | None = None
+    """T5 sequence length; default: the model family's (300 for PixArt-Sigma, 120 for PixArt-alpha)."""
     workers: int = 0
     """Threads that read, decode and crop images ahead of the VAE; 0: one per CPU core (at most 8); 1: no threads."""
     reduce_jpeg: bool = True
@@ -131,7 +138,7 @@ class PrepareConfig:
         if self.workers < 0:
             raise ValueError(f"workers must be 0 (one per CPU core) or more, got {self.workers}")
         for name in ("max_pixels", "batch_size", "text_batch_size", "captioner_batch_size", "caption_max_new_tokens", "max_tokens"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
@@ -458,6 +465,11 @@ def prepare_dataset(config: PrepareConfig) -> dict[str, Any]:
     if not config.progress:
         models.quiet_loading()
     check_out(source, out)
+    if config.components:
+        check_components(config.components)
+    use_components(config.model, config.components)
+    if config.max_tokens is None:
+        config = dataclasses.replace(config, max_tokens=resolve_parts(config.model).family.max_tokens)
     with locked_out(out):
         return _prepare(config, source, out)
 
@@ -486,6 +498,7 @@ def _prepare(config: PrepareConfig, source: str, out: Path) -> dict[str, Any]:
                 empty_text_key=empty_key,
                 items=items,
                 text_encoder=run.text_fingerprint,
+                components="" if resolve_parts(config.model).own_components else resolve_parts(config.model).components,
             )
         )
     seconds = time.perf_counter() - start

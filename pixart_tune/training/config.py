@@ -421,6 +421,10 @@ class TrainConfig:
     model: str = REAL_MODEL_ID
     """Base model: hub id or a diffusers-layout folder (only transformer/ and
     scheduler/ are read for training; vae/ and text_encoder/ for validation)."""
+    components: str | None = None
+    """Where the VAE, T5, tokenizer and scheduler come from when ``model`` is a
+    transformer alone (a pipeline folder or hub id); null = what the dataset was
+    prepared with (dataset.json records it), else the model's own or its family's."""
     output_dir: Path = Path("runs/lora")
     """Where checkpoints/, samples/, logs/, config.yaml and the final adapter/ go."""
     seed: int = 0

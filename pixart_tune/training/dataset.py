@@ -378,7 +378,9 @@ def model_text_fingerprint(model: str) -> str | None:
     on cached embeddings needs no T5, and it is gigabytes).
     """
     from pixart_tune.encoders import component_fingerprint
+    from pixart_tune.parts import resolve_parts
 
+    model = resolve_parts(model).components
     folder = Path(model)
     if not folder.is_dir():
         try:

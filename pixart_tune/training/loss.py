@@ -9,6 +9,8 @@ weight. The pure math lives in :mod:`diffusion`, :mod:`timesteps` and
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from pixart_tune.training import diffusion
@@ -17,8 +19,12 @@ from pixart_tune.training.dataset import Batch
 from pixart_tune.training.timesteps import sample_timesteps
 from pixart_tune.training.weighting import loss_weights
 
-# PixArt-Sigma "-MS" checkpoints take no resolution / aspect-ratio micro-conditions.
+# PixArt-Sigma's checkpoints take no resolution / aspect-ratio micro-conditions.
 NO_MICRO_CONDITIONS = {"resolution": None, "aspect_ratio": None}
+
+
+def no_conditions(height: int, width: int, batch: int, device, dtype) -> dict:
+    return NO_MICRO_CONDITIONS
 
 
 class TrainingLoss:
@@ -31,8 +37,11 @@ class TrainingLoss:
         noise_scheduler,
         dtype: torch.dtype,
         empty: tuple[torch.Tensor, torch.Tensor],
+        conditions: Callable[..., dict] = no_conditions,
     ):
-        self.settings, self.data = settings, data
+        """``conditions(height, width, batch, device, dtype)``: the micro-conditions of a batch
+        of that pixel size, as the model family's pipeline passes them (``Family.micro_conditions``)."""
+        self.settings, self.data, self.conditions = settings, data, conditions
         self.noise_scheduler, self.dtype = noise_scheduler, dtype
         self.empty_embeds, self.empty_mask = empty
         self.num_timesteps = noise_scheduler.config.num_train_timesteps
@@ -79,9 +88,11 @@ class TrainingLoss:
     ) -> torch.Tensor:
         """[B] unweighted noise error of each sample (masked where masks are given)."""
         noisy = diffusion.add_noise(self.noise_scheduler, latents, noise, timesteps).to(self.dtype)
+        # PixArt-alpha's 1024 model sees the image's size: the bucket's, in pixels (8 per latent).
+        added = self.conditions(latents.shape[-2] * 8, latents.shape[-1] * 8, latents.shape[0], latents.device, self.dtype)
         output = model(
             noisy, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=timesteps,
-            added_cond_kwargs=NO_MICRO_CONDITIONS, return_dict=False,
+            added_cond_kwargs=added, return_dict=False,
         )[0]
         return diffusion.per_sample_mse(output, noise, loss_masks, self.data.mask_floor)
 

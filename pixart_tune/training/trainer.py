@@ -13,6 +13,7 @@ on a CPU, one GPU, or ``accelerate launch`` over several.
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 import datetime
 import hashlib
@@ -33,6 +34,7 @@ from pixart_tune.base import ADAPTER_DIR, RUN_CONFIG, resolve_dtype
 from pixart_tune.config import save_yaml, to_dict
 from pixart_tune.errors import UserError
 from pixart_tune.models import load_noise_scheduler, load_transformer, quiet_loading
+from pixart_tune.parts import resolve_parts, use_components
 from pixart_tune.training import checkpoint as ckpt
 from pixart_tune.training import plots, speed
 from pixart_tune.training.config import TrainConfig, check_lora_targets
@@ -135,6 +137,8 @@ class Trainer(Judging):
             # would shift LoRA dropout after a resume.
             generator=torch.Generator().manual_seed(config.seed),
         )
+        # The components prepare used (dataset.json), unless the recipe names others.
+        use_components(config.model, config.components or self.dataset.main.manifest.components or None)
         self.empty_embeds = self.dataset.empty_embeds.to(self.device, self.dtype)
         self.empty_mask = self.dataset.empty_mask.to(self.device)
         self.dataset_fingerprint = dataset_fingerprint(self.dataset)
@@ -197,7 +201,10 @@ class Trainer(Judging):
         self.num_timesteps = self.noise_scheduler.config.num_train_timesteps
         self.latent_channels = manifest.latent_channels
         try:
-            self.loss = TrainingLoss(config.diffusion, config.data, self.noise_scheduler, self.dtype, (self.empty_embeds, self.empty_mask))
+            self.loss = TrainingLoss(
+                config.diffusion, config.data, self.noise_scheduler, self.dtype, (self.empty_embeds, self.empty_mask),
+                conditions=functools.partial(resolve_parts(config.model).family.micro_conditions, transformer.config),
+            )
         except ValueError as error:
             raise UserError(str(error)) from None
 
@@ -475,6 +482,8 @@ class Trainer(Judging):
             "trigger_words": list(self.config.trigger_words),
             "dataset_fingerprint": self.dataset_fingerprint,
             "pixart_tune_version": __version__,
+            **({"components": parts.components} if not (parts := resolve_parts(self.config.model)).own_components else {}),
+            "family": parts.family.name,
             "training_config": to_dict(self.config),
             **({"ema": f"decay {self.config.ema.decay:g} from step {self.config.ema.start_step}"} if self.ema is not None else {}),
             **({"masked_images": masked} if (masked := sum(part.masked for part in self.dataset.parts)) else {}),

@@ -23,7 +23,7 @@ from PIL import Image
 from pixart_tune.adapters.lora import disabled_adapters
 from pixart_tune.base import auto_dtype
 from pixart_tune.fsutil import atomic_path
-from pixart_tune.models import load_vae
+from pixart_tune.models import load_pipeline, load_vae
 from pixart_tune.training.clipscore import ClipScorer
 from pixart_tune.training.config import ValidationSection
 
@@ -57,8 +57,6 @@ class Validator:
     ):
         """``prompts`` and ``negative``: (embeddings, mask) of the prompts (from
         :func:`encode_prompts`) and of the empty prompt."""
-        from diffusers import PixArtSigmaPipeline
-
         self.config, self.transformer, self.device, self.dtype = config, transformer, device, dtype
         self.height = config.height or resolution
         self.width = config.width or resolution
@@ -67,9 +65,7 @@ class Validator:
         # The pipeline decodes latents of the transformer's dtype, so the VAE loads in
         # that dtype. No pipeline-wide dtype: it would cast the passed transformer's
         # fp32 LoRA weights too.
-        self.pipe = PixArtSigmaPipeline.from_pretrained(
-            model, transformer=transformer, vae=load_vae(model, dtype), text_encoder=None, tokenizer=None
-        )
+        self.pipe = load_pipeline(model, None, transformer=transformer, vae=load_vae(model, dtype), text_encoder=None, tokenizer=None)
         self.base_rendered = False
         self.last_images: list[Image.Image] = []
         """The images of the last :meth:`render`, prompt by prompt, seed by seed within a prompt."""
