@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -101,14 +101,25 @@ def tiny_transformer_config(layers: int = 2, heads: int = 2, head_dim: int = 16,
     return config
 
 
-def build_tiny_pipeline(seed: int = 0):
+def build_tiny_pipeline(seed: int = 0, family: str = "sigma"):
     """A complete PixArt-Sigma pipeline of a few hundred kB: random text encoder and
-    transformer, and a VAE that reconstructs colours and coarse shapes (:func:`build_tiny_vae`)."""
-    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    transformer, and a VAE that reconstructs colours and coarse shapes (:func:`build_tiny_vae`).
+
+    ``family="alpha"``: a PixArt-alpha pipeline instead, as PixArt-XL-2-1024-MS is
+    made: 120 T5 tokens, the SD VAE's scaling factor, and a transformer of
+    ``sample_size`` 128 that takes the resolution and aspect-ratio micro-conditions
+    (its width 48, so the size embedder can split it in three).
+    """
+    import diffusers
+    from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
+    from pixart_tune.family import family_named
+
+    kind = family_named(family)
     torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer()
+    tokenizer.model_max_length = kind.max_tokens
     text_encoder = T5EncoderModel(
         T5Config(
             vocab_size=len(tokenizer),
@@ -124,14 +135,21 @@ def build_tiny_pipeline(seed: int = 0):
             eos_token_id=tokenizer.eos_token_id,
         )
     )
-    vae = build_tiny_vae(seed)
-    transformer = PixArtTransformer2DModel.from_config(tiny_transformer_config(caption_channels=32))
+    vae = build_tiny_vae(seed, scaling_factor=kind.vae_scaling_factor)
+    config = tiny_transformer_config(caption_channels=32)
+    if family == "alpha":
+        # As PixArt-alpha's configs: neither interpolation_scale nor use_additional_conditions
+        # is written, so diffusers' defaults apply (conditions on at sample_size 128).
+        config.update(sample_size=128, attention_head_dim=24, cross_attention_dim=48)
+        config.pop("interpolation_scale")
+        config.pop("use_additional_conditions")
+    transformer = PixArtTransformer2DModel.from_config(config)
     # PixArt-Sigma's scheduler (DPM-Solver++ over linear DDPM betas, epsilon
     # prediction) with a shorter schedule: betas up to TINY_BETA_END, not 0.02.
     scheduler = DPMSolverMultistepScheduler(
         beta_start=0.0001, beta_end=TINY_BETA_END, beta_schedule="linear", num_train_timesteps=1000, prediction_type="epsilon"
     )
-    return PixArtSigmaPipeline(
+    return getattr(diffusers, kind.pipeline)(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
 
@@ -144,14 +162,17 @@ class TinyConfig:
     """Folder to create (it must not exist, or be empty)."""
     seed: int = 0
     """Seed of the random weights."""
+    family: Literal["sigma", "alpha"] = "sigma"
+    """sigma: a tiny PixArt-Sigma pipeline; alpha: a tiny PixArt-alpha one (120 tokens,
+    the SD VAE's scaling, resolution and aspect-ratio micro-conditions)."""
 
 
-def init_tiny(out: str | Path, seed: int = 0) -> Path:
+def init_tiny(out: str | Path, seed: int = 0, family: str = "sigma") -> Path:
     """Writes the tiny pipeline to ``out`` in the diffusers folder layout."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file, not a folder; choose a new folder")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder or remove it")
-    build_tiny_pipeline(seed).save_pretrained(out, safe_serialization=True)
+    build_tiny_pipeline(seed, family).save_pretrained(out, safe_serialization=True)
     return out

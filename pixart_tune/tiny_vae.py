@@ -20,9 +20,10 @@ _SILU_SHIFT = 6.0
 """Offset that puts values of [-1, 1] into SiLU's nearly linear range."""
 
 
-def build_tiny_vae(seed: int = 0, fit_steps: int = TINY_VAE_FIT_STEPS):
+def build_tiny_vae(seed: int = 0, fit_steps: int = TINY_VAE_FIT_STEPS, scaling_factor: float = 0.13025):
     """The tiny pipeline's ``AutoencoderKL``: SDXL's layout (4 latent channels, 8x
-    downsampling, scaling factor 0.13025) at a fraction of its width.
+    downsampling, scaling factor 0.13025; the SD VAE's 0.18215 for a tiny PixArt-alpha)
+    at a fraction of its width.
 
     Its weights are those of :func:`_init_colour_autoencoder`, fitted with
     ``fit_steps`` steps of :func:`_fit_vae` and rescaled by :func:`_standardise_latents`.
@@ -46,7 +47,7 @@ def build_tiny_vae(seed: int = 0, fit_steps: int = TINY_VAE_FIT_STEPS):
         # pins its statistics. Same layers and sizes, same parameter count.
         norm_num_groups=1,
         sample_size=256,
-        scaling_factor=0.13025,
+        scaling_factor=scaling_factor,
     )
     _init_colour_autoencoder(vae)
     generator = torch.Generator().manual_seed(seed)

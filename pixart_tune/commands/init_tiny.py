@@ -19,12 +19,13 @@ def main(argv: list[str]) -> int:
     flags = ConfigFlags(parser, TinyConfig)
     flags.add("OUT", field="out")
     flags.add("--seed", type=int)
+    flags.add("--family", choices=("sigma", "alpha"))
     config = flags.config(parser.parse_args(argv))
     try:
-        path = init_tiny(config.out, config.seed)
+        path = init_tiny(config.out, config.seed, config.family)
     except FileExistsError as error:
         raise UserError(str(error)) from None
     except OSError as error:  # a read-only parent, a full disk
         raise UserError(f"cannot write {config.out} ({os_error_text(error)}); choose a folder you can write to") from None
-    print(f"wrote a tiny PixArt-Sigma pipeline to {path}")
+    print(f"wrote a tiny PixArt-{'alpha' if config.family == 'alpha' else 'Sigma'} pipeline to {path}")
     return 0
