@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from pixart_tune.family import ALPHA, SIGMA, detect_family
 from pixart_tune.parts import TRANSFORMER_ONLY, forget_components, resolve_parts, use_components
-from tests.training_fixtures import RED, prepare, tiny_config, write_flat_images
+from tests.training_fixtures import RED, TINY_RECIPE, prepare, tiny_config, write_flat_images
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +128,28 @@ def test_alpha_micro_conditions_are_what_its_pipeline_passes(tiny_model):
     assert torch.equal(seen["resolution"], expected["resolution"]) and torch.equal(seen["aspect_ratio"], expected["aspect_ratio"])
     assert SIGMA.micro_conditions(pipe.transformer.config | {"use_additional_conditions": False}, 192, 320, 1, "cpu", torch.float32) == {
         "resolution": None, "aspect_ratio": None}
+
+
+def test_a_deeper_model_trains_plans_and_exports_by_its_own_config(split, tmp_path, capsys):
+    """As SimpleTuner's 900M PixArt (42 blocks): depth comes from the model's config, never XL-2's 28."""
+    from diffusers import PixArtTransformer2DModel
+
+    from pixart_tune.adapters.export import export_file
+    from pixart_tune.adapters.loader import read_lora
+    from pixart_tune.cli import main
+    from pixart_tune.tiny import tiny_transformer_config
+    from pixart_tune.training.trainer import run
+
+    deeper = tmp_path / "deeper"
+    shutil.copytree(split["full"], deeper)
+    shutil.rmtree(deeper / "transformer")
+    torch.manual_seed(0)
+    PixArtTransformer2DModel.from_config(tiny_transformer_config(layers=3)).save_pretrained(deeper / "transformer")
+    data = prepare(str(deeper), split["source"], tmp_path / "prepared")
+    adapter = run(tiny_config(str(deeper), data, tmp_path / "run", "schedule.steps=2", "checkpoint.every=0"), progress=False)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert any(key.startswith("transformer_blocks.2.") for key in weights), "the third block was not trained"
+    exported = export_file(read_lora(adapter), "onetrainer", tmp_path / "onetrainer.safetensors")
+    assert any("transformer_blocks_2_" in key for key in load_file(exported))
+    assert main(["plan", str(TINY_RECIPE), f"model={deeper}", "validation.prompts=[]"]) in (0, 3)
+    assert "3 layers" in capsys.readouterr().out
