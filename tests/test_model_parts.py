@@ -153,3 +153,17 @@ def test_a_deeper_model_trains_plans_and_exports_by_its_own_config(split, tmp_pa
     assert any("transformer_blocks_2_" in key for key in load_file(exported))
     assert main(["plan", str(TINY_RECIPE), f"model={deeper}", "validation.prompts=[]"]) in (0, 3)
     assert "3 layers" in capsys.readouterr().out
+
+
+def test_the_app_previews_a_transformer_alone_with_its_components(split, tmp_path):
+    from pixart_tune.app.service import AppSettings, PreviewApp
+    from tests.test_app import make_adapter
+
+    runs = tmp_path / "runs"
+    adapter = make_adapter(str(split["full"]), runs / "a" / "final", seed=1)
+    images = {}
+    for name, components in (("full", None), ("tonly", str(split["comps"]))):
+        app = PreviewApp(AppSettings(models=[str(split[name])], runs=runs, components=components, device="cpu"))
+        images[name] = app.compare(str(split[name]), "a red cat", "", 3, 2, 4.5, "256x256", [str(adapter)], [1.0])
+    for whole, alone in zip(images["full"], images["tonly"]):
+        assert np.array_equal(np.asarray(whole), np.asarray(alone))
