@@ -30,7 +30,7 @@ def resolve_component(model: str, subfolder: str) -> Path:
     from pixart_tune.parts import COMPONENTS, TRANSFORMER, resolve_parts
 
     parts = resolve_parts(model)
-    if subfolder in COMPONENTS:
+    if subfolder in COMPONENTS and not (Path(model) / subfolder).is_dir():
         model = parts.components
     elif subfolder == TRANSFORMER and parts.transformer_subfolder is None and Path(model).is_dir():
         return Path(model)

@@ -10,6 +10,7 @@ exercise exactly the code path of the real model.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,21 +68,24 @@ def load_transformer(model: str, dtype: torch.dtype = torch.float32, **kwargs: A
     return PixArtTransformer2DModel.from_pretrained(model, dtype=dtype, **({"subfolder": subfolder} if subfolder else {}), **kwargs)
 
 
-def components(model: str) -> str:
-    """Where ``model``'s VAE, T5, tokenizer and scheduler load from (see :mod:`pixart_tune.parts`)."""
+def components(model: str, part: str) -> str:
+    """Where ``model``'s ``part`` (vae, text_encoder, tokenizer, scheduler) loads from: the model
+    folder when it holds that part, else its components (see :mod:`pixart_tune.parts`)."""
+    if (Path(model) / part).is_dir():
+        return model
     return resolve_parts(model).components
 
 
 def load_vae(model: str, dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(components(model), subfolder="vae", dtype=dtype)
+    return AutoencoderKL.from_pretrained(components(model, "vae"), subfolder="vae", dtype=dtype)
 
 
 def load_tokenizer(model: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(components(model), subfolder="tokenizer")
+    return AutoTokenizer.from_pretrained(components(model, "tokenizer"), subfolder="tokenizer")
 
 
 def text_encoder_in_8bit(load_in_8bit: bool, device: torch.device | str) -> bool:
@@ -101,10 +105,10 @@ def load_text_encoder(model: str, dtype: torch.dtype = torch.float32, load_in_8b
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         # Placed by bitsandbytes on the very device the prompts go to (not the current one).
         kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
-        return T5EncoderModel.from_pretrained(components(model), subfolder="text_encoder", **kwargs)
+        return T5EncoderModel.from_pretrained(components(model, "text_encoder"), subfolder="text_encoder", **kwargs)
     if load_in_8bit:
         logger.warning("8-bit T5 needs a CUDA device; loading the text encoder in %s on %s instead", dtype, device)
-    return T5EncoderModel.from_pretrained(components(model), subfolder="text_encoder", **kwargs).to(device)
+    return T5EncoderModel.from_pretrained(components(model, "text_encoder"), subfolder="text_encoder", **kwargs).to(device)
 
 
 def quiet_loading() -> None:
@@ -120,7 +124,7 @@ def load_noise_scheduler(model: str):
     """The DDPM training schedule, built from the model folder's scheduler config."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler.from_pretrained(components(model), subfolder="scheduler")
+    return DDPMScheduler.from_pretrained(components(model, "scheduler"), subfolder="scheduler")
 
 
 def pipeline_class(model: str):

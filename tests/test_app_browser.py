@@ -166,7 +166,8 @@ def test_progress_by_step_base_first_and_refusals_keep_the_images(app_url, tmp_p
             values.press("Tab")
             _set(page, "number input for Steps", "30")
             page.click("#sweep")
-            expect(page.locator("#sweep-image").get_by_text("scale")).to_be_visible(timeout=60_000)
+            # The sweep's own progress, by scale and step, shows on its (still empty) result.
+            expect(page.locator("#sweep-image").get_by_text(re.compile(r"scale [\d.]+: step \d+/30"))).to_be_visible(timeout=60_000)
             _, grid = shown_image(page, "#sweep-image")
             assert grid.shape[1] == 4 * 256 and grid.shape[0] > 2 * 256
             screenshot(page, tmp_path, "sweep-rows")

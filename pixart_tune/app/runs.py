@@ -147,9 +147,11 @@ def find_run(runs_root: str | Path, name: str, guard: PathGuard | None = None) -
     text = str(name or "").strip()
     if not text:
         raise UserError("choose a run")
-    shown = text if len(text) <= 80 else text[:77] + "..."
-    refused = UserError(f"no run {shown!r} in the runs folder; press Rescan runs to list the runs there now")
     relative = Path(text)
+    # A name is echoed only when short and relative: an absolute path (even cut) would
+    # show the folders around the runs folder.
+    shown = repr(text) if len(text) <= 80 and not relative.is_absolute() else "of that name"
+    refused = UserError(f"no run {shown} in the runs folder; press Rescan runs to list the runs there now")
     if relative.is_absolute() or ".." in relative.parts or len(relative.parts) > MAX_DEPTH:
         raise refused
     folder = root / relative
