@@ -8,6 +8,7 @@ are skipped without it (``pytestmark``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -17,6 +18,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -68,19 +70,11 @@ def stop_app(process: subprocess.Popen) -> None:
 def app_url(tmp_path, tiny_model):
     runs = tmp_path / "runs"
     runs.mkdir()
-    port = free_port()
-    # The checkout's code, whatever an editable install elsewhere points at.
-    command = [sys.executable, "-m", "pixart_tune.cli", "app", "--model", tiny_model, "--runs", str(runs), "--port", str(port)]
-    env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
-    env.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    log = tmp_path / "app.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    url, process, log = start_app(tmp_path, tiny_model, runs)
     try:
         # Built while the app starts: the page rescans the runs folder when it loads.
         make_adapter(tiny_model, runs / "style-a" / "final", seed=1)
         make_adapter(tiny_model, runs / "style-b" / "final", seed=2)
-        url = f"http://127.0.0.1:{port}/"
         wait_until_up(url, process, log)
         yield url, runs
     finally:
@@ -126,6 +120,7 @@ def screenshot(page, tmp_path: Path, name: str) -> None:
 def start_app(tmp_path: Path, model: str, runs: Path):
     """``pixart-tune app`` on ``model`` and ``runs`` in its own process: (url, process, log); stop it with :func:`stop_app`."""
     port = free_port()
+    # The checkout's code, whatever an editable install elsewhere points at.
     command = [sys.executable, "-m", "pixart_tune.cli", "app", "--model", model, "--runs", str(runs), "--port", str(port)]
     env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
     env.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
@@ -147,3 +142,35 @@ def runs_app_url(tmp_path, tiny_model, trained_run):
     finally:
         stop_app(process)
         print(f"app log: {log}")
+
+
+@contextlib.contextmanager
+def browser_page(url: str | None, width: int = 1400, height: int = 1000) -> Iterator:
+    """A page of headless Chromium at ``width`` x ``height``, opened at ``url`` (None: blank)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            if url is not None:
+                page.goto(url)
+            yield page
+        finally:
+            browser.close()
+
+
+def toast(page, text: str) -> None:
+    """Waits for the warning toast holding ``text``, closes it, and waits until it is gone."""
+    from playwright.sync_api import expect
+
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    toast = page.locator(".toast-body", has_text=text)
+    expect(toast.first).to_be_visible(timeout=30_000)
+    try:
+        toast.first.locator(".toast-close").click(timeout=3_000)
+    except PlaywrightTimeout:
+        pass  # already leaving: a warning closes itself after a few seconds
+    # Gone before the next check, so a later toast of the same words is a new one.
+    expect(toast).to_have_count(0, timeout=20_000)

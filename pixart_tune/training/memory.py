@@ -165,7 +165,15 @@ def plan_memory(
     budget_gib: float | None = None,
     transformer_config: dict[str, Any] | None = None,
 ) -> MemoryPlan:
-    """Predicted peak GPU memory of training ``config`` at the largest bucket of ``resolution``."""
+    """Predicted peak GPU memory of training ``config`` at the largest bucket of ``resolution``.
+
+    ``gradient_checkpointing: auto`` is planned as what it resolves to (the least
+    recomputation that fits the budget), as ``train`` will run it.
+    """
+    if config.gradient_checkpointing == "auto":
+        from pixart_tune.training.autoplan import resolve_auto
+
+        config = resolve_auto(config, resolution)[0]
     arch = transformer_config or architecture(config.model)
     dtype = resolve_dtype(config.dtype)
     base_bytes = torch.finfo(dtype).bits // 8
