@@ -27,12 +27,11 @@ def resolve_component(model: str, subfolder: str) -> Path:
     says (the model, ``--components``, or its family's component repository); a bare
     transformer's "transformer" folder is the model folder itself.
     """
-    from pixart_tune.parts import COMPONENTS, TRANSFORMER, resolve_parts
+    from pixart_tune.parts import COMPONENTS, TRANSFORMER, component_source, resolve_parts
 
-    parts = resolve_parts(model)
-    if subfolder in COMPONENTS and not (Path(model) / subfolder).is_dir():
-        model = parts.components
-    elif subfolder == TRANSFORMER and parts.transformer_subfolder is None and Path(model).is_dir():
+    if subfolder in COMPONENTS:
+        model = component_source(model, subfolder)
+    elif subfolder == TRANSFORMER and resolve_parts(model).transformer_subfolder is None and Path(model).is_dir():
         return Path(model)
     local = Path(model) / subfolder
     if local.is_dir():

@@ -10,12 +10,11 @@ exercise exactly the code path of the real model.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from pixart_tune.parts import resolve_parts
+from pixart_tune.parts import component_source, resolve_parts
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +68,8 @@ def load_transformer(model: str, dtype: torch.dtype = torch.float32, **kwargs: A
 
 
 def components(model: str, part: str) -> str:
-    """Where ``model``'s ``part`` (vae, text_encoder, tokenizer, scheduler) loads from: the model
-    folder when it holds that part, else its components (see :mod:`pixart_tune.parts`)."""
-    if (Path(model) / part).is_dir():
-        return model
-    return resolve_parts(model).components
+    """Where ``model``'s ``part`` loads from (:func:`pixart_tune.parts.component_source`)."""
+    return component_source(model, part)
 
 
 def load_vae(model: str, dtype: torch.dtype = torch.float32):

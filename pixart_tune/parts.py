@@ -74,6 +74,14 @@ def forget_components(model: str) -> None:
     _CHOSEN.pop(str(model), None)
 
 
+def component_source(model: str, part: str) -> str:
+    """Where ``model``'s ``part`` (vae, text_encoder, tokenizer, scheduler) loads from: the model
+    folder when it holds that part (a folder holding T5 alone encodes text), else its components."""
+    if (Path(model) / part).is_dir():
+        return str(model)
+    return resolve_parts(model).components
+
+
 def components_of(model: str) -> str | None:
     """The components registered for ``model``, if any."""
     return _CHOSEN.get(model)

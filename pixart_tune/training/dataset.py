@@ -133,7 +133,7 @@ class CachedDataset(Dataset):
                 )
 
     def _mask_paths(self, item) -> tuple[Path, ...]:
-        key = getattr(item, "mask_key", None)
+        key = item.mask_key
         return (self.cache.mask_path(key),) if key else ()
 
     def subset(self, indices: Sequence[int]) -> "CachedDataset":
@@ -146,7 +146,7 @@ class CachedDataset(Dataset):
     @property
     def masked(self) -> int:
         """How many items have a mask."""
-        return sum(bool(getattr(item, "mask_key", None)) for item in self.manifest.items)
+        return sum(bool(item.mask_key) for item in self.manifest.items)
 
     @property
     def buckets(self) -> list[tuple[int, int]]:
@@ -173,7 +173,7 @@ class CachedDataset(Dataset):
         item = self.manifest.items[index]
         embeds = self.cache.read_embeds(item.text_keys[variant])[: self.manifest.max_tokens]
         sample = {"latent": self.cache.read_latent(item.latent_key), "embeds": embeds, "weight": torch.tensor(self.loss_weight)}
-        mask_key = getattr(item, "mask_key", None)
+        mask_key = item.mask_key
         if mask_key:
             sample["mask"] = self.cache.read_mask(mask_key)
         return sample
@@ -352,7 +352,7 @@ def dataset_fingerprint(dataset: TrainingSet) -> str:
     for part, spec in zip(dataset.parts, dataset.specs):
         manifest = part.manifest
         # A mask changes what is trained: its key joins the item's (absent: as before masks).
-        keys = sorted(":".join((i.latent_key, *i.text_keys, *filter(None, [getattr(i, "mask_key", None)]))) for i in manifest.items)
+        keys = sorted(":".join((i.latent_key, *i.text_keys, *filter(None, [i.mask_key]))) for i in manifest.items)
         share = f"x{spec.repeats}" if spec.kind != "class" else f"class{spec.ratio:g}"
         weight = f"w{spec.loss_weight:g}" if spec.loss_weight != 1 else ""
         parts.append((content_key(*keys, manifest.empty_text_key), share + weight))
